@@ -1,0 +1,283 @@
+r"""Function and Context: one operator's forward and backward, side by side.
+
+An operator is a subclass of :class:`Function` with two static methods::
+
+    class Mul(Function):
+        @staticmethod
+        def forward(ctx, a, b):            # arrays in, array out
+            ctx.save_for_backward(...)     # only what backward will need
+            return a * b
+
+        @staticmethod
+        def backward(ctx, g):              # dL/dout in, one dL/dinput per input
+            ...
+
+``Function.apply(*tensors)`` runs ``forward`` on the tensors' arrays and, when
+any input needs a gradient and gradients are enabled, records a graph node.
+The node *is* the :class:`Context`: it holds the parents (what to send input
+gradients to), the arrays saved for backward, and nothing else. It never holds
+the input or output tensors, so an activation stays alive only while a node has
+saved it. That makes memory honest and inspectable:
+
+* every saved array goes through :meth:`Context.save_for_backward`, which
+  records it in the :data:`LEDGER` (deduplicated by underlying buffer);
+* a node's saved arrays are dropped as soon as its backward has run;
+* an op whose inputs need no gradient records no node and saves nothing.
+
+``ctx.needs_input_grad`` tells forward which input gradients will really be
+computed, so it can skip saving what only an unneeded gradient would use
+("frozen means not computed").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+
+from .. import backend
+from .tensor import Tensor
+
+# ---------------------------------------------------------------------------
+# Gradient mode
+# ---------------------------------------------------------------------------
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    """Whether ops record graph nodes (False inside :func:`no_grad`)."""
+    return getattr(_state, "enabled", True)
+
+
+@contextlib.contextmanager
+def set_grad_enabled(mode: bool):
+    """Context manager that turns graph recording on or off."""
+    prev = is_grad_enabled()
+    _state.enabled = bool(mode)
+    try:
+        yield
+    finally:
+        _state.enabled = prev
+
+
+def no_grad():
+    """Context manager (``with no_grad():``) under which no graph is recorded.
+
+    Evaluation, generation and optimizer updates run under it: nothing is saved
+    for backward, so activations are freed as soon as they are used.
+    """
+    return set_grad_enabled(False)
+
+
+# ---------------------------------------------------------------------------
+# The activation ledger
+# ---------------------------------------------------------------------------
+
+
+class ActivationLedger:
+    """Books of every array saved for backward and still alive.
+
+    Saved arrays are recorded per node and keyed by their underlying buffer
+    (:func:`backend.buffer_id`), so a reshape of a saved array, or one array
+    saved by two nodes, counts once. A node's entries leave the ledger when
+    its backward has run or when the node is garbage-collected (a graph that
+    was built and dropped without backward).
+
+    ``nbytes()`` is the live total; ``peak`` the largest total since
+    :meth:`reset_peak`. The memory accountant reads these; nothing has to
+    guess what the graph keeps alive.
+    """
+
+    def __init__(self):
+        self._by_node: dict[int, list[tuple[tuple[int, int], int]]] = {}
+        self._refcount: dict[tuple[int, int], int] = {}
+        self._bytes = 0
+        self.peak = 0
+
+    def record(self, node: Context, arrays) -> None:
+        key = id(node)
+        entries = []
+        for a in arrays:
+            bid = backend.buffer_id(a)
+            entries.append((bid, bid[1]))
+            n = self._refcount.get(bid, 0)
+            if n == 0:
+                self._bytes += bid[1]
+            self._refcount[bid] = n + 1
+        self._by_node.setdefault(key, []).extend(entries)
+        self.peak = max(self.peak, self._bytes)
+
+    def release(self, node_id: int) -> None:
+        for bid, nbytes in self._by_node.pop(node_id, ()):
+            n = self._refcount[bid] - 1
+            if n == 0:
+                del self._refcount[bid]
+                self._bytes -= nbytes
+            else:
+                self._refcount[bid] = n
+
+    def nbytes(self) -> int:
+        """Bytes of distinct buffers currently saved for backward."""
+        return self._bytes
+
+    def num_buffers(self) -> int:
+        """How many distinct buffers are currently saved for backward."""
+        return len(self._refcount)
+
+    def num_nodes(self) -> int:
+        """How many graph nodes currently hold saved arrays."""
+        return len(self._by_node)
+
+    def reset_peak(self) -> None:
+        self.peak = self._bytes
+
+
+LEDGER = ActivationLedger()
+
+
+# ---------------------------------------------------------------------------
+# Context: the graph node
+# ---------------------------------------------------------------------------
+
+
+class Context:
+    """One recorded application of a Function: a node of the graph.
+
+    Attributes:
+        fn: the Function subclass that made this node.
+        needs_input_grad: one bool per input: will its gradient be computed?
+        parents: one entry per input: ``None`` (no gradient wanted), a leaf
+            :class:`Tensor` (its ``.grad`` receives the gradient) or the
+            :class:`Context` that produced a non-leaf input.
+    """
+
+    __slots__ = (
+        "fn", "needs_input_grad", "parents", "recording", "_saved", "_versions",
+        "_finalizer", "__weakref__", "__dict__",
+    )
+
+    def __init__(self, fn, needs_input_grad, recording):
+        self.fn = fn
+        self.needs_input_grad = needs_input_grad
+        self.recording = recording
+        self.parents = ()
+        self._saved = ()
+        self._versions = ()
+        self._finalizer = None
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def save_for_backward(self, *items) -> None:
+        """Keep arrays (or tensors' arrays) for backward, recording them in the ledger.
+
+        Pass a :class:`Tensor` rather than its array when backward must be
+        able to detect an in-place change to it: its version counter is noted
+        now and checked when the saved values are read. Called when nothing
+        is recorded (no input needs a gradient), it keeps nothing.
+        """
+        if not self.recording:
+            return
+        if self._finalizer is not None:  # saving again replaces what was saved
+            self.release()
+        arrays, versions = [], []
+        for it in items:
+            if isinstance(it, Tensor):
+                versions.append((len(arrays), it._version, it._version[0]))
+                arrays.append(it.data)
+            else:
+                arrays.append(it)
+        self._saved = tuple(arrays)
+        self._versions = tuple(versions)
+        LEDGER.record(self, [a for a in arrays if a is not None])
+        # If the graph is dropped without backward, the books follow it.
+        self._finalizer = weakref.finalize(self, LEDGER.release, id(self))
+
+    @property
+    def saved(self) -> tuple:
+        """The saved arrays, after checking that no saved tensor changed in place."""
+        for pos, counter, seen in self._versions:
+            if counter[0] != seen:
+                raise RuntimeError(
+                    f"{self.name}.backward: input {pos} saved for backward was modified "
+                    f"in place after it was saved (version {seen} -> {counter[0]}); "
+                    "its gradient would be silently wrong. Use an out-of-place op, "
+                    "or make the change before the forward pass."
+                )
+        return self._saved
+
+    def release(self) -> None:
+        """Drop the saved arrays (called right after this node's backward)."""
+        self._saved = ()
+        self._versions = ()
+        if self._finalizer is not None:
+            self._finalizer()  # removes this node's entries from the ledger
+            self._finalizer = None
+
+
+# ---------------------------------------------------------------------------
+# Function
+# ---------------------------------------------------------------------------
+
+
+class Function:
+    """Base class of every differentiable operator (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Context, *arrays, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx: Context, grad):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs, **kwargs) -> Tensor:
+        """Run forward on tensors; record a node when a gradient will be needed.
+
+        ``inputs`` are Tensors (constants must be wrapped by the caller);
+        keyword arguments are non-differentiable settings (axes, indices, masks).
+        """
+        tensors = inputs
+        for t in tensors:
+            if not isinstance(t, Tensor):
+                raise TypeError(
+                    f"{cls.__name__}: expected Tensor inputs, got {type(t).__name__}; "
+                    "wrap arrays with minipeft.Tensor(...)"
+                )
+        _check_same_backend_and_dtype(cls.__name__, tensors)
+        needs = tuple(t.requires_grad for t in tensors)
+        recording = is_grad_enabled() and any(needs)
+        ctx = Context(cls, needs if recording else (False,) * len(needs), recording)
+        out = cls.forward(ctx, *[t.data for t in tensors], **kwargs)
+        result = Tensor(out, requires_grad=recording, _copy=False)
+        if recording:
+            # A parent is the leaf tensor itself (its .grad receives the
+            # gradient) or, for a non-leaf, the node that produced it.
+            ctx.parents = tuple(
+                (t._node if t._node is not None else t) if t.requires_grad else None
+                for t in tensors
+            )
+            result._node = ctx
+        return result
+
+
+def _check_same_backend_and_dtype(name, tensors):
+    """All float inputs of one op share one array module and one dtype."""
+    if len(tensors) < 2:
+        return
+    mod0, dt0 = backend.xp(tensors[0].data), tensors[0].data.dtype
+    for t in tensors[1:]:
+        if backend.xp(t.data) is not mod0:
+            raise TypeError(
+                f"{name}: inputs live on different devices "
+                f"({backend.device_of(tensors[0].data)!r} and {backend.device_of(t.data)!r}); "
+                "move them with .to(device) first"
+            )
+        if t.data.dtype != dt0:
+            raise TypeError(
+                f"{name}: inputs have different dtypes ({dt0} and {t.data.dtype}); "
+                "minipeft never promotes silently: convert one with .astype(...)"
+            )

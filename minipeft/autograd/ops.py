@@ -1,0 +1,1067 @@
+r"""The operators: each a Function with its forward, its backward and its derivative.
+
+Notation: ``g`` is the gradient arriving from above, :math:`g = \partial L/\partial y`
+for the op's output ``y``; backward returns :math:`\partial L/\partial x` for each
+input ``x`` (``None`` where ``ctx.needs_input_grad`` says it will not be used).
+
+Three rules hold for every op here:
+
+* **Broadcasting** is undone by one helper, :func:`unbroadcast`: an input that
+  was broadcast to a bigger shape receives the sum of the gradient over the
+  broadcast axes.
+* **Save only what a needed gradient uses.** ``ctx.needs_input_grad`` is read
+  in forward; e.g. :class:`MatMul` keeps its left input only if the right one
+  (a weight) needs a gradient. A frozen weight costs no activation memory and
+  no weight-gradient product.
+* **float32 stays float32.** Constants are Python floats (NEP 50 treats them as
+  "weak" and keeps the array's dtype); nothing here multiplies by a NumPy
+  float64 scalar.
+
+Every array is handled through its own module (``xp = backend.xp(a)``), so the
+same code runs on NumPy, CuPy and the strict stand-in.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import math
+
+import numpy as np
+
+from .. import backend
+from .function import Function
+from .tensor import Tensor
+
+# How many matrix products each backward formed, by kind. Tests read it to
+# prove that a frozen weight's gradient product is never computed.
+counters: collections.Counter = collections.Counter()
+
+
+def unbroadcast(grad, shape):
+    r"""Sum ``grad`` down to ``shape``, undoing NumPy broadcasting.
+
+    If :math:`y = f(\mathrm{broadcast}(x))`, every copy of an element of x
+    contributed to L, so :math:`\partial L/\partial x` sums the copies: over the
+    leading axes that broadcasting added, and over axes where x had size 1.
+    """
+    shape = tuple(shape)
+    if tuple(grad.shape) == shape:
+        return grad
+    xp = backend.xp(grad)
+    lead = grad.ndim - len(shape)
+    if lead:
+        grad = grad.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return xp.reshape(grad, shape) if tuple(grad.shape) != shape else grad
+
+
+def _broadcast_shape(name, a, b):
+    try:
+        return np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
+    except ValueError:
+        raise ValueError(
+            f"{name}: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be broadcast "
+            "together (trailing axes must be equal or 1)"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# Elementwise arithmetic
+# ---------------------------------------------------------------------------
+
+
+class Add(Function):
+    r"""y = a + b;  dy/da = 1, dy/db = 1 (then unbroadcast)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("add", a, b)
+        ctx.shapes = (a.shape, b.shape)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, g):
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        return (unbroadcast(g, sa) if na else None, unbroadcast(g, sb) if nb else None)
+
+
+class Sub(Function):
+    r"""y = a - b;  dy/da = 1, dy/db = -1."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("sub", a, b)
+        ctx.shapes = (a.shape, b.shape)
+        return a - b
+
+    @staticmethod
+    def backward(ctx, g):
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        return (unbroadcast(g, sa) if na else None, unbroadcast(-g, sb) if nb else None)
+
+
+class Mul(Function):
+    r"""y = a * b;  dy/da = b, dy/db = a.
+
+    Saves b only if a needs a gradient, and a only if b does.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("mul", a, b)
+        na, nb = ctx.needs_input_grad
+        ctx.shapes = (a.shape, b.shape)
+        ctx.save_for_backward(b if na else None, a if nb else None)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        b, a = ctx.saved
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        return (unbroadcast(g * b, sa) if na else None, unbroadcast(g * a, sb) if nb else None)
+
+
+class Div(Function):
+    r"""y = a / b;  dy/da = 1/b, dy/db = -a/b^2 = -y/b."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("div", a, b)
+        na, nb = ctx.needs_input_grad
+        y = a / b
+        ctx.shapes = (a.shape, b.shape)
+        ctx.save_for_backward(b, y if nb else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        b, y = ctx.saved
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        ga = g / b
+        return (unbroadcast(ga, sa) if na else None, unbroadcast(-ga * y, sb) if nb else None)
+
+
+class Neg(Function):
+    r"""y = -x;  dy/dx = -1."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return -x
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class PowScalar(Function):
+    r"""y = x^p for a constant p;  dy/dx = p x^{p-1}.
+
+    Small integer powers are spelled as products: on float32 ``x**3`` has run
+    from 2 to 100 times slower than ``x*x*x`` on the machines this was tuned on.
+    """
+
+    @staticmethod
+    def forward(ctx, x, p):
+        ctx.p = p
+        ctx.save_for_backward(x)
+        return _ipow(x, p)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved
+        p = ctx.p
+        if p == 1:
+            return g
+        return g * (p * _ipow(x, p - 1))
+
+
+def _ipow(x, p):
+    """x**p with products for p in {0, 1, 2, 3, 4} and 0.5 as sqrt."""
+    if p == 2:
+        return x * x
+    if p == 3:
+        return x * x * x
+    if p == 4:
+        x2 = x * x
+        return x2 * x2
+    if p == 1:
+        return x.copy()
+    if p == 0:
+        return backend.xp(x).ones_like(x)
+    if p == 0.5:
+        return backend.xp(x).sqrt(x)
+    return x ** p
+
+
+class Pow(Function):
+    r"""y = a^b elementwise;  dy/da = b a^{b-1},  dy/db = a^b \ln a  (a > 0)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("pow", a, b)
+        xp = backend.xp(a)
+        y = xp.power(a, b)
+        ctx.shapes = (a.shape, b.shape)
+        ctx.save_for_backward(a, b, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, y = ctx.saved
+        xp = backend.xp(a)
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        ga = unbroadcast(g * b * xp.power(a, b - 1), sa) if na else None
+        gb = unbroadcast(g * y * xp.log(a), sb) if nb else None
+        return ga, gb
+
+
+# ---------------------------------------------------------------------------
+# Unary elementwise functions
+# ---------------------------------------------------------------------------
+
+
+class Exp(Function):
+    r"""y = e^x;  dy/dx = e^x = y (saves the output)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend.xp(x).exp(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved
+        return g * y
+
+
+class Log(Function):
+    r"""y = \ln x;  dy/dx = 1/x."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return backend.xp(x).log(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved
+        return g / x
+
+
+class Sqrt(Function):
+    r"""y = \sqrt{x};  dy/dx = 1 / (2 \sqrt{x}) = 0.5 / y."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend.xp(x).sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved
+        return g * 0.5 / y
+
+
+class Tanh(Function):
+    r"""y = \tanh x;  dy/dx = 1 - y^2."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend.xp(x).tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved
+        return g * (1.0 - y * y)
+
+
+class Sigmoid(Function):
+    r"""y = 1 / (1 + e^{-x});  dy/dx = y (1 - y)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xp = backend.xp(x)
+        # tanh form: stable for large |x| in either sign
+        y = 0.5 * (xp.tanh(0.5 * x) + 1.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved
+        return g * y * (1.0 - y)
+
+
+class ReLU(Function):
+    r"""y = max(x, 0);  dy/dx = [x > 0] (saves a one-byte-per-element mask)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mask = x > 0
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved
+        return g * mask
+
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+class GELU(Function):
+    r"""GELU, tanh approximation (GPT-2's):
+
+    .. math::
+        y = \tfrac12 x \,(1 + \tanh u), \qquad u = k\,(x + 0.044715\,x^3),
+        \quad k=\sqrt{2/\pi}
+
+        \frac{dy}{dx} = \tfrac12 (1 + \tanh u)
+            + \tfrac12 x\,(1 - \tanh^2 u)\,k\,(1 + 3\cdot 0.044715\,x^2)
+
+    Saves only x; tanh u is recomputed in backward (one tanh is cheaper
+    than keeping a second activation-sized array alive).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        xp = backend.xp(x)
+        ctx.save_for_backward(x)
+        t = xp.tanh(_GELU_K * (x + 0.044715 * (x * x * x)))
+        t += 1.0
+        t *= x
+        t *= 0.5
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved
+        xp = backend.xp(x)
+        x2 = x * x
+        t = xp.tanh(_GELU_K * (x + 0.044715 * x2 * x))
+        # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 0.134145 x^2)
+        dt = (1.0 - t * t) * (_GELU_K * 0.5) * x * (1.0 + 0.134145 * x2)
+        t += 1.0
+        t *= 0.5
+        t += dt
+        t *= g
+        return t
+
+
+class Cast(Function):
+    r"""y = x in another float dtype;  dy/dx = 1 (cast back)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = x.dtype
+        return x.astype(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.astype(ctx.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Matrix product
+# ---------------------------------------------------------------------------
+
+
+class MatMul(Function):
+    r"""Y = A @ B over the last two axes, leading axes broadcast (batched).
+
+    .. math:: \frac{\partial L}{\partial A} = G B^\top, \qquad
+              \frac{\partial L}{\partial B} = A^\top G
+
+    (summed over broadcast batch axes). Each product is formed only when its
+    input needs a gradient, and each input is saved only for the *other*
+    input's gradient: with a frozen weight B, A is not kept and
+    :math:`A^\top G` is never computed. This is "frozen means not computed".
+
+    For the common layer case, A of shape (..., in) and a 2-D weight B of
+    shape (in, out), :math:`A^\top G` is one (in, N) @ (N, out) product over
+    the flattened N leading positions rather than a batch of them.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        if a.ndim < 2 or b.ndim < 2:
+            raise ValueError(
+                f"matmul: both operands need at least 2 dimensions, got shapes "
+                f"{tuple(a.shape)} and {tuple(b.shape)} (reshape a vector to (1, n) or (n, 1))"
+            )
+        if a.shape[-1] != b.shape[-2]:
+            raise ValueError(
+                f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not align: "
+                f"a's last axis ({a.shape[-1]}) must equal b's second-to-last ({b.shape[-2]})"
+            )
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(
+                f"matmul: batch axes {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} "
+                "cannot be broadcast together"
+            ) from None
+        na, nb = ctx.needs_input_grad
+        ctx.shapes = (a.shape, b.shape)
+        ctx.save_for_backward(b if na else None, a if nb else None)
+        return backend.xp(a).matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        b, a = ctx.saved
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        xp = backend.xp(g)
+        ga = gb = None
+        if na:
+            counters["matmul.dA"] += 1
+            ga = unbroadcast(xp.matmul(g, xp.swapaxes(b, -1, -2)), sa)
+        if nb:
+            counters["matmul.dB"] += 1
+            if len(sb) == 2:
+                # (N, in)^T @ (N, out) with N = all leading positions flattened
+                a2 = a.reshape(-1, sb[0])                 # (N, in)
+                g2 = g.reshape(-1, sb[1])                 # (N, out)
+                gb = a2.T @ g2                            # (in, out)
+            else:
+                gb = unbroadcast(xp.matmul(xp.swapaxes(a, -1, -2), g), sb)
+        return ga, gb
+
+
+# ---------------------------------------------------------------------------
+# Reductions
+# ---------------------------------------------------------------------------
+
+
+def _norm_axes(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, int):
+        axis = (axis,)
+    out = []
+    for ax in axis:
+        if not -ndim <= ax < ndim:
+            raise ValueError(f"axis {ax} is out of range for a tensor with {ndim} dimensions")
+        out.append(ax % ndim)
+    return tuple(sorted(out))
+
+
+def _expand_like(g, shape, axes, keepdims):
+    """Reshape a reduced gradient so it broadcasts back over the reduced axes."""
+    if keepdims:
+        return g
+    kept = [1 if i in axes else n for i, n in enumerate(shape)]
+    return g.reshape(kept)
+
+
+class Sum(Function):
+    r"""y = \sum_{axes} x;  dy/dx_i = 1: the gradient is broadcast back."""
+
+    @staticmethod
+    def forward(ctx, x, axis=None, keepdims=False):
+        axes = _norm_axes(axis, x.ndim)
+        ctx.meta = (x.shape, axes, keepdims)
+        return x.sum(axis=axes, keepdims=keepdims)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, axes, keepdims = ctx.meta
+        xp = backend.xp(g)
+        return xp.broadcast_to(_expand_like(g, shape, axes, keepdims), shape).copy()
+
+
+class Mean(Function):
+    r"""y = \frac1n \sum_{axes} x;  dy/dx_i = 1/n."""
+
+    @staticmethod
+    def forward(ctx, x, axis=None, keepdims=False):
+        axes = _norm_axes(axis, x.ndim)
+        n = 1
+        for ax in axes:
+            n *= x.shape[ax]
+        ctx.meta = (x.shape, axes, keepdims, n)
+        return x.mean(axis=axes, keepdims=keepdims)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, axes, keepdims, n = ctx.meta
+        xp = backend.xp(g)
+        ge = _expand_like(g, shape, axes, keepdims) * (1.0 / n)
+        return xp.broadcast_to(ge, shape).copy()
+
+
+class Max(Function):
+    r"""y = \max_{axes} x;  dy/dx_i = [x_i = y] / (number of maxima).
+
+    Ties share the gradient equally (a subgradient); a one-byte mask of the
+    arg-max positions is saved, not x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, axis=None, keepdims=False):
+        axes = _norm_axes(axis, x.ndim)
+        y = x.max(axis=axes, keepdims=True)
+        mask = x == y
+        ctx.meta = (x.shape, axes, keepdims)
+        ctx.save_for_backward(mask)
+        return y if keepdims else y.reshape([n for i, n in enumerate(x.shape) if i not in axes])
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved
+        shape, axes, keepdims = ctx.meta
+        count = mask.sum(axis=axes, keepdims=True).astype(g.dtype)
+        return mask * (_expand_like(g, shape, axes, keepdims) / count)
+
+
+# ---------------------------------------------------------------------------
+# Shape ops (views: nothing saved)
+# ---------------------------------------------------------------------------
+
+
+class Reshape(Function):
+    r"""y = x viewed with a new shape;  the gradient is reshaped back."""
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        ctx.shape = x.shape
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            raise ValueError(
+                f"reshape: cannot view {int(np.prod(x.shape))} elements of shape "
+                f"{tuple(x.shape)} as shape {tuple(shape)}"
+            ) from None
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.reshape(ctx.shape)
+
+
+class Permute(Function):
+    r"""y = x with its axes permuted;  the gradient is permuted by the inverse."""
+
+    @staticmethod
+    def forward(ctx, x, axes):
+        axes = tuple(a % x.ndim for a in axes)
+        if sorted(axes) != list(range(x.ndim)):
+            raise ValueError(f"permute: {axes} is not a permutation of {x.ndim} axes")
+        ctx.inv = tuple(np.argsort(axes))
+        return backend.xp(x).transpose(x, axes)
+
+    @staticmethod
+    def backward(ctx, g):
+        return backend.xp(g).transpose(g, ctx.inv)
+
+
+class GetItem(Function):
+    r"""y = x[index] (slicing or gathering).
+
+    :math:`\partial L/\partial x` is zero except at the selected positions,
+    which receive g. An integer-array index can repeat an element; its
+    gradient must then be the *sum* of every occurrence, so the scatter uses
+    :func:`backend.scatter_add`, never ``grad[idx] += g`` (which keeps one).
+    """
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.meta = (x.shape, x.dtype, _has_array_index(index))
+        ctx.index = index
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, advanced = ctx.meta
+        gx = backend.xp(g).zeros(shape, dtype=dtype)
+        if advanced:
+            backend.scatter_add(gx, ctx.index, g)
+        else:
+            gx[ctx.index] = g
+        return gx
+
+
+def _has_array_index(index) -> bool:
+    idx = index if isinstance(index, tuple) else (index,)
+    return any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in idx)
+
+
+class Concatenate(Function):
+    r"""y = [x_1, x_2, ...] along an axis;  each input gets its slice of g."""
+
+    @staticmethod
+    def forward(ctx, *xs, axis=0):
+        ax = axis % xs[0].ndim
+        ctx.meta = (ax, [x.shape[ax] for x in xs])
+        return backend.xp(xs[0]).concatenate(xs, axis=ax)
+
+    @staticmethod
+    def backward(ctx, g):
+        ax, sizes = ctx.meta
+        out, start = [], 0
+        for n, need in zip(sizes, ctx.needs_input_grad):
+            if need:
+                sl = [slice(None)] * g.ndim
+                sl[ax] = slice(start, start + n)
+                out.append(g[tuple(sl)])
+            else:
+                out.append(None)
+            start += n
+        return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# Neural-network ops
+# ---------------------------------------------------------------------------
+
+
+class Softmax(Function):
+    r"""y = softmax(x) along an axis:  y_i = e^{x_i - m} / \sum_j e^{x_j - m}, m = max x.
+
+    Jacobian-vector product: :math:`\partial L/\partial x = y \odot (g - \sum_j g_j y_j)`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        xp = backend.xp(x)
+        y = x - x.max(axis=axis, keepdims=True)
+        xp.exp(y, out=y)
+        y /= y.sum(axis=axis, keepdims=True)
+        ctx.axis = axis
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved
+        gx = g * y
+        gx -= y * gx.sum(axis=ctx.axis, keepdims=True)
+        return gx
+
+
+class LogSoftmax(Function):
+    r"""y = x - logsumexp(x) along an axis.
+
+    :math:`\partial L/\partial x = g - \mathrm{softmax}(x) \sum_j g_j`, with
+    softmax recovered from the saved output as :math:`e^{y}`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        xp = backend.xp(x)
+        m = x.max(axis=axis, keepdims=True)
+        y = x - m
+        y -= xp.log(xp.exp(y).sum(axis=axis, keepdims=True))
+        ctx.axis = axis
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved
+        xp = backend.xp(y)
+        return g - xp.exp(y) * g.sum(axis=ctx.axis, keepdims=True)
+
+
+class LayerNorm(Function):
+    r"""Layer normalisation over the last axis, with an analytic backward.
+
+    .. math::
+        \mu = \tfrac1C\sum_i x_i,\quad \sigma^2 = \tfrac1C\sum_i (x_i-\mu)^2,\quad
+        \hat x = (x-\mu)\,r,\ r = (\sigma^2+\epsilon)^{-1/2},\quad y = \hat x\, w + b
+
+    Backward, with :math:`\hat g = g\, w`:
+
+    .. math::
+        \frac{\partial L}{\partial x} = r\Big(\hat g - \overline{\hat g}
+            - \hat x\,\overline{\hat g\,\hat x}\Big),\qquad
+        \frac{\partial L}{\partial w} = \sum \hat x\, g,\qquad
+        \frac{\partial L}{\partial b} = \sum g
+
+    (bars are means over the last axis; the sums run over all leading axes).
+    Saves :math:`\hat x` and r only when x or w needs a gradient, w only when x does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, eps=1e-5):
+        xp = backend.xp(x)
+        C = x.shape[-1]
+        if w.shape != (C,) or b.shape != (C,):
+            raise ValueError(
+                f"layer_norm: weight and bias must have shape ({C},), "
+                f"got {tuple(w.shape)} and {tuple(b.shape)}"
+            )
+        mu = x.mean(axis=-1, keepdims=True)
+        xhat = x - mu
+        var = (xhat * xhat).mean(axis=-1, keepdims=True)
+        r = 1.0 / xp.sqrt(var + eps)
+        xhat *= r
+        nx, nw, nb = ctx.needs_input_grad
+        ctx.save_for_backward(
+            xhat if (nx or nw) else None, r if nx else None, w if nx else None
+        )
+        return xhat * w + b
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, r, w = ctx.saved
+        nx, nw, nb = ctx.needs_input_grad
+        C = g.shape[-1]
+        g2 = g.reshape(-1, C)                                         # (N, C)
+        gw = (xhat.reshape(-1, C) * g2).sum(axis=0) if nw else None
+        gb = g2.sum(axis=0) if nb else None
+        gx = None
+        if nx:
+            gh = g * w
+            gx = gh - gh.mean(axis=-1, keepdims=True)
+            gx -= xhat * (gh * xhat).mean(axis=-1, keepdims=True)
+            gx *= r
+        return gx, gw, gb
+
+
+class Embedding(Function):
+    r"""y = W[idx]: rows of a table gathered by integer ids.
+
+    :math:`\partial L/\partial W_v = \sum_{n:\,idx_n=v} g_n`, a scatter-add that
+    counts repeated ids. Saves the (small, integer) ids only if W needs a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, w, idx):
+        ctx.meta = (w.shape, w.dtype)
+        ctx.save_for_backward(idx)
+        return w[idx]
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved
+        shape, dtype = ctx.meta
+        gw = backend.xp(g).zeros(shape, dtype=dtype)
+        backend.scatter_add(gw, idx.reshape(-1), g.reshape(-1, shape[1]))   # (N,), (N, C)
+        return gw
+
+
+class CrossEntropy(Function):
+    r"""Mean cross-entropy of logits against integer targets, fused with log-softmax.
+
+    For logits z of shape (N, V), targets t and valid rows
+    :math:`\mathcal V = \{n : t_n \ne \text{ignore\_index}\}`:
+
+    .. math::
+        L = -\frac{1}{|\mathcal V|}\sum_{n\in\mathcal V} \log \mathrm{softmax}(z_n)_{t_n},
+        \qquad
+        \frac{\partial L}{\partial z_n} = \frac{\mathrm{softmax}(z_n) - e_{t_n}}{|\mathcal V|}
+        \ (n\in\mathcal V),\ 0\ \text{otherwise}.
+
+    Computed as :math:`\log\sum e^{z-m} + m - z_t` with m the row maximum, so
+    logits of :math:`\pm 10^4` stay finite. Saves the softmax (one array of
+    the logits' size) and the targets.
+    """
+
+    @staticmethod
+    def forward(ctx, z, targets, ignore_index=-100):
+        xp = backend.xp(z)
+        if z.ndim != 2 or targets.shape != (z.shape[0],):
+            raise ValueError(
+                f"cross_entropy: expected logits (N, V) and targets (N,), got "
+                f"{tuple(z.shape)} and {tuple(targets.shape)}"
+            )
+        valid = targets != ignore_index
+        n_valid = int(valid.sum())
+        safe_t = xp.where(valid, targets, 0)
+        m = z.max(axis=1, keepdims=True)
+        p = z - m
+        xp.exp(p, out=p)
+        s = p.sum(axis=1, keepdims=True)
+        rows = xp.arange(z.shape[0])
+        # loss_n = log(sum e^{z-m}) + m - z_t
+        nll = (xp.log(s[:, 0]) + m[:, 0] - z[rows, safe_t]) * valid
+        p /= s
+        ctx.meta = (builtins.max(n_valid, 1),)
+        ctx.save_for_backward(p, safe_t, valid)
+        return (nll.sum() / builtins.max(n_valid, 1)).astype(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, t, valid = ctx.saved
+        (n,) = ctx.meta
+        xp = backend.xp(p)
+        gz = p  # reuse the saved buffer: it is released right after this backward
+        gz[xp.arange(gz.shape[0]), t] -= 1.0
+        gz *= (valid[:, None] * (g / n)).astype(gz.dtype)
+        return gz
+
+
+class Dropout(Function):
+    r"""y = x \odot m / (1-p) with a given random keep-mask m;  dy/dx = m/(1-p).
+
+    The mask is an argument, not drawn here, so a caller can keep it and
+    replay the same mask (gradient checkpointing recomputes a block's
+    forward in backward and must drop the same units). Saves the boolean mask
+    (one byte an element).
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, p):
+        scale = 1.0 / (1.0 - p)
+        ctx.scale = scale
+        ctx.save_for_backward(mask)
+        return x * mask * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved
+        return g * mask * ctx.scale
+
+
+class MaskedFill(Function):
+    r"""y = where(mask, value, x): fill masked positions with a constant.
+
+    dy/dx = [not mask]. Causal attention uses it with value = -inf above the
+    diagonal (positions may not look at later ones).
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, value):
+        xp = backend.xp(x)
+        ctx.save_for_backward(mask)
+        return xp.where(mask, xp.asarray(value, dtype=x.dtype), x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved
+        return backend.xp(g).where(mask, 0.0, g).astype(g.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Functional API (what models and users call)
+# ---------------------------------------------------------------------------
+
+
+def _t(x, like: Tensor | None = None) -> Tensor:
+    """Wrap a constant (Python number or array) as a Tensor matching ``like``."""
+    if isinstance(x, Tensor):
+        return x
+    if like is not None:
+        if isinstance(x, (int, float, bool)):
+            return Tensor(like.xp.asarray(x, dtype=like.dtype), _copy=False)
+        return Tensor(x, _copy=False)
+    return Tensor(x)
+
+
+def add(a, b):
+    a, b = _pair(a, b)
+    return Add.apply(a, b)
+
+
+def sub(a, b):
+    a, b = _pair(a, b)
+    return Sub.apply(a, b)
+
+
+def mul(a, b):
+    a, b = _pair(a, b)
+    return Mul.apply(a, b)
+
+
+def div(a, b):
+    a, b = _pair(a, b)
+    return Div.apply(a, b)
+
+
+def _pair(a, b):
+    if isinstance(a, Tensor):
+        return a, _t(b, a)
+    if isinstance(b, Tensor):
+        return _t(a, b), b
+    return _t(a), _t(b)
+
+
+def neg(x):
+    return Neg.apply(x)
+
+
+def pow(x, p):  # noqa: A001 - the op's name
+    """x ** p: a constant exponent uses products; a tensor exponent the general rule."""
+    if isinstance(p, (int, float)):
+        return PowScalar.apply(x, p=p)
+    x, p = _pair(x, p)
+    return Pow.apply(x, p)
+
+
+def exp(x):
+    return Exp.apply(x)
+
+
+def log(x):
+    return Log.apply(x)
+
+
+def sqrt(x):
+    return Sqrt.apply(x)
+
+
+def tanh(x):
+    return Tanh.apply(x)
+
+
+def sigmoid(x):
+    return Sigmoid.apply(x)
+
+
+def relu(x):
+    return ReLU.apply(x)
+
+
+def gelu(x):
+    return GELU.apply(x)
+
+
+def cast(x, dtype):
+    if np.dtype(dtype) == x.dtype:
+        return x
+    return Cast.apply(x, dtype=np.dtype(dtype))
+
+
+def matmul(a, b):
+    return MatMul.apply(a, b)
+
+
+def sum(x, axis=None, keepdims=False):  # noqa: A001
+    return Sum.apply(x, axis=axis, keepdims=keepdims)
+
+
+def mean(x, axis=None, keepdims=False):
+    return Mean.apply(x, axis=axis, keepdims=keepdims)
+
+
+def max(x, axis=None, keepdims=False):  # noqa: A001
+    return Max.apply(x, axis=axis, keepdims=keepdims)
+
+
+def reshape(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return Reshape.apply(x, shape=shape)
+
+
+def permute(x, *axes):
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    return Permute.apply(x, axes=axes)
+
+
+def transpose(x, ax1=-2, ax2=-1):
+    """Swap two axes (the last two by default)."""
+    axes = list(range(x.ndim))
+    axes[ax1], axes[ax2] = axes[ax2], axes[ax1]
+    return Permute.apply(x, axes=tuple(axes))
+
+
+def getitem(x, index):
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return GetItem.apply(x, index=index)
+
+
+def concatenate(tensors, axis=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("concatenate: needs at least one tensor")
+    return Concatenate.apply(*tensors, axis=axis)
+
+
+def softmax(x, axis=-1):
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax.apply(x, axis=axis)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+def embedding(weight, idx):
+    """Rows of ``weight`` (V, C) gathered by integer ``idx`` (any shape) -> idx.shape + (C,)."""
+    idx = idx.data if isinstance(idx, Tensor) else idx
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"embedding: token ids must be integers, got {idx.dtype}")
+    return Embedding.apply(weight, idx=idx)
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean cross-entropy of ``logits`` (N, V) against integer ``targets`` (N,)."""
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
+
+
+def dropout(x, p, mask):
+    """Apply a given keep-mask (boolean array of x's shape), scaled by 1/(1-p)."""
+    return Dropout.apply(x, mask=mask, p=p)
+
+
+def masked_fill(x, mask, value):
+    return MaskedFill.apply(x, mask=mask, value=value)
+
+
+def causal_mask(T: int, like) -> object:
+    """Boolean (T, T) array, True above the diagonal (the future), on like's device."""
+    xp = like.xp if isinstance(like, Tensor) else backend.xp(like)
+    return xp.triu(xp.ones((T, T), dtype=bool), k=1)
+
+
+# ---------------------------------------------------------------------------
+# Operator methods on Tensor
+# ---------------------------------------------------------------------------
+
+
+def _attach():
+    T = Tensor
+    T.__add__ = lambda a, b: add(a, b)
+    T.__radd__ = lambda a, b: add(b, a)
+    T.__sub__ = lambda a, b: sub(a, b)
+    T.__rsub__ = lambda a, b: sub(b, a)
+    T.__mul__ = lambda a, b: mul(a, b)
+    T.__rmul__ = lambda a, b: mul(b, a)
+    T.__truediv__ = lambda a, b: div(a, b)
+    T.__rtruediv__ = lambda a, b: div(b, a)
+    T.__neg__ = lambda a: neg(a)
+    T.__pow__ = lambda a, p: pow(a, p)
+    T.__matmul__ = lambda a, b: matmul(a, b)
+    T.__getitem__ = lambda a, idx: getitem(a, idx)
+    T.exp = exp
+    T.log = log
+    T.sqrt = sqrt
+    T.tanh = tanh
+    T.sigmoid = sigmoid
+    T.relu = relu
+    T.gelu = gelu
+    T.sum = sum
+    T.mean = mean
+    T.max = max
+    T.reshape = reshape
+    T.view = reshape
+    T.permute = permute
+    T.transpose = transpose
+    T.softmax = softmax
+    T.log_softmax = log_softmax
+    T.T = property(lambda a: transpose(a))
+
+
+_attach()

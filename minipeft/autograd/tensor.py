@@ -1,0 +1,322 @@
+r"""Tensor: an array, its gradient, and the node that made it.
+
+A :class:`Tensor` wraps one whole array (NumPy, CuPy or the strict stand-in;
+the array knows its module, see :mod:`minipeft.backend`). Operators on tensors
+build a graph of :class:`~minipeft.autograd.function.Context` nodes;
+:meth:`Tensor.backward` walks that graph in reverse topological order and
+applies the chain rule
+
+.. math::  \frac{\partial L}{\partial x} = \sum_{y \,\text{uses}\, x}
+           \left(\frac{\partial y}{\partial x}\right)^{\!\top} \frac{\partial L}{\partial y},
+
+summing the contributions of every use of ``x``. Leaf tensors that require a
+gradient receive it in ``.grad``; a leaf that does not (a frozen weight) never
+gets a gradient buffer, and the products that would only serve its gradient
+are never formed.
+
+In-place ops (``+=``, ``*=``, :meth:`Tensor.copy_`) bump a version counter.
+A node that saved the tensor checks it in backward and raises instead of
+returning a silently wrong gradient. Writing to ``.data`` directly is
+*unchecked*: it is how optimizers update weights, outside any graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+
+
+class Tensor:
+    """An n-dimensional array with automatic differentiation.
+
+    Args:
+        data: an array (NumPy, CuPy or strict), a scalar or a nested list.
+            Python data becomes float32 unless ``dtype`` says otherwise; an
+            existing array keeps its dtype and device and is not copied.
+        requires_grad: whether backward should compute ``dL/d(this)``.
+        dtype: convert to this dtype (``np.float32`` or ``np.float64`` for
+            anything that will carry a gradient).
+        device: put the data on ``'cpu'``, ``'gpu'`` or ``'strict'``.
+    """
+
+    __array_ufunc__ = None  # make ndarray + Tensor defer to Tensor.__radd__
+
+    def __init__(self, data, requires_grad=False, dtype=None, device=None, name=None,
+                 _copy=True):
+        if isinstance(data, Tensor):
+            data = data.data
+        if isinstance(data, np.generic):  # a NumPy scalar keeps its dtype
+            data = np.asarray(data)
+        if not _is_array(data):
+            data = np.asarray(data, dtype=dtype or _default_dtype(data))
+        elif dtype is not None and data.dtype != np.dtype(dtype):
+            data = data.astype(dtype)
+        if device is not None:
+            data = backend.to_device(data, device)
+        if requires_grad and np.dtype(data.dtype) not in backend.FLOAT_DTYPES:
+            raise TypeError(
+                f"only float32 or float64 tensors can require gradients, got {data.dtype}"
+            )
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self.name = name
+        # Masked means computed, then masked: a boolean array of data's shape;
+        # the gradient arriving here is multiplied by it (see nn and peft).
+        self.grad_mask = None
+        self._node = None        # the Context that produced this tensor (None: a leaf)
+        self._version = [0]      # shared with every node that saved this tensor
+
+    # -- array facts -----------------------------------------------------
+    shape = property(lambda self: tuple(self.data.shape))
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: int(self.data.size))
+    dtype = property(lambda self: self.data.dtype)
+    nbytes = property(lambda self: int(self.data.nbytes))
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None
+
+    @property
+    def xp(self):
+        """The array module of this tensor's data (numpy, cupy or strict)."""
+        return backend.xp(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device!r}{grad})"
+
+    def __len__(self):
+        return self.shape[0]
+
+    # -- conversion --------------------------------------------------------
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array on the host (a copy when it lives elsewhere)."""
+        return backend.asnumpy(self.data)
+
+    def item(self) -> float:
+        if self.size != 1:
+            raise ValueError(
+                f"item() needs a tensor of one element, this one has shape {self.shape}"
+            )
+        return self.data.reshape(()).item()
+
+    def detach(self) -> Tensor:
+        """The same data, cut from the graph (no gradient flows through it)."""
+        return Tensor(self.data, _copy=False)
+
+    def to(self, device: str) -> Tensor:
+        """Move to ``'cpu'``, ``'gpu'`` or ``'strict'``; a leaf stays a leaf.
+
+        In place for leaves (parameters move with their model) and returns
+        self; the gradient moves with the data.
+        """
+        self.data = backend.to_device(self.data, device)
+        if self.grad is not None:
+            self.grad = backend.to_device(self.grad, device)
+        if self.grad_mask is not None:
+            self.grad_mask = backend.to_device(self.grad_mask, device)
+        return self
+
+    def astype(self, dtype) -> Tensor:
+        from . import ops
+        return ops.cast(self, dtype)
+
+    # -- in-place ops (bump the version counter) ---------------------------
+    def _check_inplace(self, what):
+        from .function import is_grad_enabled
+        if self.requires_grad and is_grad_enabled():
+            raise RuntimeError(
+                f"{what}: in-place change of a tensor that requires grad while gradients "
+                "are recorded; use an out-of-place op, or wrap it in `with no_grad():`"
+            )
+
+    def _bump(self):
+        self._version[0] += 1
+
+    def copy_(self, other) -> Tensor:
+        """Overwrite this tensor's values with ``other``'s (in place)."""
+        self._check_inplace("copy_")
+        src = other.data if isinstance(other, Tensor) else other
+        self.data[...] = src
+        self._bump()
+        return self
+
+    def __iadd__(self, other):
+        self._check_inplace("+=")
+        self.data += _raw(other, self)
+        self._bump()
+        return self
+
+    def __isub__(self, other):
+        self._check_inplace("-=")
+        self.data -= _raw(other, self)
+        self._bump()
+        return self
+
+    def __imul__(self, other):
+        self._check_inplace("*=")
+        self.data *= _raw(other, self)
+        self._bump()
+        return self
+
+    def __itruediv__(self, other):
+        self._check_inplace("/=")
+        self.data /= _raw(other, self)
+        self._bump()
+        return self
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    # -- backward ----------------------------------------------------------
+    def backward(self, grad=None) -> None:
+        r"""Accumulate :math:`\partial L/\partial x` into ``x.grad`` for every leaf ``x``.
+
+        ``self`` is L. A scalar needs no ``grad`` (it is 1); a non-scalar
+        needs one of its own shape (a vector-Jacobian product).
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward() on a tensor that does not require grad: nothing upstream "
+                "requires a gradient (are all parameters frozen, or is this under no_grad?)"
+            )
+        xp = self.xp
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(
+                    f"backward() on a non-scalar tensor of shape {self.shape} needs a "
+                    "gradient of that shape: call .backward(grad) or reduce it with .sum()"
+                )
+            grad = xp.ones(self.data.shape, dtype=self.dtype)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else grad
+            if tuple(grad.shape) != self.shape:
+                raise ValueError(
+                    f"backward(grad): grad has shape {tuple(grad.shape)}, "
+                    f"expected {self.shape}"
+                )
+        if self._node is None:  # a leaf: its gradient is the seed itself
+            _accumulate_leaf(self, grad, owned=False)
+            return
+        run_backward(self._node, grad)
+
+
+def run_backward(root, grad) -> None:
+    """Chain rule over the graph below ``root`` (a Context), seeded with ``grad``."""
+    order = _topological_order(root)
+    grads = {id(root): grad}
+    handed = set()  # ids of arrays already passed to some receiver
+    leaf_owned = set()  # ids of arrays that became a leaf's .grad buffer
+    for node in order:
+        g = grads.pop(id(node), None)
+        if g is None:  # no gradient reached this node (all its uses were cut)
+            node.release()
+            continue
+        in_grads = node.fn.backward(node, g)
+        if not isinstance(in_grads, tuple):
+            in_grads = (in_grads,)
+        node.release()  # its saved activations are no longer needed
+        for parent, ig in zip(node.parents, in_grads):
+            if parent is None or ig is None:
+                continue
+            if isinstance(parent, Tensor):
+                fresh = id(ig) not in handed and getattr(ig, "base", None) is None
+                if _accumulate_leaf(parent, ig, owned=fresh):
+                    leaf_owned.add(id(parent.grad))
+            else:
+                key = id(parent)
+                if key in grads:
+                    grads[key] = grads[key] + ig  # out of place: ig may alias others
+                else:
+                    grads[key] = ig.copy() if id(ig) in leaf_owned else ig
+            handed.add(id(ig))
+
+
+def _accumulate_leaf(leaf: Tensor, g, owned: bool) -> bool:
+    """Add ``g`` into ``leaf.grad``; returns True when a new buffer was adopted.
+
+    The first gradient is adopted without a copy when nothing else refers to
+    it (``owned``); later ones are added in place into that buffer.
+    A ``grad_mask`` (masked means computed, then masked) zeroes the entries
+    the method does not train.
+    """
+    if tuple(g.shape) != leaf.shape:
+        raise RuntimeError(
+            f"internal error: gradient of shape {tuple(g.shape)} for a leaf of shape {leaf.shape}"
+        )
+    if leaf.grad_mask is not None:
+        g = g * leaf.grad_mask
+        owned = True
+    if leaf.grad is None:
+        leaf.grad = g if owned else g.copy()
+        return True
+    leaf.grad += g
+    return False
+
+
+def _topological_order(root) -> list:
+    """Nodes reachable from ``root``, each before every node it depends on.
+
+    Iterative depth-first search (a deep graph would overflow Python's
+    recursion limit): a node is emitted after all its parents, and the
+    reversed emission order visits consumers before producers.
+    """
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        for p in node.parents:
+            if p is not None and not isinstance(p, Tensor) and id(p) not in visited:
+                stack.append((p, False))
+    order.reverse()
+    return order
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _is_array(x) -> bool:
+    try:
+        backend.xp(x)
+    except TypeError:
+        return False
+    return not np.isscalar(x)
+
+
+def _default_dtype(data):
+    arr = np.asarray(data)
+    if arr.dtype.kind in "iub":
+        return arr.dtype
+    return backend.DEFAULT_DTYPE
+
+
+def _raw(other, like: Tensor):
+    """The array behind ``other``; Python scalars stay weak (no dtype promotion)."""
+    if isinstance(other, Tensor):
+        return other.data
+    return other
+
+
+def tensor(data, requires_grad=False, dtype=None, device=None) -> Tensor:
+    """Create a Tensor (float32 unless told otherwise) on ``device``."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+
+
+# The operator methods (a + b, a @ b, a.sum(), ...) are attached by ops.py,
+# next to the Functions they call.
