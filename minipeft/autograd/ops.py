@@ -567,6 +567,24 @@ class Permute(Function):
         return backend.xp(g).transpose(g, ctx.inv)
 
 
+class BroadcastTo(Function):
+    r"""y = x broadcast to a larger shape (a view);  the gradient is unbroadcast."""
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        ctx.shape = x.shape
+        try:
+            return backend.xp(x).broadcast_to(x, shape)
+        except ValueError:
+            raise ValueError(
+                f"broadcast_to: cannot broadcast shape {tuple(x.shape)} to {tuple(shape)}"
+            ) from None
+
+    @staticmethod
+    def backward(ctx, g):
+        return unbroadcast(g, ctx.shape)
+
+
 class GetItem(Function):
     r"""y = x[index] (slicing or gathering).
 
@@ -970,6 +988,12 @@ def transpose(x, ax1=-2, ax2=-1):
     return Permute.apply(x, axes=tuple(axes))
 
 
+def broadcast_to(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return BroadcastTo.apply(x, shape=tuple(shape))
+
+
 def getitem(x, index):
     if isinstance(index, Tensor):
         index = index.data
@@ -1059,6 +1083,7 @@ def _attach():
     T.view = reshape
     T.permute = permute
     T.transpose = transpose
+    T.broadcast_to = broadcast_to
     T.softmax = softmax
     T.log_softmax = log_softmax
     T.T = property(lambda a: transpose(a))
