@@ -1,0 +1,34 @@
+r"""Parameter-efficient fine-tuning, one family a file, around a frozen base.
+
+* :mod:`.config`: one dataclass per method (peft's names);
+* :mod:`.tuner`: the shared injector (``target_modules`` matching, wrappers);
+* :mod:`.model`: :class:`PeftModel` and :func:`get_peft_model`;
+* :mod:`.selective`: full fine-tuning, BitFit, layer selection, element masks;
+* :mod:`.lora`: LoRA and DoRA;
+* :mod:`.adapters`, :mod:`.soft_prompts`, :mod:`.ia3`: the additive methods.
+"""
+
+from . import adapters, ia3, lora, selective  # noqa: F401  (register the methods)
+from .config import (
+    METHODS,
+    AdapterConfig,
+    BitFitConfig,
+    FullFinetuneConfig,
+    IA3Config,
+    LayerSelectConfig,
+    LoraConfig,
+    MaskConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    config_class,
+    config_from_dict,
+)
+from .model import PeftModel, get_peft_model
+
+__all__ = [
+    "METHODS", "AdapterConfig", "BitFitConfig", "FullFinetuneConfig", "IA3Config",
+    "LayerSelectConfig", "LoraConfig", "MaskConfig", "PeftConfig", "PeftModel",
+    "PrefixTuningConfig", "PromptTuningConfig", "config_class", "config_from_dict",
+    "get_peft_model",
+]

@@ -1,0 +1,145 @@
+r"""(IA)^3 (additive): learned vectors that rescale activations.
+
+"Infused Adapter by Inhibiting and Amplifying Inner Activations" learns three
+vectors per block, all initialised to one (the identity):
+
+.. math::
+    k' = l_k \odot k,\qquad v' = l_v \odot v,\qquad
+    \text{MLP}(x) = \big(l_{ff} \odot f(x W_{fc})\big) W_{proj}
+
+GPT-2 computes q, k and v with one fused ``c_attn`` Linear (output 3C), so
+scaling k and v means scaling the last two thirds of that output; the first
+third (q) is multiplied by a constant one. ``scale_queries=True`` scales all
+3C outputs, which is what a library that scales the fused output as a whole
+does (Hugging Face peft; the trainable count then matches its count).
+
+The feed-forward vector scales the *input* of ``mlp.c_proj`` (the MLP's inner
+activation). Both forms fold into the weights, so (IA)^3 merges:
+
+* output scaling: :math:`(xW + b)\odot l = x\,(W \operatorname{diag} l) + b \odot l`;
+* input scaling: :math:`(x \odot l) W = x\,(\operatorname{diag}(l) W)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..autograd import no_grad, ops
+from ..autograd.tensor import Tensor
+from ..nn.module import Parameter
+from .model import register_method
+from .tuner import AdapterParams, MergeableWrapperMethod, Wrapper, find_targets, matches
+
+
+class IA3Linear(Wrapper):
+    """A Linear whose output (or, for feed-forward targets, input) is rescaled."""
+
+    def __init__(self, base_layer):
+        super().__init__(base_layer)
+        self.ia3_l = AdapterParams()
+        self.modes = {}             # adapter -> ("out", n_fixed_ones) or ("in", 0)
+        self.merged_adapter = None
+        self._copies = {}
+
+    def add(self, name: str, config, module_name: str) -> None:
+        W = self.base_layer.weight
+        feedforward = any(matches(module_name, f) for f in config.feedforward_modules)
+        if feedforward:
+            mode, fixed, size = "in", 0, self.in_features
+        else:
+            # fused q,k,v: leave q unscaled in the paper's form
+            fused = module_name.endswith("c_attn") and self.out_features % 3 == 0
+            fixed = self.out_features // 3 if fused and not config.scale_queries else 0
+            mode, size = "out", self.out_features - fixed
+        setattr(self.ia3_l, name, Parameter(np.ones(size, dtype=W.dtype), device=W.device))
+        self.modes[name] = (mode, fixed)
+        self.adapter_names.append(name)
+
+    def remove(self, name: str) -> None:
+        super().remove(name)
+        self.modes.pop(name, None)
+
+    def _full_vector(self, name):
+        """The scaling vector over all features: constant ones for q, then the learned part."""
+        mode, fixed = self.modes[name]
+        l = self.ia3_l._parameters[name]
+        if fixed == 0:
+            return l
+        ones = Tensor(l.xp.ones(fixed, dtype=l.dtype))
+        return ops.concatenate([ones, l], axis=0)                      # (3C,)
+
+    def forward(self, x):
+        name = self.active()
+        if name is None or self.merged_adapter is not None:
+            return self.base_layer(x)
+        mode, _ = self.modes[name]
+        l = self._full_vector(name)
+        if mode == "in":
+            return self.base_layer(x * l)
+        return self.base_layer(x) * l
+
+    def merge(self, name: str, keep_copy: bool = False) -> None:
+        if self.merged_adapter is not None:
+            raise ValueError(f"{self.merged_adapter!r} is already merged into this layer")
+        mode, _ = self.modes[name]
+        with no_grad():
+            l = self._full_vector(name).data
+        W, b = self.base_layer.weight, self.base_layer.bias
+        if keep_copy:
+            self._copies[name] = (W.data.copy(), None if b is None else b.data.copy())
+        if mode == "in":
+            W.data = W.data * l[:, None]                                   # diag(l) W
+        else:
+            W.data = W.data * l[None, :]                                   # W diag(l)
+            if b is not None:
+                b.data = b.data * l
+                b._bump()
+        W._bump()
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        name = self.merged_adapter
+        if name is None:
+            raise ValueError("nothing is merged into this layer")
+        W, b = self.base_layer.weight, self.base_layer.bias
+        if name in self._copies:
+            w0, b0 = self._copies.pop(name)
+            W.data = w0
+            if b0 is not None:
+                b.data = b0
+        else:
+            mode, _ = self.modes[name]
+            with no_grad():
+                l = self._full_vector(name).data
+            if mode == "in":
+                W.data = W.data / l[:, None]
+            else:
+                W.data = W.data / l[None, :]
+                if b is not None:
+                    b.data = b.data / l
+        W._bump()
+        self.merged_adapter = None
+
+
+@register_method("IA3")
+class IA3Method(MergeableWrapperMethod):
+    """(IA)^3 on ``target_modules``; ``feedforward_modules`` are scaled at their input."""
+
+    wrapper_cls = IA3Linear
+
+    def target_names(self, pm):
+        names = find_targets(pm.base_model, self.config.target_modules)
+        ff = set(find_targets(pm.base_model, self.config.feedforward_modules,
+                              "feedforward_modules"))
+        stray = sorted(ff - set(names))
+        if stray:
+            raise ValueError(
+                f"feedforward_modules must be among target_modules; {stray} are not"
+            )
+        return names
+
+    def extra_flops_per_token(self, pm) -> int:
+        """One multiply per scaled feature per token (0 once merged)."""
+        if self.merged:
+            return 0
+        return int(sum(p.size for p in self.named_parameters(pm).values()))

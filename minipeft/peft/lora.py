@@ -1,0 +1,167 @@
+r"""LoRA (reparameterization): a trainable low-rank update beside a frozen weight.
+
+A Linear computes :math:`y = xW + b` with W stored (in, out), as GPT-2 does.
+LoRA freezes W and learns :math:`\Delta W = \frac{\alpha}{r} A B` with
+:math:`A \in \mathbb R^{in \times r}`, :math:`B \in \mathbb R^{r \times out}`,
+:math:`r \ll \min(in, out)`:
+
+.. math::  y = xW + b + \frac{\alpha}{r}\,(x A)\,B
+
+* **Never form AB in the forward pass.** :math:`(xA)B` costs
+  :math:`N r (in + out)` multiply-adds; forming AB first would cost
+  :math:`in \cdot r \cdot out` and an (in, out) temporary.
+* **Identity at initialisation.** A is Kaiming-uniform, B is zero, so
+  :math:`\Delta W = 0` and the wrapped model equals the base bit for bit.
+* **Frozen means not computed.** W's gradient :math:`x^\top g` is never
+  formed; the input x is saved once (for A's gradient), and the matmul with
+  the frozen W saves nothing of its own.
+* **Merging.** :math:`W \leftarrow W + \frac{\alpha}{r}AB` folds the update in,
+  and inference costs what the base costs. Unmerging subtracts it again:
+  :math:`(W + \Delta W) - \Delta W` equals W only within float32 rounding, not
+  bit for bit, unless a copy of W was kept (``keep_copy=True``), which
+  restores it exactly.
+
+DoRA (``use_dora``) splits the merged weight into a direction and a learned
+per-output magnitude m (initialised to the column norms of W):
+
+.. math::  W' = m \odot \frac{W + \frac{\alpha}{r} A B}{\lVert W + \frac{\alpha}{r} A B \rVert_c}
+
+with :math:`\lVert\cdot\rVert_c` the norm of each output column (over the in
+axis). The paper (and Hugging Face peft) treat the norm as a constant in
+backward to save memory; here the norm is differentiated like everything
+else, so its gradients are the true ones and pass the float64 checks. DoRA
+forms :math:`AB` (in, out) because the norm needs the whole column.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+
+from .. import backend
+from ..autograd import no_grad, ops
+from ..nn.module import Parameter
+from .model import register_method
+from .tuner import AdapterParams, MergeableWrapperMethod, Wrapper
+
+
+class LoraLinear(Wrapper):
+    """A Linear with one low-rank branch per adapter name (see the module docstring)."""
+
+    def __init__(self, base_layer):
+        super().__init__(base_layer)
+        self.lora_A = AdapterParams()
+        self.lora_B = AdapterParams()
+        self.lora_magnitude = AdapterParams()   # DoRA only
+        self.configs = {}
+        self.merged_adapter: str | None = None
+        self._copies = {}                # adapter -> W kept at merge (exact unmerge)
+        self._rng = None
+
+    def add(self, name: str, config, module_name: str) -> None:
+        W = self.base_layer.weight
+        fan_in, fan_out = self.in_features, self.out_features
+        rng = np.random.default_rng([config.init_seed, zlib.crc32(module_name.encode())])
+        # Kaiming-uniform as torch's kaiming_uniform_(a=sqrt(5)) on A: U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(fan_in)
+        A = rng.uniform(-bound, bound, size=(fan_in, config.r)).astype(W.dtype)
+        B = np.zeros((config.r, fan_out), dtype=W.dtype)
+        setattr(self.lora_A, name, Parameter(A, device=W.device))
+        setattr(self.lora_B, name, Parameter(B, device=W.device))
+        if config.use_dora:
+            # m starts at W's column norms, so W' = W at initialisation
+            xp = backend.xp(W.data)
+            norm = xp.sqrt((W.data * W.data).sum(axis=0))                # (out,)
+            setattr(self.lora_magnitude, name, Parameter(norm.copy()))
+        self.configs[name] = config
+        self.adapter_names.append(name)
+
+    def remove(self, name: str) -> None:
+        super().remove(name)
+        self.configs.pop(name, None)
+
+    # -- forward ---------------------------------------------------------------
+    def forward(self, x):
+        name = self.active()
+        if name is None or self.merged_adapter is not None:
+            return self.base_layer(x)
+        cfg = self.configs[name]
+        A = self.lora_A._parameters[name]
+        B = self.lora_B._parameters[name]
+        h = self._dropout(x, cfg.lora_dropout)
+        delta = ops.matmul(ops.matmul(h, A), B) * cfg.scaling          # (x A) B, never AB
+        if not cfg.use_dora:
+            return self.base_layer(x) + delta
+        return self._dora(x, delta, A, B, cfg, self.lora_magnitude._parameters[name])
+
+    def _dropout(self, x, p):
+        """Dropout on the LoRA branch only (the base sees the undropped x)."""
+        if p == 0.0 or not self.training:
+            return x
+        if self._rng is None or self._rng.device != x.device:
+            self._rng = backend.Generator(x.device, seed=0)
+        mask = self._rng.random(x.shape, dtype=x.dtype) >= p
+        return ops.dropout(x, p, mask)
+
+    def _dora(self, x, delta, A, B, cfg, m):
+        r"""DoRA: :math:`y = (xW + \Delta)\,\frac{m}{n} + b`, :math:`n = \lVert W + sAB\rVert_c`."""
+        W = self.base_layer.weight
+        Wp = W + ops.matmul(A, B) * cfg.scaling                         # (in, out)
+        n = ops.sqrt(ops.sum(Wp * Wp, axis=0))                          # (out,)
+        y = (ops.matmul(x, W) + delta) * (m / n)
+        b = self.base_layer.bias
+        return y if b is None else y + b
+
+    # -- merging -----------------------------------------------------------------
+    def delta_weight(self, name: str):
+        r""":math:`\Delta W = \frac{\alpha}{r} A B` as an array (in, out)."""
+        cfg = self.configs[name]
+        A = self.lora_A._parameters[name].data
+        B = self.lora_B._parameters[name].data
+        return (A @ B) * cfg.scaling
+
+    def merge(self, name: str, keep_copy: bool = False) -> None:
+        if self.merged_adapter is not None:
+            raise ValueError(f"{self.merged_adapter!r} is already merged into this layer")
+        W = self.base_layer.weight
+        cfg = self.configs[name]
+        with no_grad():
+            if keep_copy or cfg.use_dora:
+                self._copies[name] = W.data.copy()
+            if cfg.use_dora:
+                Wp = W.data + self.delta_weight(name)
+                xp = backend.xp(Wp)
+                n = xp.sqrt((Wp * Wp).sum(axis=0))
+                W.data = Wp * (self.lora_magnitude._parameters[name].data / n)
+            else:
+                W.data += self.delta_weight(name)
+        W._bump()
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        name = self.merged_adapter
+        if name is None:
+            raise ValueError("nothing is merged into this layer")
+        W = self.base_layer.weight
+        if name in self._copies:
+            W.data = self._copies.pop(name)      # exact: the kept copy
+        else:
+            W.data -= self.delta_weight(name)           # within float32 rounding
+        W._bump()
+        self.merged_adapter = None
+
+
+@register_method("LORA")
+class LoraMethod(MergeableWrapperMethod):
+    """LoRA on every Linear that ``config.target_modules`` matches."""
+
+    wrapper_cls = LoraLinear
+
+    def extra_flops_per_token(self, pm) -> int:
+        """FLOPs the unmerged branches add per token: 2 r (in + out) per target (0 once merged)."""
+        if self.merged:
+            return 0
+        r = self.config.r
+        return sum(2 * r * (w.in_features + w.out_features) for _, w in self.wrappers(pm))

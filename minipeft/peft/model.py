@@ -1,0 +1,360 @@
+r"""PeftModel: a frozen base with named adapters, in Hugging Face peft's vocabulary.
+
+``get_peft_model(model, config)`` freezes the base (every method but full
+fine-tuning), injects the method (see :mod:`.tuner`) and returns a
+:class:`PeftModel` that
+
+* trains only what the method says (``requires_grad`` is the single source
+  of truth; the optimizer is given ``model.trainable_parameters()``);
+* reports it: ``print_trainable_parameters()`` prints peft's line;
+* saves and loads only the adapter (``save_pretrained`` / ``from_pretrained``
+  / ``load_adapter``), with a fingerprint of the base that refuses a wrong base;
+* holds several named adapters over one shared base: ``add_adapter``,
+  ``set_adapter``, ``disable_adapter()``; the base is never modified by switching;
+* merges where the maths allows (``merge_adapter``, ``merge_and_unload``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from .. import backend
+from ..nn.module import Module
+from .config import FullFinetuneConfig, PeftConfig, config_from_dict
+from .tuner import Method
+
+#: peft_type -> Method subclass; filled by each method family's module
+METHOD_CLASSES: dict[str, type[Method]] = {}
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def register_method(peft_type: str):
+    def deco(cls):
+        METHOD_CLASSES[peft_type] = cls
+        return cls
+    return deco
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the unwrapped base (``.base_layer`` segments removed)."""
+    return name.replace(".base_layer", "")
+
+
+def fingerprint(model: Module) -> str:
+    """sha256 of the base's parameter names, shapes, dtypes and values.
+
+    Names are taken as in the unwrapped base, so a wrapped model and its
+    base agree. An adapter file stores this; loading onto a base with
+    another fingerprint is refused.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted((base_name(n), p) for n, p in _base_params(model)):
+        arr = np.ascontiguousarray(backend.asnumpy(p.data))
+        h.update(f"{name}|{arr.shape}|{arr.dtype}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _base_params(model: Module):
+    """(name, parameter) of the base's own parameters (adapter parameters excluded)."""
+    from .tuner import Wrapper
+
+    skip = set()
+    for _, m in model.named_modules():
+        if isinstance(m, Wrapper):
+            for holder in m._holders():
+                skip.update(id(p) for p in holder.parameters())
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
+
+
+class PeftModel(Module):
+    """A base model with one or more named adapters (see the module docstring)."""
+
+    def __init__(self, model: Module, config: PeftConfig, adapter_name: str = "default",
+                 **method_kwargs):
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise TypeError("the model is already a PeftModel: use add_adapter() for another adapter")
+        self.base_model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.adapters: dict[str, Method] = {}
+        self.active_adapter: str | None = None
+        self.base_fingerprint = fingerprint(model)
+        if not isinstance(config, FullFinetuneConfig):
+            model.freeze()
+        self.add_adapter(adapter_name, config, **method_kwargs)
+        self.set_adapter(adapter_name)
+
+    @property
+    def config(self):
+        """The base model's config (a GPTConfig)."""
+        return self.base_model.config
+
+    @property
+    def active_method(self) -> Method | None:
+        return None if self.active_adapter is None else self.adapters[self.active_adapter]
+
+    # -- adapters ----------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig, **method_kwargs) -> None:
+        """Inject another adapter (inactive until :meth:`set_adapter`).
+
+        ``method_kwargs`` go to the method (e.g. ``calibration_batch`` for
+        element masks chosen by gradient).
+        """
+        if not isinstance(config, PeftConfig):
+            raise TypeError(f"expected a PEFT config (e.g. LoraConfig), got {type(config).__name__}")
+        if not adapter_name.isidentifier():
+            raise ValueError(
+                f"adapter name {adapter_name!r} must be an identifier (letters, digits, _)"
+            )
+        if adapter_name in self.adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        if isinstance(config, FullFinetuneConfig) and self.adapters or any(
+            isinstance(c, FullFinetuneConfig) for c in self.peft_config.values()
+        ):
+            raise ValueError(
+                "full fine-tuning changes the base itself and cannot share it with other adapters"
+            )
+        if config.peft_type not in METHOD_CLASSES:
+            raise ValueError(f"no method registered for {config.peft_type}")
+        method = METHOD_CLASSES[config.peft_type](config, adapter_name, **method_kwargs)
+        method.inject(self)
+        self.adapters[adapter_name] = method
+        self.peft_config[adapter_name] = config
+        method.deactivate(self)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the adapter that applies and trains."""
+        if adapter_name not in self.adapters:
+            raise ValueError(
+                f"no adapter named {adapter_name!r}; adapters here: {sorted(self.adapters)}"
+            )
+        if self.active_adapter is not None:
+            self.adapters[self.active_adapter].deactivate(self)
+        self.adapters[adapter_name].activate(self)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapters:
+            raise ValueError(f"no adapter named {adapter_name!r}")
+        method = self.adapters[adapter_name]
+        if self.active_adapter == adapter_name:
+            method.deactivate(self)
+            self.active_adapter = None
+        method.remove(self)
+        del self.adapters[adapter_name]
+        del self.peft_config[adapter_name]
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with model.disable_adapter():`` runs the bare base; the adapter returns after."""
+        method = self.active_method
+        if isinstance(getattr(method, "config", None), FullFinetuneConfig):
+            raise ValueError(
+                "full fine-tuning has no adapter to disable: its changes are the base weights"
+            )
+        if method is None:
+            yield
+            return
+        method.deactivate(self)
+        try:
+            yield
+        finally:
+            method.activate(self)
+
+    # -- forward -----------------------------------------------------------
+    def forward(self, idx=None, targets=None, **kwargs):
+        method = self.active_method
+        if method is None:
+            return self.base_model(idx, targets, **kwargs)
+        extra, targets = method.forward_inputs(self, idx, targets)
+        if "inputs_embeds" in extra:
+            idx = None
+        out = self.base_model(idx, targets, **kwargs, **extra)
+        if targets is None:
+            return method.trim_logits(out)
+        logits, loss = out
+        return method.trim_logits(logits), loss
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """Generate with the active adapter applied (soft prompts included)."""
+        method = self.active_method
+        extra = {} if method is None else method.generate_inputs(self, idx)
+        return self.base_model.generate(idx, max_new_tokens, **kwargs, **extra)
+
+    # -- counting ----------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) scalars; a masked parameter counts its selected entries."""
+        trainable = 0
+        for p in self.parameters():
+            if p.requires_grad:
+                trainable += p.size if p.grad_mask is None else int(p.grad_mask.sum())
+        return trainable, self.num_parameters()
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: ``trainable params: 16,384 || all params: 838,400 || trainable%: 1.9542``."""
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    # -- merging -------------------------------------------------------------
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the base weights (LoRA, (IA)^3)."""
+        method = self._require_active("merge")
+        if method.merged:
+            raise ValueError(f"adapter {self.active_adapter!r} is already merged")
+        method.merge(self)
+        method.merged = True
+
+    def unmerge_adapter(self) -> None:
+        method = self._require_active("unmerge")
+        if not method.merged:
+            raise ValueError(f"adapter {self.active_adapter!r} is not merged")
+        method.unmerge(self)
+        method.merged = False
+
+    def merge_and_unload(self) -> Module:
+        """Merge the active adapter, remove every wrapper, and return the plain base."""
+        method = self._require_active("merge")
+        if not method.merged:
+            method.merge(self)
+            method.merged = True
+        return self._unload(keep_values=True)
+
+    def unload(self) -> Module:
+        """Remove every adapter without merging and return the plain base."""
+        return self._unload(keep_values=False)
+
+    def _unload(self, keep_values: bool) -> Module:
+        for name, method in list(self.adapters.items()):
+            if name == self.active_adapter and keep_values:
+                method.detach_keep(self)
+            else:
+                if name == self.active_adapter:
+                    method.deactivate(self)
+                method.remove(self)
+        self.adapters.clear()
+        self.peft_config.clear()
+        self.active_adapter = None
+        base = self.base_model
+        base.freeze()
+        return base
+
+    def _require_active(self, what):
+        if self.active_method is None:
+            raise ValueError(f"no active adapter to {what}")
+        return self.active_method
+
+    # -- files -----------------------------------------------------------------
+    def save_pretrained(self, directory: str, adapter_name: str | None = None) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (only the adapter).
+
+        Each file is written atomically; an existing adapter in ``directory``
+        is replaced only once the new files are complete.
+        """
+        from .. import io
+
+        name = adapter_name or self.active_adapter
+        if name not in self.adapters:
+            raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(self.adapters)}")
+        method = self.adapters[name]
+        io.ensure_writable_dir(directory)
+        state = {k: backend.asnumpy(v) for k, v in method.state_dict(self).items()}
+        meta = {
+            "config": self.peft_config[name].to_dict(),
+            "base_fingerprint": self.base_fingerprint,
+            "base_config": _config_dict(self.base_model),
+            "trainable_count": int(method.trainable_count(self)),
+            "format": "minipeft-adapter-1",
+        }
+        io.save_tensors(state, os.path.join(directory, ADAPTER_WEIGHTS),
+                        metadata={"format": "minipeft-adapter-1"})
+        io.atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), meta)
+
+    def load_adapter(self, directory: str, adapter_name: str = "default",
+                     is_trainable: bool = False) -> None:
+        """Add the adapter saved in ``directory`` under ``adapter_name`` and activate it."""
+        from .. import io
+
+        meta, state = read_adapter(directory)
+        if meta["base_fingerprint"] != self.base_fingerprint:
+            raise ValueError(
+                f"the adapter in {directory} was trained on another base model "
+                f"(fingerprint {meta['base_fingerprint'][:12]}..., this base "
+                f"{self.base_fingerprint[:12]}...): load it onto the base it was made for"
+            )
+        config = config_from_dict(meta["config"])
+        self.add_adapter(adapter_name, config)
+        self.adapters[adapter_name].load_state_dict(self, state)
+        self.set_adapter(adapter_name)
+        if not is_trainable:
+            self.adapters[adapter_name].deactivate_training(self)
+        del io
+
+    @classmethod
+    def from_pretrained(cls, model: Module, directory: str, adapter_name: str = "default",
+                        is_trainable: bool = False) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in ``directory``.
+
+        Refuses (before touching ``model``) an adapter made for another base.
+        """
+        meta, state = read_adapter(directory)
+        fp = fingerprint(model)
+        if meta["base_fingerprint"] != fp:
+            raise ValueError(
+                f"the adapter in {directory} was trained on another base model "
+                f"(fingerprint {meta['base_fingerprint'][:12]}..., this base {fp[:12]}...): "
+                "load it onto the base it was made for"
+            )
+        config = config_from_dict(meta["config"])
+        pm = cls(model, config, adapter_name)
+        pm.adapters[adapter_name].load_state_dict(pm, state)
+        pm.set_adapter(adapter_name)
+        if not is_trainable:
+            pm.adapters[adapter_name].deactivate_training(pm)
+        return pm
+
+
+def read_adapter(directory: str) -> tuple[dict, dict]:
+    """(metadata, arrays) of an adapter folder, with clear errors for what is missing."""
+    from .. import io
+
+    cfg_path = os.path.join(directory, ADAPTER_CONFIG)
+    w_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    for path in (cfg_path, w_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: an adapter folder holds {ADAPTER_CONFIG} and "
+                f"{ADAPTER_WEIGHTS} (written by save_pretrained)"
+            )
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON ({exc})") from None
+    for key in ("config", "base_fingerprint"):
+        if key not in meta:
+            raise ValueError(f"{cfg_path} is not a minipeft adapter config (no {key!r})")
+    state, _ = io.load_tensors(w_path)
+    return meta, state
+
+
+def _config_dict(model) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    import dataclasses
+
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+
+
+def get_peft_model(model: Module, config: PeftConfig, adapter_name: str = "default",
+                   **method_kwargs) -> PeftModel:
+    """Freeze ``model``, add the method ``config`` describes, and return the PeftModel."""
+    return PeftModel(model, config, adapter_name, **method_kwargs)

@@ -1,0 +1,354 @@
+r"""Selective methods: train a chosen subset of the base's own weights.
+
+Nothing is added to the model. What changes is *which* existing parameters
+train, and that is only ``requires_grad`` (and, for element masks, a
+``grad_mask``):
+
+* :class:`FullMethod`: everything (the baseline, through the same entry point);
+* :class:`BitFitMethod`: only bias terms;
+* :class:`LayerSelectMethod`: chosen blocks, components, parameter types;
+* :class:`MaskMethod`: a fraction of the *entries* of chosen weights.
+
+Freezing against masking (the contrast the lessons draw):
+
+* a **frozen** parameter (``requires_grad=False``) has no gradient buffer and
+  its gradient product is never formed: "frozen means not computed";
+* a **masked** parameter's gradient is computed in full and multiplied by a
+  boolean mask, and the optimizer keeps state only for the k selected
+  entries: "masked means computed, then masked". The full-size gradient is
+  still paid for.
+
+Several selective adapters can share one base: the one that is active holds
+its trained values in the base's arrays; switching away stores them and puts
+the base's original values back (a copy of the selected entries is kept for
+that), so switching back and forth is exact.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .. import backend
+from ..autograd import no_grad
+from .model import base_name, register_method
+from .tuner import Method, find_targets
+
+# ---------------------------------------------------------------------------
+# The cost of a mask
+# ---------------------------------------------------------------------------
+
+
+def mask_state_bytes(n: int, k: int, index_bytes: int = 8) -> dict:
+    r"""Bytes that training k of n entries of one weight costs, beside full training.
+
+    With fp32 AdamW, full training of the weight costs a gradient (4n) and two
+    moments (8n). The masked version still computes the full gradient (4n),
+    keeps the moments only for the k selected entries (8k), and must know
+    *which* entries: a boolean mask (1 byte an entry, n) during training and
+    k indices (``index_bytes`` each: 8 for int64, as much as both moments) in
+    the optimizer and the adapter file.
+    """
+    return {
+        "full_gradient": 4 * n,
+        "full_adam_state": 8 * n,
+        "masked_gradient": 4 * n,
+        "masked_adam_state": 8 * k,
+        "bool_mask": n,
+        "indices": index_bytes * k,
+    }
+
+
+def break_even_density(index_bytes: int = 8, bool_mask: bool = True) -> float:
+    r"""Density below which a mask's optimizer state plus its bookkeeping beats full Adam.
+
+    Full Adam state is :math:`8n`. Masked: :math:`8k + b\,k` (moments and
+    indices) plus :math:`n` if a boolean mask is kept too. Setting
+    :math:`d = k/n`, masking saves only while
+
+    .. math:: d < \frac{8 - [\text{mask}]}{8 + b},
+
+    i.e. below 7/16 = 0.4375 with int64 indices and a boolean mask, 1/2
+    with int64 indices alone, 7/12 with int32 indices and a mask.
+    """
+    return (8 - (1 if bool_mask else 0)) / (8 + index_bytes)
+
+
+# ---------------------------------------------------------------------------
+# The shared mechanism
+# ---------------------------------------------------------------------------
+
+
+class SelectiveMethod(Method):
+    """Train chosen base parameters; keep their original values to switch away exactly."""
+
+    #: FullMethod keeps no copy (a second full model); it cannot be switched off
+    keep_originals = True
+
+    def select(self, pm) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _base_params(self, pm) -> dict:
+        return {base_name(n): p for n, p in pm.base_model.named_parameters()}
+
+    def inject(self, pm) -> None:
+        self.names = self.select(pm)
+        if not self.names:
+            raise ValueError(f"{type(self.config).__name__} selected no parameter of this model")
+        params = self._base_params(pm)
+        self.params = {n: params[n] for n in self.names}
+        self.original = ({n: p.data.copy() for n, p in self.params.items()}
+                         if self.keep_originals else None)
+        self.stored = None
+        self.is_active = False
+
+    def named_parameters(self, pm):
+        return dict(self.params)
+
+    def activate(self, pm) -> None:
+        if self.stored is not None:
+            self._write(self.stored)
+            self.stored = None
+        super().activate(pm)
+        self.is_active = True
+
+    def deactivate(self, pm) -> None:
+        super().deactivate(pm)
+        if self.is_active and self.original is not None:
+            self.stored = self._read()
+            self._write(self.original)
+        self.is_active = False
+
+    def _read(self) -> dict:
+        return {n: p.data.copy() for n, p in self.params.items()}
+
+    def _write(self, values: dict) -> None:
+        with no_grad():
+            for n, p in self.params.items():
+                p.data[...] = values[n]
+                p._bump()
+
+    def state_dict(self, pm) -> dict:
+        return self._read() if self.stored is None else dict(self.stored)
+
+    def load_state_dict(self, pm, state) -> None:
+        super().load_state_dict(pm, state)
+        if not self.is_active and self.original is not None:
+            # loaded into an inactive adapter: keep the values aside, base untouched
+            self.stored = self._read()
+            self._write(self.original)
+
+    def remove(self, pm) -> None:
+        self.stored = None
+
+    def detach_keep(self, pm) -> None:
+        # the trained values already live in the base's arrays
+        self.original = None
+        self.stored = None
+
+
+def _blocks_of(name: str):
+    m = re.match(r"h\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _component(name: str) -> str:
+    if name.startswith(("wte.", "wpe.")):
+        return "embeddings"
+    if name.startswith("ln_f."):
+        return "ln_f"
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    if ".ln_1." in name or ".ln_2." in name:
+        return "ln"
+    return "other"
+
+
+@register_method("FULL")
+class FullMethod(SelectiveMethod):
+    """Full fine-tuning: every parameter of the base trains."""
+
+    keep_originals = False
+
+    def select(self, pm):
+        return list(self._base_params(pm))
+
+
+@register_method("BITFIT")
+class BitFitMethod(SelectiveMethod):
+    r"""BitFit: train the bias terms only (:math:`y = xW + b`, only b moves)."""
+
+    def select(self, pm):
+        names = [n for n in self._base_params(pm) if n.endswith(".bias")]
+        if self.config.target_modules is not None:
+            mods = find_targets(pm.base_model, self.config.target_modules)
+            mods = {base_name(m) for m in mods}
+            names = [n for n in names if n.rsplit(".", 1)[0] in mods]
+        return names
+
+
+@register_method("SELECTIVE")
+class LayerSelectMethod(SelectiveMethod):
+    """Train the parameters that pass every filter of a LayerSelectConfig."""
+
+    def select(self, pm):
+        cfg = self.config
+        n_layer = pm.base_model.config.n_layer
+        layers = None
+        if cfg.layers is not None:
+            bad = [i for i in cfg.layers if not -n_layer <= i < n_layer]
+            if bad:
+                raise ValueError(f"layers {bad} out of range for a model with {n_layer} blocks")
+            layers = {i % n_layer for i in cfg.layers}
+        out = []
+        for n in self._base_params(pm):
+            block, comp = _blocks_of(n), _component(n)
+            if layers is not None and (block is None or block not in layers) and not (
+                cfg.components and comp in ("embeddings", "ln_f") and comp in cfg.components
+            ):
+                continue
+            if cfg.components is not None and comp not in cfg.components:
+                continue
+            if cfg.param_types is not None and n.rsplit(".", 1)[-1] not in cfg.param_types:
+                continue
+            if cfg.patterns is not None and not any(re.search(p, n) for p in cfg.patterns):
+                continue
+            out.append(n)
+        return out
+
+
+@register_method("MASK")
+class MaskMethod(SelectiveMethod):
+    r"""Element masks: train k = round(density * n) entries of each chosen weight.
+
+    The selected entries of each weight are stored as flat indices (int32:
+    every weight here has fewer than :math:`2^{31}` entries). While active,
+    each weight carries a boolean ``grad_mask``; the engine multiplies its
+    (fully computed) gradient by it and the optimizer keeps state for the
+    selected entries only.
+    """
+
+    def __init__(self, config, name, calibration_batch=None):
+        super().__init__(config, name)
+        self.calibration_batch = calibration_batch
+
+    def select(self, pm):
+        mods = find_targets(pm.base_model, self.config.target_modules)
+        return [base_name(m) + ".weight" for m in mods]
+
+    def inject(self, pm) -> None:
+        self.names = self.select(pm)
+        params = self._base_params(pm)
+        self.params = {n: params[n] for n in self.names}
+        scores = self._scores(pm)
+        self.indices = {}
+        for n, p in self.params.items():
+            k = max(1, int(round(self.config.density * p.size)))
+            s = scores[n]
+            # the k largest scores (ties broken by position: argsort is stable)
+            idx = np.argsort(-s, kind="stable")[:k]
+            self.indices[n] = np.sort(idx).astype(np.int32)
+        self.original = {n: self._take(p.data, n) for n, p in self.params.items()}
+        self.stored = None
+        self.is_active = False
+
+    def _scores(self, pm) -> dict:
+        """A host score per entry: random, |w|, or |dL/dw| on a calibration batch."""
+        sel = self.config.selection
+        if sel == "random":
+            rng = np.random.default_rng(self.config.seed)
+            return {n: rng.random(p.size) for n, p in self.params.items()}
+        if sel == "magnitude":
+            return {n: np.abs(backend.asnumpy(p.data)).reshape(-1) for n, p in self.params.items()}
+        if self.calibration_batch is None:
+            raise ValueError(
+                "selection='gradient' needs a calibration batch: "
+                "get_peft_model(model, config, calibration_batch=(idx, targets))"
+            )
+        idx, targets = self.calibration_batch
+        flags = {n: p.requires_grad for n, p in self.params.items()}
+        for p in self.params.values():
+            p.requires_grad = True
+            p.grad = None
+        _, loss = pm.base_model(idx, targets)
+        loss.backward()
+        scores = {n: np.abs(backend.asnumpy(p.grad)).reshape(-1) for n, p in self.params.items()}
+        for n, p in self.params.items():
+            p.requires_grad = flags[n]
+            p.grad = None
+        # gradients of other trainable parameters from this pass are not wanted
+        for p in pm.base_model.parameters():
+            p.grad = None
+        return scores
+
+    def _take(self, data, n):
+        flat = data.reshape(-1)
+        return flat[backend.to_device(self.indices[n], backend.device_of(data))].copy()
+
+    def _put(self, data, n, values):
+        flat = data.reshape(-1)
+        flat[backend.to_device(self.indices[n], backend.device_of(data))] = values
+
+    def _read(self):
+        return {n: self._take(p.data, n) for n, p in self.params.items()}
+
+    def _write(self, values):
+        with no_grad():
+            for n, p in self.params.items():
+                self._put(p.data, n, values[n])
+                p._bump()
+
+    def activate(self, pm) -> None:
+        super().activate(pm)
+        for n, p in self.params.items():
+            xp = backend.xp(p.data)
+            mask = xp.zeros(p.size, dtype=bool)
+            mask[backend.to_device(self.indices[n], p.device)] = True
+            p.grad_mask = mask.reshape(p.shape)
+
+    def deactivate(self, pm) -> None:
+        super().deactivate(pm)
+        for p in self.params.values():
+            p.grad_mask = None
+
+    def deactivate_training(self, pm) -> None:
+        super().deactivate_training(pm)
+        for p in self.params.values():
+            p.grad_mask = None
+
+    def trainable_count(self, pm) -> int:
+        return int(sum(len(i) for i in self.indices.values()))
+
+    def state_dict(self, pm) -> dict:
+        values = self._read() if self.stored is None else self.stored
+        out = {}
+        for n in self.names:
+            out[f"{n}.indices"] = self.indices[n]
+            out[f"{n}.values"] = backend.asnumpy(values[n])
+        return out
+
+    def load_state_dict(self, pm, state) -> None:
+        expected = {f"{n}.{k}" for n in self.names for k in ("indices", "values")}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"mask adapter weights do not fit this model: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        was_active = self.is_active
+        if was_active:
+            self.deactivate(pm)
+        for n, p in self.params.items():
+            idx = np.asarray(state[f"{n}.indices"]).astype(np.int32)
+            if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= p.size)):
+                raise ValueError(f"{n}.indices: entries must lie in [0, {p.size})")
+            self.indices[n] = idx
+        self.original = {n: self._take(p.data, n) for n, p in self.params.items()}
+        self.stored = {n: backend.to_device(np.asarray(state[f"{n}.values"]).astype(p.dtype),
+                                            p.device)
+                       for n, p in self.params.items()}
+        if was_active:
+            self.activate(pm)

@@ -1,0 +1,314 @@
+r"""The shared injector: find modules by name pattern, wrap them, and the Method protocol.
+
+Every PEFT method here is added to a frozen base *from outside*: the base
+model's code never mentions LoRA, adapters or prompts. Three mechanisms cover
+all methods:
+
+1. **Wrapping a Linear** (LoRA, bottleneck adapters, (IA)^3): the module at a
+   matching name is replaced by a :class:`Wrapper` that holds the original as
+   ``base_layer`` and adds its own parameters around it. The parameter names
+   follow peft's (``h.0.attn.c_attn.base_layer.weight``,
+   ``h.0.attn.c_attn.lora_A.default``).
+2. **Feeding the base extra inputs** (prompt and prefix tuning): the base
+   GPT accepts ``inputs_embeds`` and a key/value cache, as Hugging Face's GPT-2
+   does; the method builds them from its own parameters.
+3. **Choosing which existing parameters train** (the selective methods): only
+   ``requires_grad`` flags and gradient masks change.
+
+:func:`find_targets` implements peft's ``target_modules`` rule: an entry
+matches a module whose dotted name *equals* it or *ends with* ``"." + entry``,
+so ``c_proj`` matches both ``attn.c_proj`` and ``mlp.c_proj``.
+"""
+
+from __future__ import annotations
+
+from ..nn.module import Module, Parameter
+
+
+def matches(name: str, entry: str) -> bool:
+    """peft's rule: the dotted ``name`` equals ``entry`` or ends with ``"." + entry``."""
+    return name == entry or name.endswith("." + entry)
+
+
+def is_linear_like(module) -> bool:
+    """A Linear, or a wrapper around one (anything with in/out features and a forward)."""
+    return hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def find_targets(model: Module, target_modules, what: str = "target_modules") -> list[str]:
+    """Dotted names of the Linear(-like) modules that ``target_modules`` selects.
+
+    Every entry must match at least one module; otherwise the error lists the
+    Linear modules that do exist, so a typo is easy to fix.
+    """
+    linear = [n for n, m in model.named_modules() if n and is_linear_like(m)
+              and not n.endswith(".base_layer") and ".base_layer." not in n]
+    unmatched = [t for t in target_modules if not any(matches(n, t) for n in linear)]
+    if unmatched:
+        suffixes = sorted({n.split(".", 2)[-1] if n.startswith("h.") else n for n in linear})
+        raise ValueError(
+            f"{what} {unmatched} matched no Linear module. Linear modules here are "
+            f"{linear[:6]}{' ...' if len(linear) > 6 else ''}; within each block: {suffixes}. "
+            "An entry matches a name that equals it or ends with '.' + entry."
+        )
+    return [n for n in linear if any(matches(n, t) for t in target_modules)]
+
+
+def get_parent(model: Module, dotted: str) -> tuple[Module, str]:
+    parent_name, _, child = dotted.rpartition(".")
+    return model.get_submodule(parent_name), child
+
+
+def replace_module(model: Module, dotted: str, new: Module) -> None:
+    parent, child = get_parent(model, dotted)
+    setattr(parent, child, new)
+
+
+class Wrapper(Module):
+    """A module that stands where a Linear stood, holding it as ``base_layer``.
+
+    Subclasses keep one set of parameters per adapter name and apply the
+    active one (``active_adapter``), or none while ``disabled``. Several
+    adapters of one method can live in one wrapper; switching between them
+    never touches ``base_layer``.
+    """
+
+    def __init__(self, base_layer: Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.adapter_names: list[str] = []
+
+    def active(self) -> str | None:
+        """The adapter to apply now, or None (disabled, or none set)."""
+        return None if self.disabled else self.active_adapter
+
+    def add(self, name: str, config) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        """Drop one adapter's parameters from this wrapper."""
+        for holder in self._holders():
+            if name in holder._parameters:
+                delattr(holder, name)
+        if name in self.adapter_names:
+            self.adapter_names.remove(name)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def _holders(self) -> list[Module]:
+        """Child modules that keep per-adapter parameters by adapter name."""
+        return [m for n, m in self._modules.items() if n != "base_layer"]
+
+    def adapter_parameters(self, name: str) -> dict[str, Parameter]:
+        """This adapter's parameters keyed by ``holder`` (e.g. ``lora_A``)."""
+        out = {}
+        for hname, holder in self._modules.items():
+            if hname != "base_layer" and name in holder._parameters:
+                out[hname] = holder._parameters[name]
+        return out
+
+    def extra_repr(self):
+        return f"adapters={self.adapter_names}, active={self.active_adapter!r}"
+
+
+class AdapterParams(Module):
+    """A holder of parameters keyed by adapter name (``lora_A.default``)."""
+
+
+class Method:
+    """One adapter of one method on a :class:`~minipeft.peft.model.PeftModel`.
+
+    The PeftModel calls these hooks; each method family implements them:
+
+    * :meth:`inject`: add this adapter to the base (wrap modules, make
+      parameters, pick which base parameters train);
+    * :meth:`named_parameters`: the adapter's trainable parameters, under
+      the names its file stores;
+    * :meth:`activate` / :meth:`deactivate`: make it the one that applies
+      and trains, or stop it (switching adapters, ``disable_adapter``);
+    * :meth:`forward_inputs`: extra inputs for the base forward (soft
+      prompts); :meth:`merge` / :meth:`unmerge` where the maths allows;
+    * :meth:`state_dict` / :meth:`load_state_dict`: what the adapter file holds.
+    """
+
+    mergeable = False
+    #: virtual tokens prepended by this method (prompt tuning) or cached (prefix)
+    num_virtual_tokens = 0
+
+    def __init__(self, config, name: str):
+        self.config = config
+        self.name = name
+        self.merged = False
+
+    # -- lifecycle ---------------------------------------------------------
+    def inject(self, pm) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def remove(self, pm) -> None:
+        """Take this adapter out of the base (used by ``delete_adapter`` and ``unload``)."""
+
+    def named_parameters(self, pm) -> dict[str, Parameter]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def activate(self, pm) -> None:
+        for p in self.named_parameters(pm).values():
+            p.requires_grad = True
+
+    def deactivate(self, pm) -> None:
+        for p in self.named_parameters(pm).values():
+            p.requires_grad = False
+            p.grad = None
+
+    def deactivate_training(self, pm) -> None:
+        """Keep applying the adapter but stop training it (inference after loading)."""
+        for p in self.named_parameters(pm).values():
+            p.requires_grad = False
+            p.grad = None
+
+    def detach_keep(self, pm) -> None:
+        """Leave the base holding this adapter's effect (merged weights) and drop the rest."""
+        self.remove(pm)
+
+    # -- forward ---------------------------------------------------------------
+    def forward_inputs(self, pm, idx, targets):
+        """Keyword arguments for the base forward and the targets to use (default: none)."""
+        return {}, targets
+
+    def trim_logits(self, logits):
+        return logits
+
+    def generate_inputs(self, pm, idx) -> dict:
+        """Keyword arguments for the base's ``generate`` (soft prompts; default none)."""
+        return {}
+
+    # -- merging -----------------------------------------------------------------
+    def merge(self, pm) -> None:
+        raise ValueError(
+            f"{type(self.config).__name__} cannot be merged into the base weights: "
+            "only LoRA and (IA)^3 change weights in a mergeable way"
+        )
+
+    def unmerge(self, pm) -> None:
+        self.merge(pm)
+
+    # -- files ---------------------------------------------------------------------
+    def state_dict(self, pm) -> dict:
+        """Arrays the adapter file stores (default: the trainable parameters)."""
+        return {k: p.data for k, p in self.named_parameters(pm).items()}
+
+    def load_state_dict(self, pm, state: dict) -> None:
+        from .. import backend
+
+        own = self.named_parameters(pm)
+        _check_names_shapes(type(self.config).__name__, own, state)
+        for k, p in own.items():
+            p.data = backend.to_device(backend.asnumpy(state[k]).astype(p.dtype), p.device)
+            p._bump()
+
+    def trainable_count(self, pm) -> int:
+        return sum(p.size for p in self.named_parameters(pm).values())
+
+
+def _check_names_shapes(what, own: dict, state: dict) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped entry."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected}")
+    if shapes:
+        problems.append("shape mismatch " + "; ".join(shapes))
+    if problems:
+        raise ValueError(f"{what} adapter weights do not fit this model: " + " | ".join(problems))
+
+
+class WrapperMethod(Method):
+    """A method that wraps every target Linear in a :class:`Wrapper` subclass.
+
+    Subclasses set ``wrapper_cls``; one wrapper per target module serves every
+    adapter of that method, keyed by adapter name.
+    """
+
+    wrapper_cls: type[Wrapper] = Wrapper
+
+    def target_names(self, pm) -> list[str]:
+        return find_targets(pm.base_model, self.config.target_modules)
+
+    def inject(self, pm) -> None:
+        base = pm.base_model
+        self.targets = self.target_names(pm)
+        for name in self.targets:
+            module = base.get_submodule(name)
+            if not isinstance(module, self.wrapper_cls):
+                module = self.wrapper_cls(module)
+                replace_module(base, name, module)
+            module.add(self.name, self.config, name)
+
+    def wrappers(self, pm) -> list[tuple[str, Wrapper]]:
+        return [(n, pm.base_model.get_submodule(n)) for n in self.targets]
+
+    def named_parameters(self, pm):
+        out = {}
+        for n, w in self.wrappers(pm):
+            for holder, p in w.adapter_parameters(self.name).items():
+                out[f"{n}.{holder}"] = p
+        return out
+
+    def activate(self, pm) -> None:
+        for _, w in self.wrappers(pm):
+            w.active_adapter = self.name
+        super().activate(pm)
+
+    def deactivate(self, pm) -> None:
+        for _, w in self.wrappers(pm):
+            if w.active_adapter == self.name:
+                w.active_adapter = None
+        super().deactivate(pm)
+
+    def remove(self, pm) -> None:
+        for n, w in self.wrappers(pm):
+            w.remove(self.name)
+            if not w.adapter_names:
+                replace_module(pm.base_model, n, w.base_layer)
+
+
+class MergeableWrapperMethod(WrapperMethod):
+    """A wrapper method whose update folds into the base weights (LoRA, (IA)^3).
+
+    Its wrappers implement ``merge(name, keep_copy)`` and ``unmerge()`` and
+    keep ``merged_adapter`` and, when asked, ``_copies`` of the weights they
+    changed (so unmerge can restore them exactly).
+    """
+
+    mergeable = True
+    #: keep a copy of each changed weight at merge so unmerge restores it bit for bit
+    keep_copy = False
+
+    def merge(self, pm) -> None:
+        for _, w in self.wrappers(pm):
+            w.merge(self.name, keep_copy=self.keep_copy)
+
+    def unmerge(self, pm) -> None:
+        for _, w in self.wrappers(pm):
+            w.unmerge()
+
+    def remove(self, pm) -> None:
+        for _, w in self.wrappers(pm):
+            if w.merged_adapter == self.name:
+                w.unmerge()
+        super().remove(pm)
+
+    def detach_keep(self, pm) -> None:
+        # the merged weights stay in base_layer; drop the wrappers around them
+        for _, w in self.wrappers(pm):
+            w.merged_adapter = None
+            w._copies.clear()
+        super().remove(pm)
