@@ -1,0 +1,12 @@
+r"""Data: the tokenizer, the synthetic pretraining corpus and the downstream tasks.
+
+Sits beside training in the layers and imports nothing from the model: text
+in, NumPy int64 arrays out. ``tokenizer`` maps the 96 reference characters to
+ids; ``corpus`` writes the small world the base model learns, its bigram
+baseline and the language-model batchers; ``tasks`` holds the downstream tasks
+that fine-tuning is measured on.
+"""
+
+from .tokenizer import IGNORE_INDEX, VOCAB, CharTokenizer
+
+__all__ = ["IGNORE_INDEX", "VOCAB", "CharTokenizer"]
