@@ -7,6 +7,26 @@ baseline and the language-model batchers; ``tasks`` holds the downstream tasks
 that fine-tuning is measured on.
 """
 
+from .corpus import (
+    TRAIN_FINGERPRINT,
+    bigram_cross_entropy,
+    fingerprint,
+    generate_corpus,
+    lm_batches,
+    lm_windows,
+    pretraining_text,
+)
 from .tokenizer import IGNORE_INDEX, VOCAB, CharTokenizer
 
-__all__ = ["IGNORE_INDEX", "VOCAB", "CharTokenizer"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TRAIN_FINGERPRINT",
+    "VOCAB",
+    "CharTokenizer",
+    "bigram_cross_entropy",
+    "fingerprint",
+    "generate_corpus",
+    "lm_batches",
+    "lm_windows",
+    "pretraining_text",
+]
