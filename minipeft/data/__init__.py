@@ -16,16 +16,24 @@ from .corpus import (
     lm_windows,
     pretraining_text,
 )
+from .tasks import DEFAULT_TASK, MAX_EXAMPLE_CHARS, TASKS, TERMINATOR, Example, Task, get_task
 from .tokenizer import IGNORE_INDEX, VOCAB, CharTokenizer
 
 __all__ = [
+    "DEFAULT_TASK",
     "IGNORE_INDEX",
+    "MAX_EXAMPLE_CHARS",
+    "TASKS",
+    "TERMINATOR",
     "TRAIN_FINGERPRINT",
     "VOCAB",
     "CharTokenizer",
+    "Example",
+    "Task",
     "bigram_cross_entropy",
     "fingerprint",
     "generate_corpus",
+    "get_task",
     "lm_batches",
     "lm_windows",
     "pretraining_text",
