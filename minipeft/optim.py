@@ -152,15 +152,22 @@ class Optimizer:
     parameter the arrays include ``"index"``, the flat positions of the k
     selected entries, and every other array has length k.
 
-    Subclasses define :meth:`_new_state`
-    (allocate the arrays for values of a given shape) and :meth:`_update`
-    (change the values ``w`` given gradient ``g``, both arrays of that shape,
-    in place).
+    ``index_dtype`` is the integer type of that index: ``"int64"`` (the
+    default, 8 bytes an entry, NumPy's native index type, so indexing with it
+    needs no conversion) or ``"int32"`` (4 bytes an entry; NumPy converts it to
+    int64 on every gather, a transient copy, but the state is smaller).
+
+    Subclasses define :meth:`_new_state` (allocate the arrays for values of a
+    given shape) and :meth:`_update` (change the values ``w`` given gradient
+    ``g``, both arrays of that shape, in place).
     """
 
-    def __init__(self, params, lr: float, weight_decay: float):
+    def __init__(self, params, lr: float, weight_decay: float, index_dtype: str = "int64"):
         if lr < 0:
             raise ValueError(f"learning rate must be >= 0, got {lr}")
+        if index_dtype not in ("int32", "int64"):
+            raise ValueError(f"index_dtype must be 'int32' or 'int64', got {index_dtype!r}")
+        self.index_dtype = index_dtype
         self.lr = float(lr)
         self.param_groups = _build_groups(params, weight_decay)
         self.state: dict[int, dict] = {}
@@ -227,9 +234,10 @@ class Optimizer:
             if not p.data.flags.c_contiguous:
                 # reshape(-1) must be a view for the in-place scatter; make it so once.
                 p.data = xp.ascontiguousarray(p.data)
-            # Flat positions of the selected entries: int32 (4 bytes each) when
-            # the parameter has fewer than 2**31 entries, int64 otherwise.
-            index_dtype = xp.int32 if p.size < 2**31 else xp.int64
+            # Flat positions of the selected entries, in index_dtype.
+            if self.index_dtype == "int32" and p.size >= 2**31:
+                raise ValueError(f"a parameter of {p.size} entries needs index_dtype='int64'")
+            index_dtype = getattr(xp, self.index_dtype)
             state["index"] = xp.flatnonzero(mask.reshape(-1)).astype(index_dtype)   # (k,)
             shape = (int(state["index"].size),)  # masked: moments of length k
         state.update(self._new_state(xp, shape, p.dtype))
@@ -273,11 +281,15 @@ class Optimizer:
 
         Counted: the moments (AdamW: two arrays; SGD with momentum: one) and,
         for a masked parameter, the index of its k selected entries. For AdamW
-        in float32 that is 8 bytes per trained entry, plus 4 bytes per entry
-        of a masked parameter for its int32 index (8 if the parameter has
-        2**31 entries or more):
+        in float32 that is 8 bytes per trained entry, plus, for a masked
+        parameter, 8 bytes per selected entry for its int64 index (4 with
+        ``index_dtype="int32"``):
 
-        .. math::  \text{dense: } 8n \qquad \text{masked: } (8 + 4)\,k
+        .. math::  \text{dense: } 8n \qquad \text{masked: } (8 + 8)\,k
+                   \ \text{or}\ (8 + 4)\,k
+
+        With int64 indices the index costs as much as both moments, so a mask
+        saves state only below half density.
 
         Not counted: the per-parameter step counter, a Python int, which is
         not array memory.
@@ -320,10 +332,11 @@ class SGD(Optimizer):
     one buffer per trained entry (4 bytes in float32).
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 *, index_dtype: str = "int64"):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, lr, weight_decay)
+        super().__init__(params, lr, weight_decay, index_dtype)
         self.momentum = float(momentum)
 
     def _new_state(self, xp, shape, dtype):
@@ -381,13 +394,14 @@ class AdamW(Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01):
+                 eps: float = 1e-8, weight_decay: float = 0.01, *,
+                 index_dtype: str = "int64"):
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        super().__init__(params, lr, weight_decay)
+        super().__init__(params, lr, weight_decay, index_dtype)
         self.betas = (float(b1), float(b2))
         self.eps = float(eps)
 

@@ -254,15 +254,16 @@ def _masked_param(device, dtype=np.float32):
     return p, mask
 
 
+@pytest.mark.parametrize("index_dtype", ["int64", "int32"])
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_masked_parameter_keeps_k_sized_state_and_untouched_rest(device, kind):
+def test_masked_parameter_keeps_k_sized_state_and_untouched_rest(device, kind, index_dtype):
     p, mask = _masked_param(device)
     k = int(mask.sum())
     before = host(p.data)
     if kind == "adamw":
-        opt = AdamW([p], lr=0.05, weight_decay=0.1)
+        opt = AdamW([p], lr=0.05, weight_decay=0.1, index_dtype=index_dtype)
     else:
-        opt = SGD([p], lr=0.05, momentum=0.9, weight_decay=0.1)
+        opt = SGD([p], lr=0.05, momentum=0.9, weight_decay=0.1, index_dtype=index_dtype)
     for _ in range(5):
         opt.zero_grad()
         quadratic_backward([p])
@@ -274,16 +275,18 @@ def test_masked_parameter_keeps_k_sized_state_and_untouched_rest(device, kind):
     assert np.all(after[mask] != before[mask])
     assert after.dtype == np.float32
 
-    # State: the flat index of the k entries (int32) and k-sized moments.
+    # State: the flat index of the k entries and k-sized moments.
     state = opt.state_of(p)
     np.testing.assert_array_equal(host(state["index"]), np.flatnonzero(mask))
-    assert state["index"].dtype == np.int32
+    assert state["index"].dtype == np.dtype(index_dtype)
     moments = ["m", "v"] if kind == "adamw" else ["momentum_buffer"]
     for key in moments:
         assert state[key].shape == (k,)
         assert state[key].dtype == np.float32
-    # Documented cost: 4 bytes per moment entry (float32) + 4 per index entry (int32).
-    assert opt.state_bytes() == k * (4 * len(moments) + 4)
+    # Documented cost: 4 bytes per moment entry (float32) + 8 per index entry
+    # (int64), or 4 (int32).
+    index_bytes = 8 if index_dtype == "int64" else 4
+    assert opt.state_bytes() == k * (4 * len(moments) + index_bytes)
 
 
 def test_masked_entries_follow_dense_adamw_exactly(device):
@@ -410,6 +413,8 @@ def test_bad_parameter_lists_are_refused_clearly():
         AdamW([{"params": [p], "lr": 0.1}])
     with pytest.raises(TypeError, match="Parameters or"):
         SGD([np.ones(2)], lr=0.1)
+    with pytest.raises(ValueError, match="index_dtype"):
+        AdamW([p], index_dtype="int16")
     with pytest.raises(ValueError, match="momentum"):
         SGD([p], lr=0.1, momentum=1.0)
     # A Module stands for its named parameters.
