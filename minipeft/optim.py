@@ -212,6 +212,9 @@ class Optimizer:
                         # arrays, update them, scatter them back. The flat view
                         # shares memory with p.data, so the write is in place.
                         idx = state["index"]
+                        if not p.data.flags.c_contiguous:
+                            # reshape(-1) must be a view for the write to land in p.data
+                            p.data = backend.xp(p.data).ascontiguousarray(p.data)
                         flat = p.data.reshape(-1)                   # (n,) view
                         w = flat[idx]                               # (k,) copy
                         self._update(w, p.grad.reshape(-1)[idx], state, wd)
@@ -231,9 +234,6 @@ class Optimizer:
                 raise ValueError(
                     f"grad_mask of shape {tuple(mask.shape)} for a parameter of shape {p.shape}"
                 )
-            if not p.data.flags.c_contiguous:
-                # reshape(-1) must be a view for the in-place scatter; make it so once.
-                p.data = xp.ascontiguousarray(p.data)
             # Flat positions of the selected entries, in index_dtype.
             if self.index_dtype == "int32" and p.size >= 2**31:
                 raise ValueError(f"a parameter of {p.size} entries needs index_dtype='int64'")

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from . import backend
 from .autograd.function import no_grad
+from .autograd.tensor import Tensor
 from .nn.module import Module
 from .optim import Optimizer, clip_grad_norm_
 
@@ -109,7 +110,7 @@ class History:
 
 def _to_device(a, device: str):
     """A batch array on the model's device (host NumPy in; Tensors pass through)."""
-    if hasattr(a, "requires_grad"):  # already a Tensor
+    if isinstance(a, Tensor):
         return a
     return backend.to_device(a, device)
 

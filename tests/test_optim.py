@@ -437,3 +437,16 @@ def test_state_moves_with_optimizer_to(device):
     opt.to(device)
     opt.step()
     assert all(backend.device_of(opt.state_of(p)["m"]) == device for p in model.parameters())
+
+
+def test_masked_update_lands_in_a_non_contiguous_parameter(device):
+    # A transposed (non-contiguous) array: reshape(-1) would be a copy, so the
+    # optimizer must first make the data contiguous, or its writes would be lost.
+    p, mask = _masked_param(device)
+    p.data = p.data.T                                              # (7, 6), a view
+    p.grad_mask = backend.to_device(mask.T, device)
+    before = host(p.data)
+    opt = SGD([p], lr=0.5)
+    set_grad(p, np.ones((7, 6)))
+    opt.step()
+    np.testing.assert_array_equal(host(p.data), np.where(mask.T, before - 0.5, before))
