@@ -8,7 +8,7 @@ r"""Parameter-efficient fine-tuning, one family a file, around a frozen base.
 * :mod:`.adapters`, :mod:`.soft_prompts`, :mod:`.ia3`: the additive methods.
 """
 
-from . import adapters, ia3, lora, selective  # noqa: F401  (register the methods)
+from . import adapters, ia3, lora, selective, soft_prompts  # noqa: F401  (register the methods)
 from .config import (
     METHODS,
     AdapterConfig,

@@ -254,14 +254,15 @@ class AdapterConfig(PeftConfig):
 class PromptTuningConfig(PeftConfig):
     """Prompt tuning: P trainable virtual-token embeddings prepended to the input.
 
-    ``prompt_tuning_init``: ``RANDOM`` (rows of the vocabulary embedding
-    drawn at random, peft's default), ``TEXT`` (the embeddings of
-    ``prompt_tuning_init_text``, repeated to length P) or ``NORMAL``
-    (N(0, 0.02)). Real tokens take positions P..P+T-1.
+    ``prompt_tuning_init``: ``VOCAB`` (rows of the token embedding ``wte``
+    at randomly drawn token ids), ``TEXT`` (the embeddings of
+    ``prompt_tuning_init_text``, repeated to length P) or ``RANDOM``
+    (N(0, 0.02^2), the scale of GPT-2's embeddings). Real tokens take
+    positions P..P+T-1, so P + T may not exceed ``n_positions``.
     """
 
     num_virtual_tokens: int = 20
-    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init: str = "VOCAB"
     prompt_tuning_init_text: str | None = None
     init_seed: int = 0
     peft_type: ClassVar[str] = "PROMPT_TUNING"
@@ -272,9 +273,9 @@ class PromptTuningConfig(PeftConfig):
             raise ValueError(
                 f"num_virtual_tokens must be a non-negative integer, got {self.num_virtual_tokens!r}"
             )
-        if self.prompt_tuning_init not in ("RANDOM", "TEXT", "NORMAL"):
+        if self.prompt_tuning_init not in ("VOCAB", "TEXT", "RANDOM"):
             raise ValueError(
-                "prompt_tuning_init must be 'RANDOM', 'TEXT' or 'NORMAL', "
+                "prompt_tuning_init must be 'VOCAB', 'TEXT' or 'RANDOM', "
                 f"got {self.prompt_tuning_init!r}"
             )
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:

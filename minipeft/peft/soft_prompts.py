@@ -1,0 +1,235 @@
+r"""Soft prompts (additive): prompt tuning and prefix tuning.
+
+Neither method touches a weight of the base. Both add P *virtual tokens*
+that exist only as vectors:
+
+* **prompt tuning** (Lester et al.) learns P input embeddings
+  :math:`E \in \mathbb R^{P\times C}` and prepends them to the embedded
+  input: the base sees ``[E; wte(idx)]`` (P + T positions), through
+  ``inputs_embeds``. P·C parameters (2,560 for P = 20, C = 128).
+* **prefix tuning** (Li and Liang) learns, for every layer, P keys and P
+  values that every real token can attend to, through the base's key/value
+  cache (``kv_cache``). P·n_layer·2·C parameters (20,480 here), optionally
+  produced during training by a small MLP from P embeddings (the
+  reparameterisation that stabilises training); only the produced prefixes
+  are saved.
+
+Positions follow Hugging Face peft: the real tokens take positions
+P .. P+T-1, so P + T may not exceed ``n_positions``; the loss covers the real
+tokens only.
+
+What they cost: they train very few parameters, but the gradient still has
+to flow back through *every* layer to reach the first positions (prompt
+tuning) or each layer's attention (prefix tuning), so activations are saved
+almost as in full fine-tuning; and every forward pass, at inference too,
+attends over P more positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..autograd import no_grad, ops
+from ..data.tokenizer import IGNORE_INDEX, CharTokenizer
+from ..nn.gpt import KVCache
+from ..nn.module import Module, Parameter
+from .model import register_method
+from .tuner import AdapterParams, Method
+
+
+def _holder(pm) -> Module:
+    """The PeftModel's ``prompt_encoder`` holder (one child per adapter name)."""
+    if "prompt_encoder" not in pm._modules:
+        pm.prompt_encoder = AdapterParams()
+    return pm.prompt_encoder
+
+
+class PromptEncoder(Module):
+    r"""The trainable part of a soft prompt: P vectors, optionally through an MLP.
+
+    ``embedding`` is (P, D) with D = C (prompt tuning, prefix tuning without
+    projection: D = n_layer·2·C). With a projection, ``embedding`` is (P, C)
+    and the output is :math:`\tanh(E W_1 + b_1) W_2 + b_2` of width
+    n_layer·2·C.
+    """
+
+    def __init__(self, embedding: np.ndarray, projection=None, device="cpu"):
+        super().__init__()
+        self.embedding = Parameter(embedding, device=device)
+        if projection is not None:
+            w1, b1, w2, b2 = projection
+            self.mlp_w1 = Parameter(w1, device=device)
+            self.mlp_b1 = Parameter(b1, device=device)
+            self.mlp_w2 = Parameter(w2, device=device)
+            self.mlp_b2 = Parameter(b2, device=device)
+        self.has_projection = projection is not None
+
+    def forward(self):
+        if not self.has_projection:
+            return self.embedding
+        h = ops.tanh(ops.matmul(self.embedding, self.mlp_w1) + self.mlp_b1)   # (P, hidden)
+        return ops.matmul(h, self.mlp_w2) + self.mlp_b2                        # (P, L*2*C)
+
+
+class _SoftPromptMethod(Method):
+    """Shared parts: the encoder lives on the PeftModel, keyed by adapter name."""
+
+    def encoder(self, pm) -> PromptEncoder:
+        return _holder(pm)._modules[self.name]
+
+    def named_parameters(self, pm):
+        return {n: p for n, p in self.encoder(pm).named_parameters()}
+
+    def remove(self, pm) -> None:
+        holder = _holder(pm)
+        if self.name in holder._modules:
+            delattr(holder, self.name)
+
+    def detach_keep(self, pm) -> None:
+        self.remove(pm)
+
+    def _check_fits(self, pm, T):
+        P, n = self.num_virtual_tokens, pm.config.n_positions
+        if P + T > n:
+            raise ValueError(
+                f"{P} virtual tokens + {T} real tokens = {P + T} positions exceed "
+                f"n_positions={n}: shorten the input or use fewer virtual tokens"
+            )
+
+
+@register_method("PROMPT_TUNING")
+class PromptTuningMethod(_SoftPromptMethod):
+    """Prompt tuning: P trainable embeddings prepended to the input."""
+
+    def inject(self, pm) -> None:
+        cfg, base = self.config, pm.base_model
+        P = self.num_virtual_tokens = cfg.num_virtual_tokens
+        self._check_fits(pm, 1)
+        wte = backend.asnumpy(base.wte.weight.data)                          # (V, C)
+        rng = np.random.default_rng(cfg.init_seed)
+        if cfg.prompt_tuning_init == "VOCAB":
+            emb = wte[rng.integers(0, wte.shape[0], size=P)]
+        elif cfg.prompt_tuning_init == "TEXT":
+            ids = CharTokenizer().encode(cfg.prompt_tuning_init_text)
+            emb = wte[np.resize(ids, P)] if P else wte[:0]                   # repeat to length P
+        else:
+            emb = rng.normal(0.0, 0.02, size=(P, wte.shape[1]))
+        setattr(_holder(pm), self.name,
+                PromptEncoder(emb.astype(wte.dtype).copy(), device=base.device))
+
+    def named_parameters(self, pm):
+        return {"prompt_embeddings": self.encoder(pm).embedding}
+
+    def forward_inputs(self, pm, idx, targets):
+        P = self.num_virtual_tokens
+        if P == 0:
+            return {}, targets
+        base = pm.base_model
+        ids = base._token_ids(idx)
+        B, T = ids.shape
+        self._check_fits(pm, T)
+        prompt = self.encoder(pm).embedding                                  # (P, C)
+        virtual = ops.broadcast_to(ops.reshape(prompt, (1, P, prompt.shape[1])),
+                                   (B, P, prompt.shape[1]))                  # (B, P, C)
+        embeds = ops.concatenate([virtual, base.wte(ids)], axis=1)           # (B, P+T, C)
+        if targets is not None:
+            t = backend.asnumpy(targets.data if hasattr(targets, "data") else targets)
+            pad = np.full((B, P), IGNORE_INDEX, dtype=np.int64)
+            targets = np.concatenate([pad, t.astype(np.int64)], axis=1)     # (B, P+T)
+        return {"inputs_embeds": embeds}, targets
+
+    def trim_logits(self, logits):
+        P = self.num_virtual_tokens
+        return logits if P == 0 else logits[:, P:, :]                        # (B, T, V)
+
+    def generate_inputs(self, pm, idx):
+        P = self.num_virtual_tokens
+        if P == 0:
+            return {}
+        e = self.encoder(pm).embedding
+        return {"prompt_embeds": ops.reshape(e, (1, P, e.shape[1]))}        # (1, P, C)
+
+
+@register_method("PREFIX_TUNING")
+class PrefixTuningMethod(_SoftPromptMethod):
+    """Prefix tuning: P trainable keys and values in every layer's attention."""
+
+    def inject(self, pm) -> None:
+        cfg, base = self.config, pm.base_model
+        gc = base.config
+        P = self.num_virtual_tokens = cfg.num_virtual_tokens
+        self._check_fits(pm, 1)
+        width = gc.n_layer * 2 * gc.n_embd
+        dtype = base.dtype
+        rng = np.random.default_rng(cfg.init_seed)
+        if cfg.prefix_projection:
+            # Li and Liang's reparameterisation: prefixes = MLP(E), E (P, C)
+            C, H = gc.n_embd, cfg.encoder_hidden_size
+            emb = rng.normal(0.0, 0.02, (P, C))
+            proj = (rng.uniform(-1, 1, (C, H)) / np.sqrt(C), np.zeros(H),
+                    rng.uniform(-1, 1, (H, width)) / np.sqrt(H), np.zeros(width))
+            proj = tuple(a.astype(dtype) for a in proj)
+        else:
+            emb, proj = rng.normal(0.0, 0.02, (P, width)), None
+        setattr(_holder(pm), self.name,
+                PromptEncoder(emb.astype(dtype), proj, device=base.device))
+
+    def prefixes(self, pm):
+        """The (P, n_layer*2*C) prefix matrix (through the MLP when there is one)."""
+        return self.encoder(pm)()
+
+    def cache(self, pm) -> KVCache:
+        r"""A read-only KVCache: layer l's keys and values from the prefix matrix.
+
+        The layout is Hugging Face's: (P, L·2·C) viewed as (P, 2L, nh, hs),
+        permuted to (2L, nh, P, hs); layer l takes entries 2l (keys) and
+        2l+1 (values).
+        """
+        gc = pm.config
+        P, L, nh = self.num_virtual_tokens, gc.n_layer, gc.n_head
+        hs = gc.n_embd // nh
+        x = ops.reshape(self.prefixes(pm), (P, 2 * L, nh, hs))                # (P, 2L, nh, hs)
+        x = ops.permute(x, (1, 2, 0, 3))                                      # (2L, nh, P, hs)
+        pairs = []
+        for layer in range(L):
+            k = ops.reshape(x[2 * layer], (1, nh, P, hs))                     # (1, nh, P, hs)
+            v = ops.reshape(x[2 * layer + 1], (1, nh, P, hs))                 # (1, nh, P, hs)
+            pairs.append((k, v))
+        return KVCache.from_prefix(pairs, append=False)
+
+    def forward_inputs(self, pm, idx, targets):
+        if self.num_virtual_tokens == 0:
+            return {}, targets
+        T = np.shape(idx)[-1] if idx is not None else 0
+        self._check_fits(pm, T)
+        return {"kv_cache": self.cache(pm)}, targets
+
+    def generate_inputs(self, pm, idx):
+        if self.num_virtual_tokens == 0:
+            return {}
+        with no_grad():
+            return {"kv_cache": self.cache(pm)}
+
+    def state_dict(self, pm) -> dict:
+        # peft's format: the prefixes themselves, not the MLP that made them
+        with no_grad():
+            return {"prompt_embeddings": self.prefixes(pm).data}
+
+    def trainable_count(self, pm) -> int:
+        gc = pm.config
+        return self.num_virtual_tokens * gc.n_layer * 2 * gc.n_embd
+
+    def load_state_dict(self, pm, state) -> None:
+        gc = pm.config
+        want = (self.num_virtual_tokens, gc.n_layer * 2 * gc.n_embd)
+        got = tuple(state["prompt_embeddings"].shape) if "prompt_embeddings" in state else None
+        if got != want or len(state) != 1:
+            raise ValueError(
+                f"prefix tuning weights do not fit this model: expected one array "
+                f"'prompt_embeddings' of shape {want}, got {sorted(state)} {got}"
+            )
+        # a loaded prefix replaces the MLP: the prefixes are what was saved
+        dev, dtype = pm.base_model.device, pm.base_model.dtype
+        setattr(_holder(pm), self.name,
+                PromptEncoder(np.asarray(state["prompt_embeddings"]).astype(dtype), device=dev))
