@@ -9,7 +9,8 @@ ops, gradient checks) -> ``nn`` (modules, the GPT) -> ``optim`` -> ``peft``
 
 from . import backend
 from .autograd import Tensor, no_grad, tensor
+from .nn import GPT, GPTConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["Tensor", "__version__", "backend", "no_grad", "tensor"]
+__all__ = ["GPT", "GPTConfig", "Tensor", "__version__", "backend", "no_grad", "tensor"]
