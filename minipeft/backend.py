@@ -206,6 +206,11 @@ class StrictArray(numpy.lib.mixins.NDArrayOperatorsMixin):
 
     def __getattr__(self, name):
         # Methods such as reshape, sum, astype, fill: call on the inner array.
+        # Never forward dunders: NumPy converts through __array_interface__ /
+        # __array_struct__ before it tries __array__, so forwarding them would
+        # let np.asarray(strict) succeed silently, which CuPy refuses.
+        if name.startswith("__") or name == "_a":
+            raise AttributeError(name)
         attr = getattr(self._a, name)
         if callable(attr):
             def method(*args, **kwargs):
@@ -232,8 +237,10 @@ class _StrictModule(types.ModuleType):
 
     def __getattr__(self, name):
         attr = getattr(np, name)
-        if isinstance(attr, np.ufunc) or not callable(attr) or isinstance(attr, type):
-            return attr  # ufuncs dispatch through __array_ufunc__; dtypes pass through
+        if isinstance(attr, np.ufunc):
+            return _StrictUfunc(attr)
+        if not callable(attr) or isinstance(attr, type):
+            return attr  # constants and dtypes pass through
         if name in self._creators:
             def create(obj, *args, **kwargs):
                 if isinstance(obj, StrictArray):
@@ -248,6 +255,29 @@ class _StrictModule(types.ModuleType):
     @property
     def random(self):  # pragma: no cover - use backend.Generator instead
         raise StrictError("use backend.Generator(device, seed) for random numbers")
+
+
+class _StrictUfunc:
+    """A NumPy ufunc seen through the strict module: ``strict.exp(host_array)``
+    is refused, as ``cupy.exp`` refuses a NumPy array; methods such as
+    ``strict.add.at`` follow the same rule."""
+
+    def __init__(self, ufunc):
+        self._ufunc = ufunc
+
+    def __call__(self, *args, **kwargs):
+        return self._call(self._ufunc, self._ufunc.__name__, args, kwargs)
+
+    def __getattr__(self, name):
+        attr = getattr(self._ufunc, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: self._call(attr, f"{self._ufunc.__name__}.{name}",
+                                                  args, kwargs)
+
+    @staticmethod
+    def _call(fn, name, args, kwargs):
+        return _wrap(fn(*_unwrap(args, name), **_unwrap(kwargs, name)))
 
 
 strict = _StrictModule()
@@ -348,6 +378,10 @@ def buffer_id(array) -> tuple[int, int]:
     """
     if isinstance(array, StrictArray):
         array = array._a
+    if isinstance(array, np.generic):
+        # NumPy gives a scalar, not a 0-d array, for ufuncs on 0-d arrays
+        # (an op's saved output, say); it owns its few bytes alone.
+        return (id(array), array.nbytes)
     if isinstance(array, np.ndarray):
         base = array
         while isinstance(base.base, np.ndarray):
