@@ -154,7 +154,7 @@ class Context:
 
     __slots__ = (
         "fn", "needs_input_grad", "parents", "recording", "_saved", "_versions",
-        "_finalizer", "__weakref__", "__dict__",
+        "_finalizer", "_inputs", "_released", "__weakref__", "__dict__",
     )
 
     def __init__(self, fn, needs_input_grad, recording):
@@ -165,6 +165,10 @@ class Context:
         self._saved = ()
         self._versions = ()
         self._finalizer = None
+        # The input tensors, set only while forward runs: save_for_backward
+        # uses them to recognise an input's array and note its version.
+        self._inputs = ()
+        self._released = False  # True once saved arrays were dropped by backward
 
     @property
     def name(self) -> str:
@@ -173,43 +177,69 @@ class Context:
     def save_for_backward(self, *items) -> None:
         """Keep arrays (or tensors' arrays) for backward, recording them in the ledger.
 
-        Pass a :class:`Tensor` rather than its array when backward must be
-        able to detect an in-place change to it: its version counter is noted
-        now and checked when the saved values are read. Called when nothing
-        is recorded (no input needs a gradient), it keeps nothing.
+        Forward receives arrays, not tensors; an array that is an input
+        tensor's ``.data`` is recognised, and that tensor's version counter is
+        noted now and checked when the saved values are read, so an in-place
+        change between forward and backward raises instead of giving a wrong
+        gradient. (The output's counter is noted by :meth:`Function.apply`.)
+        Called when nothing is recorded (no input needs a gradient), it keeps
+        nothing; ``None`` entries (a gradient that will not be computed) cost
+        nothing.
         """
         if not self.recording:
             return
         if self._finalizer is not None:  # saving again replaces what was saved
             self.release()
+            self._released = False
         arrays, versions = [], []
         for it in items:
             if isinstance(it, Tensor):
-                versions.append((len(arrays), it._version, it._version[0]))
+                versions.append(("a saved tensor", it._version, it._version[0]))
                 arrays.append(it.data)
-            else:
-                arrays.append(it)
+                continue
+            if it is not None:
+                for k, t in enumerate(self._inputs):
+                    if it is t.data:
+                        versions.append((f"input {k}", t._version, t._version[0]))
+                        break
+            arrays.append(it)
         self._saved = tuple(arrays)
         self._versions = tuple(versions)
-        LEDGER.record(self, [a for a in arrays if a is not None])
+        kept = [a for a in arrays if a is not None]
+        if not kept:  # nothing kept alive: no ledger entry, the node holds no arrays
+            return
+        LEDGER.record(self, kept)
         # If the graph is dropped without backward, the books follow it.
         self._finalizer = weakref.finalize(self, LEDGER.release, id(self))
+
+    def _note_output(self, out, result: Tensor) -> None:
+        """Check the output too, if forward saved it (exp, tanh, softmax save y)."""
+        if any(a is out for a in self._saved):
+            self._versions += (("its output", result._version, result._version[0]),)
 
     @property
     def saved(self) -> tuple:
         """The saved arrays, after checking that no saved tensor changed in place."""
-        for pos, counter, seen in self._versions:
+        if self._released:
+            raise RuntimeError(
+                f"{self.name}.backward: the arrays it saved for backward were released "
+                "by an earlier backward pass; a graph can be walked backward once. "
+                "Run the forward pass again."
+            )
+        for what, counter, seen in self._versions:
             if counter[0] != seen:
                 raise RuntimeError(
-                    f"{self.name}.backward: input {pos} saved for backward was modified "
-                    f"in place after it was saved (version {seen} -> {counter[0]}); "
-                    "its gradient would be silently wrong. Use an out-of-place op, "
-                    "or make the change before the forward pass."
+                    f"{self.name}.backward: {what}, saved for backward, was modified in "
+                    f"place by `{counter[1]}` after the forward pass (version {seen} -> "
+                    f"{counter[0]}); its gradient would be silently wrong. Use an "
+                    "out-of-place op, or make the change before the forward pass."
                 )
         return self._saved
 
     def release(self) -> None:
         """Drop the saved arrays (called right after this node's backward)."""
+        # a node that kept arrays cannot run backward again; one that kept none can
+        self._released = self._released or any(a is not None for a in self._saved)
         self._saved = ()
         self._versions = ()
         if self._finalizer is not None:
@@ -251,9 +281,23 @@ class Function:
         needs = tuple(t.requires_grad for t in tensors)
         recording = is_grad_enabled() and any(needs)
         ctx = Context(cls, needs if recording else (False,) * len(needs), recording)
-        out = cls.forward(ctx, *[t.data for t in tensors], **kwargs)
+        ctx._inputs = tensors if recording else ()
+        try:
+            out = cls.forward(ctx, *[t.data for t in tensors], **kwargs)
+        finally:
+            ctx._inputs = ()  # the node must not keep its inputs alive
         result = Tensor(out, requires_grad=recording, _copy=False)
+        # A view (reshape, transpose, basic slice) shares its input's memory, so
+        # it shares the version counter too: writing through either is seen by
+        # every node that saved the other.
+        if getattr(out, "base", None) is not None:
+            bid = backend.buffer_id(out)
+            for t in tensors:
+                if backend.buffer_id(t.data) == bid:
+                    result._version = t._version
+                    break
         if recording:
+            ctx._note_output(out, result)
             # A parent is the leaf tensor itself (its .grad receives the
             # gradient) or, for a non-leaf, the node that produced it.
             ctx.parents = tuple(

@@ -170,7 +170,8 @@ class PowScalar(Function):
     @staticmethod
     def forward(ctx, x, p):
         ctx.p = p
-        ctx.save_for_backward(x)
+        # x^1 and x^0 have derivatives 1 and 0, which need no x
+        ctx.save_for_backward(x if p not in (0, 1) else None)
         return _ipow(x, p)
 
     @staticmethod
@@ -179,6 +180,9 @@ class PowScalar(Function):
         p = ctx.p
         if p == 1:
             return g
+        if p == 0:
+            # d/dx x^0 = 0 everywhere; p * x^{-1} would give 0 * inf = nan at x = 0
+            return backend.xp(g).zeros_like(g)
         return g * (p * _ipow(x, p - 1))
 
 
@@ -592,28 +596,38 @@ class GetItem(Function):
     which receive g. An integer-array index can repeat an element; its
     gradient must then be the *sum* of every occurrence, so the scatter uses
     :func:`backend.scatter_add`, never ``grad[idx] += g`` (which keeps one).
+
+    The index arrays of a gather live until backward, so they are saved
+    through the ledger like any other array (slices and integers are kept
+    as plain attributes: they own no array memory).
     """
 
     @staticmethod
     def forward(ctx, x, index):
-        ctx.meta = (x.shape, x.dtype, _has_array_index(index))
-        ctx.index = index
+        parts = index if isinstance(index, tuple) else (index,)
+        arrays = [p for p in parts if _is_index_array(p)]
+        ctx.meta = (x.shape, x.dtype, isinstance(index, tuple), bool(arrays))
+        # the index with its arrays taken out (None marks where they go back)
+        ctx.index = tuple(None if _is_index_array(p) else p for p in parts)
+        ctx.save_for_backward(*arrays)
         return x[index]
 
     @staticmethod
     def backward(ctx, g):
-        shape, dtype, advanced = ctx.meta
+        shape, dtype, was_tuple, advanced = ctx.meta
+        arrays = iter(ctx.saved)
+        parts = tuple(next(arrays) if p is None else p for p in ctx.index)
+        index = parts if was_tuple else parts[0]
         gx = backend.xp(g).zeros(shape, dtype=dtype)
         if advanced:
-            backend.scatter_add(gx, ctx.index, g)
+            backend.scatter_add(gx, index, g)
         else:
-            gx[ctx.index] = g
+            gx[index] = g
         return gx
 
 
-def _has_array_index(index) -> bool:
-    idx = index if isinstance(index, tuple) else (index,)
-    return any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in idx)
+def _is_index_array(p) -> bool:
+    return not isinstance(p, (int, slice, type(None), type(Ellipsis)))
 
 
 class Concatenate(Function):
@@ -869,11 +883,16 @@ class MaskedFill(Function):
 
 
 def _t(x, like: Tensor | None = None) -> Tensor:
-    """Wrap a constant (Python number or array) as a Tensor matching ``like``."""
+    """Wrap a constant (Python number or array) as a Tensor matching ``like``.
+
+    A scalar constant, a NumPy scalar included, takes ``like``'s dtype and
+    device: under NEP 50 ``x32 * np.float64(2)`` would be float64, and CuPy
+    accepts host scalars, so the strict stand-in must too.
+    """
     if isinstance(x, Tensor):
         return x
     if like is not None:
-        if isinstance(x, (int, float, bool)):
+        if isinstance(x, (int, float, bool, np.generic)):
             return Tensor(like.xp.asarray(x, dtype=like.dtype), _copy=False)
         return Tensor(x, _copy=False)
     return Tensor(x)
@@ -913,6 +932,8 @@ def neg(x):
 
 def pow(x, p):  # noqa: A001 - the op's name
     """x ** p: a constant exponent uses products; a tensor exponent the general rule."""
+    if isinstance(p, np.generic):  # np.float64(2.5) would turn float32 into float64
+        p = p.item()
     if isinstance(p, (int, float)):
         return PowScalar.apply(x, p=p)
     x, p = _pair(x, p)
@@ -995,10 +1016,19 @@ def broadcast_to(x, *shape):
 
 
 def getitem(x, index):
-    if isinstance(index, Tensor):
-        index = index.data
-    elif isinstance(index, tuple):
-        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    """x[index]: basic slicing, or a gather by integer arrays (Tensors, arrays or lists).
+
+    Lists become arrays on x's device, so every gather index is an array the
+    ledger can count.
+    """
+    def part(i):
+        if isinstance(i, Tensor):
+            return i.data
+        if isinstance(i, list):
+            return x.xp.asarray(i)
+        return i
+
+    index = tuple(part(i) for i in index) if isinstance(index, tuple) else part(index)
     return GetItem.apply(x, index=index)
 
 
@@ -1018,7 +1048,7 @@ def log_softmax(x, axis=-1):
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
-    return LayerNorm.apply(x, weight, bias, eps=eps)
+    return LayerNorm.apply(x, weight, bias, eps=float(eps))  # a Python float stays weak
 
 
 def embedding(weight, idx):
@@ -1037,7 +1067,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
 
 def dropout(x, p, mask):
     """Apply a given keep-mask (boolean array of x's shape), scaled by 1/(1-p)."""
-    return Dropout.apply(x, mask=mask, p=p)
+    return Dropout.apply(x, mask=mask, p=float(p))  # a Python float stays weak
 
 
 def masked_fill(x, mask, value):

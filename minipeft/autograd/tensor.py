@@ -66,7 +66,9 @@ class Tensor:
         # the gradient arriving here is multiplied by it (see nn and peft).
         self.grad_mask = None
         self._node = None        # the Context that produced this tensor (None: a leaf)
-        self._version = [0]      # shared with every node that saved this tensor
+        # [count, last in-place op]: shared with every node that saved this
+        # tensor's data and with views of it; in-place ops bump it.
+        self._version = [0, None]
 
     # -- array facts -----------------------------------------------------
     shape = property(lambda self: tuple(self.data.shape))
@@ -108,8 +110,14 @@ class Tensor:
         return self.data.reshape(()).item()
 
     def detach(self) -> Tensor:
-        """The same data, cut from the graph (no gradient flows through it)."""
-        return Tensor(self.data, _copy=False)
+        """The same data, cut from the graph (no gradient flows through it).
+
+        It shares the version counter: an in-place change through the detached
+        tensor is still seen by the nodes that saved this one.
+        """
+        out = Tensor(self.data, _copy=False)
+        out._version = self._version
+        return out
 
     def to(self, device: str) -> Tensor:
         """Move to ``'cpu'``, ``'gpu'`` or ``'strict'``; a leaf stays a leaf.
@@ -137,39 +145,41 @@ class Tensor:
                 "are recorded; use an out-of-place op, or wrap it in `with no_grad():`"
             )
 
-    def _bump(self):
+    def _bump(self, what="a direct update"):
+        """Count an in-place change; ``what`` names it in backward's error."""
         self._version[0] += 1
+        self._version[1] = what
 
     def copy_(self, other) -> Tensor:
         """Overwrite this tensor's values with ``other``'s (in place)."""
         self._check_inplace("copy_")
         src = other.data if isinstance(other, Tensor) else other
         self.data[...] = src
-        self._bump()
+        self._bump("copy_")
         return self
 
     def __iadd__(self, other):
         self._check_inplace("+=")
         self.data += _raw(other, self)
-        self._bump()
+        self._bump("+=")
         return self
 
     def __isub__(self, other):
         self._check_inplace("-=")
         self.data -= _raw(other, self)
-        self._bump()
+        self._bump("-=")
         return self
 
     def __imul__(self, other):
         self._check_inplace("*=")
         self.data *= _raw(other, self)
-        self._bump()
+        self._bump("*=")
         return self
 
     def __itruediv__(self, other):
         self._check_inplace("/=")
         self.data /= _raw(other, self)
-        self._bump()
+        self._bump("/=")
         return self
 
     def zero_grad(self) -> None:
@@ -212,7 +222,10 @@ def run_backward(root, grad) -> None:
     """Chain rule over the graph below ``root`` (a Context), seeded with ``grad``."""
     order = _topological_order(root)
     grads = {id(root): grad}
-    handed = set()  # ids of arrays already passed to some receiver
+    # ids of arrays already passed to some receiver. The seed counts: it may
+    # be the caller's array, which must never become (and be added into as)
+    # a leaf's .grad buffer.
+    handed = {id(grad)}
     leaf_owned = set()  # ids of arrays that became a leaf's .grad buffer
     for node in order:
         g = grads.pop(id(node), None)
@@ -251,6 +264,9 @@ def _accumulate_leaf(leaf: Tensor, g, owned: bool) -> bool:
         raise RuntimeError(
             f"internal error: gradient of shape {tuple(g.shape)} for a leaf of shape {leaf.shape}"
         )
+    if isinstance(g, np.generic):  # NumPy's 0-d ufunc results are scalars: keep arrays
+        g = np.asarray(g)
+        owned = True
     if leaf.grad_mask is not None:
         g = g * leaf.grad_mask
         owned = True
@@ -307,8 +323,18 @@ def _default_dtype(data):
 
 
 def _raw(other, like: Tensor):
-    """The array behind ``other``; Python scalars stay weak (no dtype promotion)."""
+    """The array behind ``other``; Python scalars stay weak (no dtype promotion).
+
+    An in-place op cannot change ``like``'s dtype, and NumPy would cast a
+    float64 operand down without a word, so a tensor of another dtype is
+    refused here as it is by every out-of-place op.
+    """
     if isinstance(other, Tensor):
+        if other.dtype != like.dtype:
+            raise TypeError(
+                f"in-place op: operand dtype {other.dtype} differs from the tensor's "
+                f"{like.dtype}; convert it with .astype(...) first"
+            )
         return other.data
     return other
 
