@@ -1,0 +1,414 @@
+"""Every operator's backward against float64 central differences, entry by entry.
+
+Shapes and values are drawn by hypothesis (see ``strategies.py`` for how
+domains, kinks and ties are avoided); each test runs on every backend through
+the ``device`` fixture. ``gradcheck`` weights a non-scalar output by a random
+vector, so every output entry's contribution is checked, and it perturbs every
+input entry, so every gradient entry is checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from strategies import (
+    axes_for,
+    broadcast_pairs,
+    distinct,
+    engine,
+    few,
+    index_array,
+    leaf,
+    nonzero,
+    on,
+    positive,
+    shapes,
+    values,
+)
+
+from minipeft import Tensor, backend
+from minipeft.autograd import gradcheck, ops
+
+# ---------------------------------------------------------------------------
+# Elementwise arithmetic, broadcasting included
+# ---------------------------------------------------------------------------
+
+
+@engine
+@given(data=st.data())
+@pytest.mark.parametrize("op", [ops.add, ops.sub, ops.mul])
+def test_binary_broadcasting(device, op, data):
+    sa, sb = data.draw(broadcast_pairs())
+    a = leaf(data.draw(values(sa)), device)
+    b = leaf(data.draw(values(sb)), device)
+    assert gradcheck(op, [a, b])
+
+
+@engine
+@given(data=st.data())
+def test_div(device, data):
+    sa, sb = data.draw(broadcast_pairs())
+    a = leaf(data.draw(values(sa)), device)
+    b = leaf(data.draw(nonzero(sb, lo=0.5)), device)
+    assert gradcheck(ops.div, [a, b])
+
+
+@engine
+@given(data=st.data())
+def test_operators_with_constants(device, data):
+    """Python-number operands on either side: only the tensor gets a gradient."""
+    x = leaf(data.draw(nonzero(data.draw(shapes()), lo=0.5)), device)
+    c = data.draw(st.floats(0.5, 2.0))
+    assert gradcheck(lambda x: 2.0 * x - c + x / c - c / x + (1.0 - x) * c, [x])
+
+
+@engine
+@given(data=st.data())
+def test_neg(device, data):
+    x = leaf(data.draw(values(data.draw(shapes()))), device)
+    assert gradcheck(ops.neg, [x])
+    assert gradcheck(lambda x: -x, [x])
+
+
+@engine
+@given(data=st.data(), p=st.sampled_from([0, 1, 2, 3, 4, 0.5, -1, 1.5, 2.5, -0.5]))
+def test_pow_scalar_exponent(device, data, p):
+    # x > 0 so every real power is defined; integer powers also on signed x
+    x = leaf(data.draw(positive(data.draw(shapes()))), device)
+    assert gradcheck(lambda x: x ** p, [x])
+    if isinstance(p, int) and p >= 0:
+        x = leaf(data.draw(values(data.draw(shapes()))), device)
+        assert gradcheck(lambda x: ops.pow(x, p), [x])
+
+
+@engine
+@given(data=st.data())
+def test_pow_tensor_exponent(device, data):
+    sa, sb = data.draw(broadcast_pairs())
+    a = leaf(data.draw(positive(sa)), device)          # a > 0: a^b ln a is defined
+    b = leaf(data.draw(values(sb)), device)
+    assert gradcheck(ops.pow, [a, b])
+
+
+# ---------------------------------------------------------------------------
+# Matrix products
+# ---------------------------------------------------------------------------
+
+dims = st.integers(1, 3)
+
+
+@engine
+@given(m=dims, k=dims, n=dims, data=st.data())
+def test_matmul_2d(device, m, k, n, data):
+    a = leaf(data.draw(values((m, k))), device)
+    b = leaf(data.draw(values((k, n))), device)
+    assert gradcheck(ops.matmul, [a, b])
+
+
+@engine
+@given(m=dims, k=dims, n=dims, data=st.data())
+def test_matmul_batched_broadcast(device, m, k, n, data):
+    """Batch axes broadcast against each other, a 2-D weight included (ba or bb empty)."""
+    ba, bb = data.draw(broadcast_pairs(max_dims=2))
+    a = leaf(data.draw(values(ba + (m, k))), device)
+    b = leaf(data.draw(values(bb + (k, n))), device)
+    assert gradcheck(ops.matmul, [a, b])
+
+
+@engine
+@given(m=dims, k=dims, n=dims, data=st.data(), grad_a=st.booleans())
+def test_matmul_one_side_frozen(device, m, k, n, data, grad_a):
+    """With one operand frozen, the other's gradient is still right."""
+    a = leaf(data.draw(values((2, m, k))), device, requires_grad=grad_a)
+    b = leaf(data.draw(values((k, n))), device, requires_grad=not grad_a)
+    assert gradcheck(ops.matmul, [a, b])
+
+
+# ---------------------------------------------------------------------------
+# Reductions
+# ---------------------------------------------------------------------------
+
+
+@engine
+@given(data=st.data(), keepdims=st.booleans())
+@pytest.mark.parametrize("op", [ops.sum, ops.mean])
+def test_sum_mean(device, op, data, keepdims):
+    shape = data.draw(shapes())
+    axis = data.draw(axes_for(len(shape)))
+    x = leaf(data.draw(values(shape)), device)
+    assert gradcheck(lambda x: op(x, axis=axis, keepdims=keepdims), [x])
+
+
+@engine
+@given(data=st.data(), keepdims=st.booleans())
+def test_max(device, data, keepdims):
+    shape = data.draw(shapes())
+    axis = data.draw(axes_for(len(shape)))
+    x = leaf(data.draw(distinct(shape)), device)  # no ties: max is differentiable there
+    assert gradcheck(lambda x: ops.max(x, axis=axis, keepdims=keepdims), [x])
+
+
+# ---------------------------------------------------------------------------
+# Shape ops
+# ---------------------------------------------------------------------------
+
+
+@engine
+@given(data=st.data())
+def test_reshape(device, data):
+    shape = data.draw(shapes())
+    size = int(np.prod(shape))
+    target = data.draw(st.sampled_from([(size,), (1, size), (size, 1), shape[::-1], (-1,)]))
+    x = leaf(data.draw(values(shape)), device)
+    assert gradcheck(lambda x: ops.reshape(x, target), [x])
+    assert gradcheck(lambda x: x.view(*target), [x])
+
+
+@engine
+@given(data=st.data())
+def test_permute_transpose(device, data):
+    shape = data.draw(shapes(min_dims=2))
+    perm = data.draw(st.permutations(range(len(shape))))
+    i, j = data.draw(st.lists(st.integers(-len(shape), len(shape) - 1), min_size=2, max_size=2))
+    x = leaf(data.draw(values(shape)), device)
+    assert gradcheck(lambda x: ops.permute(x, perm), [x])
+    assert gradcheck(lambda x: ops.transpose(x, i, j), [x])
+    assert gradcheck(lambda x: x.T, [x])
+
+
+@engine
+@given(data=st.data())
+def test_broadcast_to(device, data):
+    target = data.draw(shapes())
+    # the source: some leading axes dropped, some kept axes set to 1
+    lead = data.draw(st.integers(0, len(target)))
+    ones = data.draw(st.lists(st.booleans(), min_size=len(target), max_size=len(target)))
+    src = tuple(1 if o else n for n, o in zip(target[lead:], ones[lead:]))
+    x = leaf(data.draw(values(src)), device)
+    assert gradcheck(lambda x: ops.broadcast_to(x, target), [x])
+
+
+@engine
+@given(data=st.data())
+def test_getitem_slices(device, data):
+    shape = data.draw(shapes(min_dims=1))
+    index = tuple(
+        data.draw(st.one_of(st.slices(n), st.integers(-n, n - 1))) for n in shape
+    )
+    x = leaf(data.draw(values(shape)), device)
+    assert gradcheck(lambda x: x[index], [x])
+
+
+@engine
+@given(data=st.data())
+def test_getitem_gather_repeated(device, data):
+    """Integer-array gathers (repeats likely): alone, with a slice, and paired."""
+    shape = data.draw(shapes(min_dims=2))
+    x = leaf(data.draw(values(shape)), device)
+    i0 = on(device, data.draw(index_array(shape[0])))
+    i1 = on(device, data.draw(hnp.arrays(np.int64, i0.shape,
+                                         elements=st.integers(0, shape[1] - 1))))
+    assert gradcheck(lambda x: x[i0], [x])
+    assert gradcheck(lambda x: x[:, i1], [x])
+    assert gradcheck(lambda x: x[i0, i1], [x])
+
+
+@engine
+@given(data=st.data())
+def test_concatenate(device, data):
+    shape = data.draw(shapes(min_dims=1))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    sizes = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    xs = []
+    for s in sizes:
+        sh = list(shape)
+        sh[axis] = s
+        xs.append(leaf(data.draw(values(tuple(sh))), device))
+    assert gradcheck(lambda *xs: ops.concatenate(xs, axis=axis), xs)
+
+
+# ---------------------------------------------------------------------------
+# Unary functions
+# ---------------------------------------------------------------------------
+
+
+@engine
+@given(data=st.data())
+@pytest.mark.parametrize(
+    "op, domain",
+    [
+        (ops.exp, values), (ops.log, positive), (ops.sqrt, positive), (ops.tanh, values),
+        (ops.sigmoid, values), (ops.relu, nonzero), (ops.gelu, values),
+    ],
+    ids=["exp", "log", "sqrt", "tanh", "sigmoid", "relu", "gelu"],
+)
+def test_unary(device, op, domain, data):
+    x = leaf(data.draw(domain(data.draw(shapes()), hi=3.0)), device)
+    assert gradcheck(op, [x])
+
+
+# ---------------------------------------------------------------------------
+# Neural-network ops
+# ---------------------------------------------------------------------------
+
+
+@engine
+@given(data=st.data())
+@pytest.mark.parametrize("op", [ops.softmax, ops.log_softmax])
+def test_softmax_log_softmax(device, op, data):
+    shape = data.draw(shapes(min_dims=1))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = leaf(data.draw(values(shape, -3.0, 3.0)), device)
+    assert gradcheck(lambda x: op(x, axis=axis), [x])
+
+
+@engine
+@given(data=st.data(), C=st.integers(2, 4))
+def test_layer_norm(device, data, C):
+    lead = data.draw(shapes(max_dims=2))
+    x = leaf(data.draw(distinct(lead + (C,))), device)  # spread: the variance is not tiny
+    w = leaf(data.draw(values((C,))), device)
+    b = leaf(data.draw(values((C,))), device)
+    assert gradcheck(ops.layer_norm, [x, w, b])
+
+
+@engine
+@given(data=st.data(), C=st.integers(2, 4), needs=st.sampled_from(
+    [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]))
+def test_layer_norm_partial(device, data, C, needs):
+    """Each of x, weight and bias alone (frozen others save less; still right)."""
+    x = leaf(data.draw(distinct((2, C))), device, requires_grad=needs[0])
+    w = leaf(data.draw(values((C,))), device, requires_grad=needs[1])
+    b = leaf(data.draw(values((C,))), device, requires_grad=needs[2])
+    assert gradcheck(ops.layer_norm, [x, w, b])
+
+
+@engine
+@given(data=st.data(), V=st.integers(1, 4), C=st.integers(1, 3))
+def test_embedding_repeated_ids(device, data, V, C):
+    w = leaf(data.draw(values((V, C))), device)
+    ids_shape = data.draw(shapes(min_dims=1, max_dims=2, max_side=4))
+    ids = on(device, data.draw(hnp.arrays(np.int64, ids_shape, elements=st.integers(0, V - 1))))
+    assert gradcheck(lambda w: ops.embedding(w, ids), [w])
+
+
+@engine
+@given(data=st.data(), N=st.integers(1, 4), V=st.integers(1, 4),
+       ignore=st.sampled_from([-100, -1]))
+def test_cross_entropy_ignore_index(device, data, N, V, ignore):
+    z = leaf(data.draw(values((N, V), -3.0, 3.0)), device)
+    t = data.draw(hnp.arrays(np.int64, (N,), elements=st.one_of(
+        st.integers(0, V - 1), st.just(ignore))))
+    t = on(device, t)
+    assert gradcheck(lambda z: ops.cross_entropy(z, t, ignore_index=ignore), [z])
+
+
+@engine
+@given(data=st.data(), p=st.sampled_from([0.0, 0.1, 0.5]))
+def test_dropout_given_mask(device, data, p):
+    shape = data.draw(shapes())
+    mask = on(device, data.draw(hnp.arrays(np.bool_, shape)))
+    x = leaf(data.draw(values(shape)), device)
+    assert gradcheck(lambda x: ops.dropout(x, p, mask), [x])
+
+
+# Fill values stay moderate here: a -1e9 in <v, y> makes f(x+h) - f(x-h) cancel two
+# numbers near 1e9, and the rounding of that (1e-7) swamps the difference.
+@engine
+@given(data=st.data(), value=st.sampled_from([0.0, -30.0, 3.5]))
+def test_masked_fill(device, data, value):
+    shape = data.draw(shapes())
+    mask = on(device, data.draw(hnp.arrays(np.bool_, shape)))
+    x = leaf(data.draw(values(shape)), device)
+    assert gradcheck(lambda x: ops.masked_fill(x, mask, value), [x])
+
+
+@few
+@given(data=st.data())
+def test_cast_gradient_is_cast_back(device, data):
+    """cast's Jacobian is the identity in the other dtype: checked exactly, not by
+    differences (a float32 round trip would make finite differences lie)."""
+    shape = data.draw(shapes())
+    for src, dst in [(np.float64, np.float32), (np.float32, np.float64)]:
+        x = leaf(data.draw(values(shape)), device, dtype=src)
+        y = ops.cast(x, dst)
+        assert y.dtype == dst
+        v = data.draw(values(shape)).astype(dst)
+        y.backward(backend.to_device(v, device))
+        assert x.grad.dtype == src
+        np.testing.assert_array_equal(backend.asnumpy(x.grad), v.astype(src))
+    x = leaf(np.ones(shape), device)
+    assert ops.cast(x, np.float64) is x  # a cast to the same dtype is no op at all
+
+
+# ---------------------------------------------------------------------------
+# Max with ties: the documented subgradient (ties share equally)
+# ---------------------------------------------------------------------------
+
+
+def test_max_ties_share_the_gradient(device):
+    x = leaf([[1.0, 3.0, 3.0], [2.0, 0.0, 2.0]], device)
+    ops.max(x, axis=1).sum().backward()
+    np.testing.assert_allclose(backend.asnumpy(x.grad), [[0, 0.5, 0.5], [0.5, 0, 0.5]])
+
+
+# ---------------------------------------------------------------------------
+# Bad input: clear errors naming what was expected
+# ---------------------------------------------------------------------------
+
+
+def test_matmul_shape_mismatch_names_both_shapes(device):
+    a, b = leaf(np.ones((2, 3)), device), leaf(np.ones((4, 5)), device)
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(4, 5\)"):
+        a @ b
+    with pytest.raises(ValueError, match=r"batch axes \(2,\) and \(3,\)"):
+        leaf(np.ones((2, 2, 3)), device) @ leaf(np.ones((3, 3, 1)), device)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        leaf(np.ones(3), device) @ leaf(np.ones((3, 1)), device)
+
+
+@pytest.mark.parametrize("op", [ops.add, ops.sub, ops.mul, ops.div, ops.pow])
+def test_broadcast_failure_names_shapes(device, op):
+    a, b = leaf(np.ones((2, 3)), device), leaf(np.ones((4,)), device)
+    with pytest.raises(ValueError, match=r"\(2, 3\) and \(4,\) cannot be broadcast"):
+        op(a, b)
+
+
+def test_broadcast_to_failure(device):
+    with pytest.raises(ValueError, match=r"cannot broadcast shape \(3,\) to \(2, 4\)"):
+        ops.broadcast_to(leaf(np.ones(3), device), (2, 4))
+
+
+@pytest.mark.parametrize("op", [ops.add, ops.mul, ops.matmul])
+def test_dtype_mixing_is_refused(device, op):
+    a = leaf(np.ones((2, 2)), device, dtype=np.float32)
+    b = leaf(np.ones((2, 2)), device, dtype=np.float64)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        op(a, b)
+    with pytest.raises(TypeError, match="float64 and float32"):
+        op(b, a)
+
+
+def test_other_shape_errors(device):
+    x = leaf(np.ones((2, 3)), device)
+    with pytest.raises(ValueError, match=r"cannot view 6 elements of shape \(2, 3\) as"):
+        x.reshape(4, 2)
+    with pytest.raises(ValueError, match="not a permutation"):
+        x.permute(0, 0)
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        x.sum(axis=2)
+    with pytest.raises(ValueError, match=r"weight and bias must have shape \(3,\)"):
+        ops.layer_norm(x, leaf(np.ones(2), device), leaf(np.ones(3), device))
+    with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\)"):
+        ops.cross_entropy(x, on(device, np.zeros(3, dtype=np.int64)))
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        ops.embedding(x, on(device, np.zeros(2)))
+    with pytest.raises(ValueError, match="needs at least one tensor"):
+        ops.concatenate([])
+    with pytest.raises(TypeError, match="expected Tensor inputs"):
+        ops.exp(np.ones(2))
+    with pytest.raises(TypeError, match="only float32 or float64"):
+        Tensor(np.arange(3), requires_grad=True, device=device)
