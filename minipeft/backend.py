@@ -387,8 +387,13 @@ def buffer_id(array) -> tuple[int, int]:
         while isinstance(base.base, np.ndarray):
             base = base.base
         return (base.__array_interface__["data"][0], base.nbytes)
-    mem = array.data.mem  # cupy: the allocation behind the view
-    return (mem.ptr, mem.size)
+    # cupy: the allocation behind the view names the buffer; its size is the
+    # base array's bytes, not the pool's chunk (rounded up to 512 bytes), so
+    # the ledger counts the same bytes on every backend.
+    base = array
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    return (array.data.mem.ptr, base.nbytes)
 
 
 def base_nbytes(array) -> int:
