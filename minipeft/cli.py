@@ -1,31 +1,255 @@
-"""The `minipeft` command: one entry point, a subcommand per job."""
+"""The `minipeft` command: one entry point, a subcommand per job.
+
+    minipeft info                      versions, backend, device, the shipped base
+    minipeft pretrain                  (re)make the shipped base from the corpus
+    minipeft finetune --method lora    fine-tune the base on a task, save the adapter
+    minipeft eval --adapter DIR        score a saved adapter on its task
+    minipeft generate --prompt TEXT    continue a prompt (optionally with an adapter)
+    minipeft bench                     time one training step
+
+Each subcommand is a thin layer over the package's functions; errors from
+bad input are printed as one line (``minipeft: error: ...``) with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# ---------------------------------------------------------------------------
+# Method knobs: the CLI options each method reads (and how they map to configs)
+# ---------------------------------------------------------------------------
+
+#: default learning rates per method (each method wants its own scale)
+DEFAULT_LR = {
+    "full": 3e-4, "bitfit": 1e-2, "layers": 1e-3, "mask": 1e-2, "lora": 3e-3,
+    "adapter": 3e-3, "prompt": 1e-1, "prefix": 1e-2, "ia3": 3e-2,
+}
+
+
+def build_config(method: str, args) -> object:
+    """The PEFT config for ``method`` from the command-line knobs."""
+    from .peft import config as C
+
+    targets = args.target_modules.split(",") if getattr(args, "target_modules", None) else None
+    if method == "full":
+        return C.FullFinetuneConfig()
+    if method == "bitfit":
+        return C.BitFitConfig(target_modules=targets)
+    if method == "layers":
+        layers = [int(i) for i in args.layers.split(",")] if args.layers else None
+        comps = args.components.split(",") if args.components else None
+        if layers is None and comps is None:
+            layers = [-1]
+        return C.LayerSelectConfig(layers=layers, components=comps)
+    if method == "mask":
+        return C.MaskConfig(density=args.density, selection=args.selection,
+                            **({"target_modules": targets} if targets else {}))
+    if method == "lora":
+        return C.LoraConfig(r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha else args.r,
+                            lora_dropout=args.lora_dropout, use_dora=args.dora,
+                            **({"target_modules": targets} if targets else {}))
+    if method == "adapter":
+        return C.AdapterConfig(bottleneck=args.bottleneck, placement=args.placement)
+    if method == "prompt":
+        return C.PromptTuningConfig(num_virtual_tokens=args.virtual_tokens)
+    if method == "prefix":
+        return C.PrefixTuningConfig(num_virtual_tokens=args.virtual_tokens,
+                                    prefix_projection=args.prefix_projection)
+    if method == "ia3":
+        return C.IA3Config(scale_queries=args.scale_queries,
+                           **({"target_modules": targets} if targets else {}))
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(DEFAULT_LR)}")
+
+
+def _add_method_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("method knobs")
+    g.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r)")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--dora", action="store_true", help="LoRA with DoRA's magnitude")
+    g.add_argument("--target-modules", default=None,
+                   help="comma-separated module names (peft's rule: equal or ends with .NAME)")
+    g.add_argument("--bottleneck", type=int, default=16, help="adapter width (default 16)")
+    g.add_argument("--placement", choices=["houlsby", "pfeiffer"], default="houlsby")
+    g.add_argument("--virtual-tokens", type=int, default=20,
+                   help="prompt/prefix tuning: P virtual tokens (default 20)")
+    g.add_argument("--prefix-projection", action="store_true",
+                   help="prefix tuning: produce the prefixes with an MLP while training")
+    g.add_argument("--scale-queries", action="store_true",
+                   help="(IA)^3: scale q too (the fused c_attn as a whole, peft's count)")
+    g.add_argument("--density", type=float, default=0.01, help="element masks: fraction trained")
+    g.add_argument("--selection", choices=["random", "magnitude", "gradient"], default="random")
+    g.add_argument("--layers", default=None, help="layer selection: block indices, e.g. -2,-1")
+    g.add_argument("--components", default=None,
+                   help="layer selection: any of attn,mlp,ln,embeddings,ln_f")
+
+
+# ---------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------
 
 
 def _cmd_info(args) -> int:
     import numpy as np
 
     from . import __version__, backend
+    from .base import BASE_PATH, base_info
 
-    print(f"minipeft {__version__}")
-    print(f"numpy {np.__version__}")
-    gpu = backend.gpu_available()
-    print(f"gpu: {'available' if gpu else 'not available'}")
+    print(f"minipeft {__version__}  (numpy {np.__version__})")
+    print(f"gpu: {'available' if backend.gpu_available() else 'not available'}")
+    if os.path.isfile(BASE_PATH):
+        info = base_info()
+        from .base import load_base
+
+        model = load_base()
+        print(f"shipped base: {BASE_PATH} ({os.path.getsize(BASE_PATH) / 1e6:.1f} MB)")
+        print(f"  config: {info.get('config')}")
+        print(f"  parameters: {model.num_parameters():,d}")
+        if "val_loss" in info:
+            print(f"  validation cross-entropy: {info['val_loss']:.4f} nats/char "
+                  f"(character bigram: {info['bigram_val_loss']:.4f})")
+    else:
+        print(f"shipped base: missing ({BASE_PATH}); make it with `minipeft pretrain`")
     return 0
 
 
+def _cmd_pretrain(args) -> int:
+    from .base import BASE_PATH, REQUIRED_MARGIN, PretrainRecipe, pretrain, save_base
+
+    recipe = PretrainRecipe(steps=args.steps, seed=args.seed)
+    out = args.out or BASE_PATH
+    from . import io
+
+    io.ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
+    model, report = pretrain(recipe, device=args.device, progress=not args.quiet)
+    save_base(model, report, out)
+    print(f"validation cross-entropy {report['val_loss']:.4f} nats/char; "
+          f"character bigram {report['bigram_val_loss']:.4f}; "
+          f"{100 * report['margin']:.1f}% below (required: {100 * REQUIRED_MARGIN:.0f}%)")
+    print(f"saved {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune import FinetuneSettings, finetune
+
+    cfg = build_config(args.method, args)
+    settings = FinetuneSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr or DEFAULT_LR[args.method],
+        seed=args.seed, eval_limit=args.eval_limit,
+    )
+    result = finetune(cfg, args.task, settings, device=args.device, out=args.out,
+                      progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .data.tasks import get_task
+    from .evaluation import evaluate
+    from .finetune import load_finetuned
+
+    model, meta = load_finetuned(args.adapter, device=args.device)
+    task = get_task(args.task or meta.get("task", "sentiment"))
+    score = evaluate(model, task, args.split, limit=args.limit)
+    n = len(task.examples(args.split)) if args.limit is None else args.limit
+    print(f"{task.name} {args.split} ({n} examples) {task.metric}: {score:.4f} "
+          f"(majority baseline {task.majority_baseline(args.split):.4f})")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import numpy as np
+
+    from .base import load_base
+    from .data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    if args.adapter:
+        from .finetune import load_finetuned
+
+        model, _ = load_finetuned(args.adapter, device=args.device)
+    else:
+        model = load_base(device=args.device)
+    prompt = args.prompt.replace("\\n", "\n")
+    ids = tok.encode(prompt)[None, :]
+    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, seed=args.seed)
+    sys.stdout.write(prompt + tok.decode(np.asarray(out)[0, ids.shape[1]:]) + "\n")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+# ---------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .peft.config import METHODS
+
     p = argparse.ArgumentParser(
         prog="minipeft",
         description="Parameter-efficient fine-tuning, built from scratch to be read.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    s = sub.add_parser("info", help="versions, backend and device")
+
+    s = sub.add_parser("info", help="versions, backend, device and the shipped base")
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("pretrain", help="make the base model from the synthetic corpus")
+    s.add_argument("--steps", type=int, default=3000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=None, help="where to write it (default: the shipped base)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_pretrain)
+
+    s = sub.add_parser("finetune", help="fine-tune the shipped base on a task")
+    s.add_argument("--method", choices=METHODS, default="lora")
+    s.add_argument("--task", default="sentiment")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=None, help="default: the method's own")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval-limit", type=int, default=None,
+                   help="score only the first N test examples (default: all)")
+    s.add_argument("--out", default=None, help="folder for the adapter (or checkpoint)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--quiet", action="store_true")
+    _add_method_options(s)
+    s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("eval", help="score a saved adapter (or checkpoint folder) on a task")
+    s.add_argument("--adapter", required=True)
+    s.add_argument("--task", default=None, help="default: the task it was trained on")
+    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("generate", help="continue a prompt with the base (or an adapter)")
+    s.add_argument("--prompt", default="the red fox ")
+    s.add_argument("--adapter", default=None)
+    s.add_argument("--max-new-tokens", type=int, default=80)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("bench", help="time one training step (forward, backward, AdamW)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+    s.add_argument("--warmup", type=int, default=3)
+    s.set_defaults(func=_cmd_bench)
     return p
 
 
@@ -35,8 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError) as exc:
+        print(f"minipeft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minipeft: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
