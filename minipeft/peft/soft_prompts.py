@@ -27,6 +27,8 @@ attends over P more positions.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from .. import backend
@@ -36,6 +38,16 @@ from ..nn.gpt import KVCache
 from ..nn.module import Module, Parameter
 from .model import register_method
 from .tuner import AdapterParams, Method
+
+
+def _init_rng(seed: int, method: str) -> np.random.Generator:
+    """The generator of a soft prompt's initial values, salted with the method's name.
+
+    A bare ``default_rng(seed)`` would replay the stream that built the base
+    (``GPT(seed=0)`` draws ``wte`` first, from N(0, 0.02^2) too), so a
+    "random" prompt or prefix would be a copy of the first rows of ``wte``.
+    """
+    return np.random.default_rng([seed, zlib.crc32(method.encode())])
 
 
 def _holder(pm) -> Module:
@@ -107,7 +119,7 @@ class PromptTuningMethod(_SoftPromptMethod):
         P = self.num_virtual_tokens = cfg.num_virtual_tokens
         self._check_fits(pm, 1)
         wte = backend.asnumpy(base.wte.weight.data)                          # (V, C)
-        rng = np.random.default_rng(cfg.init_seed)
+        rng = _init_rng(cfg.init_seed, "prompt_tuning")
         if cfg.prompt_tuning_init == "VOCAB":
             emb = wte[rng.integers(0, wte.shape[0], size=P)]
         elif cfg.prompt_tuning_init == "TEXT":
@@ -162,7 +174,7 @@ class PrefixTuningMethod(_SoftPromptMethod):
         self._check_fits(pm, 1)
         width = gc.n_layer * 2 * gc.n_embd
         dtype = base.dtype
-        rng = np.random.default_rng(cfg.init_seed)
+        rng = _init_rng(cfg.init_seed, "prefix_tuning")
         if cfg.prefix_projection:
             # Li and Liang's reparameterisation: prefixes = MLP(E), E (P, C)
             C, H = gc.n_embd, cfg.encoder_hidden_size
