@@ -61,7 +61,41 @@ def get_parent(model: Module, dotted: str) -> tuple[Module, str]:
 
 def replace_module(model: Module, dotted: str, new: Module) -> None:
     parent, child = get_parent(model, dotted)
-    setattr(parent, child, new)
+    if child in parent._modules:
+        # in place, keeping the child's position: a plain setattr would move it
+        # to the end, and after unwrapping, parameters would no longer be
+        # listed in GPT-2's order (c_attn before c_proj)
+        parent._modules[child] = new
+        object.__setattr__(parent, child, new)
+    else:
+        setattr(parent, child, new)
+
+
+def find_wrapper(module: Module, cls: type):
+    """The wrapper of class ``cls`` in the chain ``module``, ``module.base_layer``, ...
+
+    Methods of different kinds may wrap one Linear (an (IA)^3 adapter and a
+    bottleneck adapter on ``mlp.c_proj``): the second wraps the first, and
+    each method finds its own wrapper by walking down the chain.
+    """
+    while isinstance(module, Wrapper):
+        if isinstance(module, cls):
+            return module
+        module = module.base_layer
+    return None
+
+
+def unwrap(model: Module, dotted: str, wrapper: Module) -> None:
+    """Take ``wrapper`` out of the chain at ``dotted``, putting its base_layer in its place."""
+    top = model.get_submodule(dotted)
+    if top is wrapper:
+        replace_module(model, dotted, wrapper.base_layer)
+        return
+    outer = top
+    while outer.base_layer is not wrapper:
+        outer = outer.base_layer
+    outer._modules["base_layer"] = wrapper.base_layer
+    object.__setattr__(outer, "base_layer", wrapper.base_layer)
 
 
 class Wrapper(Module):
@@ -81,6 +115,16 @@ class Wrapper(Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.adapter_names: list[str] = []
+
+    # The wrapped Linear's weight and bias, seen through any wrapper in the
+    # chain (a LoRA wrapper around an (IA)^3 wrapper reads the Linear's W).
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
 
     def active(self) -> str | None:
         """The adapter to apply now, or None (disabled, or none set)."""
@@ -246,14 +290,18 @@ class WrapperMethod(Method):
         base = pm.base_model
         self.targets = self.target_names(pm)
         for name in self.targets:
-            module = base.get_submodule(name)
-            if not isinstance(module, self.wrapper_cls):
-                module = self.wrapper_cls(module)
+            top = base.get_submodule(name)
+            module = find_wrapper(top, self.wrapper_cls)
+            if module is None:
+                # the first adapter of this kind here: wrap whatever stands
+                # at the name (the Linear, or another method's wrapper)
+                module = self.wrapper_cls(top)
                 replace_module(base, name, module)
             module.add(self.name, self.config, name)
 
     def wrappers(self, pm) -> list[tuple[str, Wrapper]]:
-        return [(n, pm.base_model.get_submodule(n)) for n in self.targets]
+        return [(n, find_wrapper(pm.base_model.get_submodule(n), self.wrapper_cls))
+                for n in self.targets]
 
     def named_parameters(self, pm):
         out = {}
@@ -277,7 +325,7 @@ class WrapperMethod(Method):
         for n, w in self.wrappers(pm):
             w.remove(self.name)
             if not w.adapter_names:
-                replace_module(pm.base_model, n, w.base_layer)
+                unwrap(pm.base_model, n, w)
 
 
 class MergeableWrapperMethod(WrapperMethod):
