@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -86,6 +87,9 @@ class PeftModel(Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.adapters: dict[str, Method] = {}
         self.active_adapter: str | None = None
+        # True inside disable_adapter(): forward and generate skip the method's
+        # inputs too (soft prompts change the inputs, not a module)
+        self._disabled = False
         self.base_fingerprint = fingerprint(model)
         if not isinstance(config, FullFinetuneConfig):
             model.freeze()
@@ -125,7 +129,12 @@ class PeftModel(Module):
         if config.peft_type not in METHOD_CLASSES:
             raise ValueError(f"no method registered for {config.peft_type}")
         method = METHOD_CLASSES[config.peft_type](config, adapter_name, **method_kwargs)
-        method.inject(self)
+        # Build the new adapter on the bare base: an active selective adapter
+        # holds its trained values in the base's arrays and a merged one has
+        # changed the weights, and neither may leak into the new adapter's
+        # "original" values, magnitude norms or calibration pass.
+        with self._bare_base():
+            method.inject(self)
         self.adapters[adapter_name] = method
         self.peft_config[adapter_name] = config
         method.deactivate(self)
@@ -136,8 +145,18 @@ class PeftModel(Module):
             raise ValueError(
                 f"no adapter named {adapter_name!r}; adapters here: {sorted(self.adapters)}"
             )
-        if self.active_adapter is not None:
-            self.adapters[self.active_adapter].deactivate(self)
+        current = self.active_method
+        if current is not None:
+            if current.merged and adapter_name != self.active_adapter:
+                # A merged adapter lives in the base weights, where switching
+                # cannot reach it: take it out first (as peft does).
+                warnings.warn(
+                    f"adapter {self.active_adapter!r} is merged; unmerging it before "
+                    f"switching to {adapter_name!r}", stacklevel=2,
+                )
+                current.unmerge(self)
+                current.merged = False
+            current.deactivate(self)
         self.adapters[adapter_name].activate(self)
         self.active_adapter = adapter_name
 
@@ -160,18 +179,40 @@ class PeftModel(Module):
             raise ValueError(
                 "full fine-tuning has no adapter to disable: its changes are the base weights"
             )
+        with self._bare_base():
+            yield
+
+    @contextlib.contextmanager
+    def _bare_base(self):
+        """Run the base alone: the active adapter unmerged and switched off, then restored.
+
+        A merged adapter is unmerged first (its change sits in the base
+        weights, where switching wrappers off cannot reach it) and merged
+        again on the way out: exact where the method keeps a copy of the
+        weights, within float32 rounding otherwise.
+        """
+        method = self.active_method
         if method is None:
             yield
             return
+        merged = method.merged
+        if merged:
+            method.unmerge(self)
+            method.merged = False
         method.deactivate(self)
+        self._disabled = True
         try:
             yield
         finally:
+            self._disabled = False
             method.activate(self)
+            if merged:
+                method.merge(self)
+                method.merged = True
 
     # -- forward -----------------------------------------------------------
     def forward(self, idx=None, targets=None, **kwargs):
-        method = self.active_method
+        method = None if self._disabled else self.active_method
         if method is None:
             return self.base_model(idx, targets, **kwargs)
         extra, targets = method.forward_inputs(self, idx, targets)
@@ -185,7 +226,7 @@ class PeftModel(Module):
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """Generate with the active adapter applied (soft prompts included)."""
-        method = self.active_method
+        method = None if self._disabled else self.active_method
         extra = {} if method is None else method.generate_inputs(self, idx)
         return self.base_model.generate(idx, max_new_tokens, **kwargs, **extra)
 

@@ -303,6 +303,8 @@ class MaskMethod(SelectiveMethod):
 
     def activate(self, pm) -> None:
         super().activate(pm)
+        if not self.trainable:
+            return
         for n, p in self.params.items():
             xp = backend.xp(p.data)
             mask = xp.zeros(p.size, dtype=bool)

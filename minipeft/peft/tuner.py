@@ -187,8 +187,16 @@ class Method:
         self.config = config
         self.name = name
         self.merged = False
+        #: False once loaded for inference (``is_trainable=False``): switching
+        #: the adapter off and on again must not make it trainable
+        self.trainable = True
 
     # -- lifecycle ---------------------------------------------------------
+    @classmethod
+    def loading_kwargs(cls, state: dict) -> dict:
+        """Constructor keywords for an adapter about to be loaded from ``state`` (default none)."""
+        return {}
+
     def inject(self, pm) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -200,7 +208,7 @@ class Method:
 
     def activate(self, pm) -> None:
         for p in self.named_parameters(pm).values():
-            p.requires_grad = True
+            p.requires_grad = self.trainable
 
     def deactivate(self, pm) -> None:
         for p in self.named_parameters(pm).values():
@@ -209,6 +217,7 @@ class Method:
 
     def deactivate_training(self, pm) -> None:
         """Keep applying the adapter but stop training it (inference after loading)."""
+        self.trainable = False
         for p in self.named_parameters(pm).values():
             p.requires_grad = False
             p.grad = None
