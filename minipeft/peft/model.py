@@ -331,7 +331,7 @@ class PeftModel(Module):
                 f"{self.base_fingerprint[:12]}...): load it onto the base it was made for"
             )
         config = config_from_dict(meta["config"])
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, **_loading_kwargs(config, state))
         self.adapters[adapter_name].load_state_dict(self, state)
         self.set_adapter(adapter_name)
         if not is_trainable:
@@ -354,12 +354,19 @@ class PeftModel(Module):
                 "load it onto the base it was made for"
             )
         config = config_from_dict(meta["config"])
-        pm = cls(model, config, adapter_name)
+        pm = cls(model, config, adapter_name, **_loading_kwargs(config, state))
         pm.adapters[adapter_name].load_state_dict(pm, state)
         pm.set_adapter(adapter_name)
         if not is_trainable:
             pm.adapters[adapter_name].deactivate_training(pm)
         return pm
+
+
+def _loading_kwargs(config, state) -> dict:
+    """What the method needs to be built for the saved ``state`` (a mask's entries)."""
+    if config.peft_type not in METHOD_CLASSES:
+        raise ValueError(f"no method registered for {config.peft_type}")
+    return METHOD_CLASSES[config.peft_type].loading_kwargs(state)
 
 
 def read_adapter(directory: str) -> tuple[dict, dict]:

@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import no_grad
+from .model import _base_params as base_parameters
 from .model import base_name, register_method
 from .tuner import Method, find_targets
 
@@ -90,7 +91,9 @@ class SelectiveMethod(Method):
         raise NotImplementedError
 
     def _base_params(self, pm) -> dict:
-        return {base_name(n): p for n, p in pm.base_model.named_parameters()}
+        # the base's own parameters only: the A and B of a LoRA adapter in
+        # h.1.attn are not "attention weights of block 1" to select
+        return {base_name(n): p for n, p in base_parameters(pm.base_model)}
 
     def inject(self, pm) -> None:
         self.names = self.select(pm)
@@ -231,9 +234,18 @@ class MaskMethod(SelectiveMethod):
     selected entries only.
     """
 
-    def __init__(self, config, name, calibration_batch=None):
+    def __init__(self, config, name, calibration_batch=None, indices=None):
         super().__init__(config, name)
         self.calibration_batch = calibration_batch
+        #: weight name -> flat indices to train, given instead of chosen (loading)
+        self.given_indices = indices
+
+    @classmethod
+    def loading_kwargs(cls, state: dict) -> dict:
+        # a saved mask carries its entries: loading takes them as they are,
+        # without scoring (a gradient mask would otherwise need its calibration batch)
+        suffix = ".indices"
+        return {"indices": {k[:-len(suffix)]: v for k, v in state.items() if k.endswith(suffix)}}
 
     def select(self, pm):
         mods = find_targets(pm.base_model, self.config.target_modules)
@@ -243,8 +255,22 @@ class MaskMethod(SelectiveMethod):
         self.names = self.select(pm)
         params = self._base_params(pm)
         self.params = {n: params[n] for n in self.names}
-        scores = self._scores(pm)
         self.indices = {}
+        if self.given_indices is not None:
+            unknown = sorted(set(self.given_indices) - set(self.params))
+            missing = sorted(set(self.params) - set(self.given_indices))
+            if unknown or missing:
+                raise ValueError(
+                    f"mask adapter weights do not fit this model: indices for {unknown} "
+                    f"that the config does not target, none for {missing}"
+                )
+            for n, p in self.params.items():
+                self.indices[n] = self._checked_indices(n, p, self.given_indices[n])
+            self.original = {n: self._take(p.data, n) for n, p in self.params.items()}
+            self.stored = None
+            self.is_active = False
+            return
+        scores = self._scores(pm)
         for n, p in self.params.items():
             k = max(1, int(round(self.config.density * p.size)))
             s = scores[n]
@@ -283,6 +309,19 @@ class MaskMethod(SelectiveMethod):
         for p in pm.base_model.parameters():
             p.grad = None
         return scores
+
+    @staticmethod
+    def _checked_indices(n, p, idx):
+        """Flat indices from a file as sorted, distinct int32 entries of ``p``."""
+        idx = np.asarray(idx)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise ValueError(f"{n}.indices: expected a 1-D integer array, got {idx.dtype} "
+                             f"{idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= p.size):
+            raise ValueError(f"{n}.indices: entries must lie in [0, {p.size})")
+        if idx.size and not (np.diff(idx) > 0).all():
+            raise ValueError(f"{n}.indices: entries must be sorted and distinct")
+        return idx.astype(np.int32)
 
     def _take(self, data, n):
         flat = data.reshape(-1)
@@ -340,14 +379,20 @@ class MaskMethod(SelectiveMethod):
                 f"mask adapter weights do not fit this model: missing {missing}, "
                 f"unexpected {unexpected}"
             )
+        # check every entry before changing anything
+        indices = {n: self._checked_indices(n, p, state[f"{n}.indices"])
+                   for n, p in self.params.items()}
+        for n, idx in indices.items():
+            shape = tuple(np.shape(state[f"{n}.values"]))
+            if shape != idx.shape:
+                raise ValueError(
+                    f"mask adapter weights do not fit this model: {n}.values has shape "
+                    f"{shape}, its indices {idx.shape}"
+                )
         was_active = self.is_active
         if was_active:
             self.deactivate(pm)
-        for n, p in self.params.items():
-            idx = np.asarray(state[f"{n}.indices"]).astype(np.int32)
-            if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= p.size)):
-                raise ValueError(f"{n}.indices: entries must lie in [0, {p.size})")
-            self.indices[n] = idx
+        self.indices = indices
         self.original = {n: self._take(p.data, n) for n, p in self.params.items()}
         self.stored = {n: backend.to_device(np.asarray(state[f"{n}.values"]).astype(p.dtype),
                                             p.device)
