@@ -1,0 +1,256 @@
+"""Adapter files: save_pretrained then from_pretrained round-trips bit for bit, the file
+holds only what the method trained (its size is the count times the dtype size plus a
+small header), and a wrong base or a missing file is refused clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+from peft_cases import (
+    CASES,
+    MASKS,
+    SMALL,
+    P,
+    batch,
+    config_of,
+    host,
+    logits_of,
+    small_base,
+    tokens,
+    wrap,
+)
+
+from minipeft.optim import AdamW
+from minipeft.peft import LoraConfig, PeftModel, get_peft_model
+from minipeft.peft.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+#: a safetensors header: names, dtypes, shapes and offsets of a few dozen arrays
+HEADER_LIMIT = 4096
+
+
+def _trained(name, device="cpu", steps=3, base=None, adapter_name="default"):
+    pm = wrap(name, base=base if base is not None else small_base(device),
+              adapter_name=adapter_name)
+    opt = AdamW(pm.trainable_parameters(), lr=2e-2)
+    for s in range(steps):
+        idx, targets = batch(seed=s)
+        _, loss = pm(idx, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return pm
+
+
+def _safetensors_layout(path):
+    """(header bytes, data bytes) of a safetensors file, and its parsed header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return n, os.path.getsize(path) - 8 - n, header
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_save_then_load_gives_bit_identical_outputs(name, device, tmp_path):
+    pm = _trained(name, device)
+    idx = tokens()
+    out = logits_of(pm, idx)
+    assert not np.array_equal(out, logits_of(small_base(device), idx))
+    pm.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+
+    loaded = PeftModel.from_pretrained(small_base(device), tmp_path)
+    assert np.array_equal(logits_of(loaded, idx), out)
+    # loaded for inference: nothing trains, until asked
+    assert loaded.get_nb_trainable_parameters()[0] == 0
+    trainable = PeftModel.from_pretrained(small_base(device), tmp_path, is_trainable=True)
+    assert np.array_equal(logits_of(trainable, idx), out)
+    # (prefix tuning's MLP is not saved: the prefixes it made are what trains on)
+    assert trainable.get_nb_trainable_parameters()[0] == pm.adapters["default"].trainable_count(pm)
+    # the generated text agrees too
+    assert np.array_equal(loaded.generate(idx, 3, temperature=0), pm.generate(idx, 3, temperature=0))
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "full"])
+def test_an_inference_adapter_stays_frozen_through_switching(name, tmp_path):
+    _trained(name).save_pretrained(tmp_path)
+    pm = PeftModel.from_pretrained(small_base(), tmp_path)
+    with pm.disable_adapter():
+        pass
+    pm.set_adapter("default")
+    assert pm.get_nb_trainable_parameters()[0] == 0
+    assert all(p.grad_mask is None for p in pm.parameters())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_adapter_file_holds_only_what_the_method_trained(name, tmp_path):
+    pm = _trained(name, steps=1)
+    pm.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    n_header, n_data, header = _safetensors_layout(tmp_path / ADAPTER_WEIGHTS)
+    assert n_header < HEADER_LIMIT
+    C, L = SMALL["n_embd"], SMALL["n_layer"]
+    if name in MASKS:
+        # k float32 values and k int32 flat indices per masked weight
+        k = pm.get_nb_trainable_parameters()[0]
+        assert n_data == k * (4 + 4)
+        assert meta["trainable_count"] == k
+        dtypes = {v["dtype"] for key, v in header.items() if key != "__metadata__"}
+        assert dtypes == {"F32", "I32"}
+    elif name == "prefix_projection":
+        # the P x n_layer x 2 x n_embd prefixes the MLP produces, not the MLP
+        assert n_data == P * L * 2 * C * 4
+        assert meta["trainable_count"] == P * L * 2 * C
+        assert pm.get_nb_trainable_parameters()[0] > P * L * 2 * C
+    else:
+        count = pm.get_nb_trainable_parameters()[0]
+        assert n_data == count * 4
+        assert meta["trainable_count"] == count
+    assert meta["config"] == pm.peft_config["default"].to_dict()
+    assert meta["base_config"]["n_embd"] == C
+
+
+def test_reference_lora_file_size(tmp_path):
+    from minipeft import GPT, GPTConfig
+    pm = get_peft_model(GPT(GPTConfig(), seed=0), LoraConfig(r=8, target_modules=["c_attn"]))
+    pm.save_pretrained(tmp_path)
+    n_header, n_data, _ = _safetensors_layout(tmp_path / ADAPTER_WEIGHTS)
+    assert n_data == 16_384 * 4
+    assert os.path.getsize(tmp_path / ADAPTER_WEIGHTS) == 8 + n_header + 65_536
+    assert n_header < 2048
+
+
+def test_prefix_with_projection_loads_as_plain_prefixes(tmp_path):
+    pm = _trained("prefix_projection")
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(small_base(), tmp_path, is_trainable=True)
+    names = [n for n, _ in loaded.named_parameters() if "prompt_encoder" in n]
+    assert names == ["prompt_encoder.default.embedding"]
+    assert loaded.get_nb_trainable_parameters()[0] == P * SMALL["n_layer"] * 2 * SMALL["n_embd"]
+
+
+def test_loading_onto_another_base_is_refused(tmp_path):
+    pm = _trained("lora")
+    pm.save_pretrained(tmp_path)
+    other = small_base(seed=1)
+    before = {n: host(p) for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match=r"trained on another base model \(fingerprint"):
+        PeftModel.from_pretrained(other, tmp_path)
+    # refused before touching the model
+    assert [n for n, _ in other.named_parameters()] == list(before)
+    assert all(p.requires_grad for p in other.parameters())
+    # one changed number is enough
+    tweaked = small_base()
+    tweaked.h[1].ln_2.bias.data[3] += 1e-6
+    with pytest.raises(ValueError, match="fingerprint"):
+        PeftModel.from_pretrained(tweaked, tmp_path)
+    # and load_adapter onto a PeftModel of another base
+    host_pm = get_peft_model(small_base(seed=1), LoraConfig(r=2))
+    with pytest.raises(ValueError, match="fingerprint"):
+        host_pm.load_adapter(tmp_path, "other")
+    assert list(host_pm.adapters) == ["default"]
+
+
+def test_the_fingerprint_ignores_adapters_and_dtype_matters():
+    from minipeft.peft.model import fingerprint
+    base = small_base()
+    fp = fingerprint(base)
+    pm = _trained("lora", base=base)
+    assert fingerprint(pm.base_model) == fp == pm.base_fingerprint
+    assert fingerprint(small_base(dtype=np.float64)) != fp
+
+
+@pytest.mark.parametrize("missing", [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+def test_missing_files_name_the_file(missing, tmp_path):
+    _trained("lora", steps=1).save_pretrained(tmp_path)
+    os.remove(tmp_path / missing)
+    with pytest.raises(FileNotFoundError, match=missing):
+        PeftModel.from_pretrained(small_base(), tmp_path)
+    with pytest.raises(FileNotFoundError, match=missing):
+        get_peft_model(small_base(), LoraConfig(r=2)).load_adapter(tmp_path, "b")
+
+
+def test_a_corrupt_config_is_refused(tmp_path):
+    _trained("lora", steps=1).save_pretrained(tmp_path)
+    (tmp_path / ADAPTER_CONFIG).write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        PeftModel.from_pretrained(small_base(), tmp_path)
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"config": {"peft_type": "LORA"}}))
+    with pytest.raises(ValueError, match="no 'base_fingerprint'"):
+        PeftModel.from_pretrained(small_base(), tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    from minipeft import io
+    pm = _trained("lora", steps=1)
+    pm.save_pretrained(tmp_path)
+    state, _ = io.load_tensors(tmp_path / ADAPTER_WEIGHTS)
+    name = next(iter(state))
+    state[name] = state[name][:1]
+    io.save_tensors(state, tmp_path / ADAPTER_WEIGHTS)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        PeftModel.from_pretrained(small_base(), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["lora", "bitfit", "mask_random", "prefix_projection",
+                                  "ia3", "layers"])
+def test_load_adapter_adds_a_second_adapter_that_switches_exactly(name, tmp_path):
+    idx = tokens()
+    first = _trained(name)
+    out_first = logits_of(first, idx)
+    first.save_pretrained(tmp_path)
+
+    base = small_base()
+    ref = logits_of(base, idx)
+    pm = _trained("lora", base=base, adapter_name="mine", steps=2)
+    mine = logits_of(pm, idx)
+    pm.load_adapter(tmp_path, "loaded")
+    assert pm.active_adapter == "loaded"
+    assert np.array_equal(logits_of(pm, idx), out_first)
+    pm.set_adapter("mine")
+    assert np.array_equal(logits_of(pm, idx), mine)
+    with pm.disable_adapter():
+        assert np.array_equal(logits_of(pm, idx), ref)
+    pm.set_adapter("loaded")
+    assert np.array_equal(logits_of(pm, idx), out_first)
+
+
+def test_saving_an_inactive_adapter_saves_its_own_values(tmp_path):
+    # selective adapters keep their values aside while inactive; saving one must
+    # write those, not what the base holds at that moment
+    idx = tokens()
+    base = small_base()
+    pm = _trained("bitfit", base=base, adapter_name="a")
+    out_a = logits_of(pm, idx)
+    config, _ = config_of("layers")
+    pm.add_adapter("b", config)
+    pm.set_adapter("b")
+    pm.save_pretrained(tmp_path, adapter_name="a")
+    loaded = PeftModel.from_pretrained(small_base(), tmp_path)
+    assert np.array_equal(logits_of(loaded, idx), out_a)
+
+
+def test_mask_files_with_bad_indices_are_refused(tmp_path):
+    from minipeft import io
+    _trained("mask_random", steps=1).save_pretrained(tmp_path)
+    good, _ = io.load_tensors(tmp_path / ADAPTER_WEIGHTS)
+    name = next(k for k in good if k.endswith(".indices"))
+    stem = name[:-len(".indices")]
+    cases = {
+        "out of range": (lambda s: s.__setitem__(name, s[name] + 10_000),
+                         r"entries must lie in \[0, "),
+        "unsorted": (lambda s: s.__setitem__(name, s[name][::-1].copy()),
+                     "sorted and distinct"),
+        "values too short": (lambda s: s.__setitem__(stem + ".values", s[stem + ".values"][:-1]),
+                             "values has shape"),
+        "missing weight": (lambda s: s.pop(name), "mask adapter weights do not fit"),
+    }
+    for _, (spoil, message) in cases.items():
+        state = {k: v.copy() for k, v in good.items()}
+        spoil(state)
+        io.save_tensors(state, tmp_path / ADAPTER_WEIGHTS)
+        with pytest.raises(ValueError, match=message):
+            PeftModel.from_pretrained(small_base(), tmp_path)
