@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import no_grad, ops
+from ..nn.layers import Dropout
 from ..nn.module import Parameter
 from .model import register_method
 from .tuner import AdapterParams, MergeableWrapperMethod, Wrapper
@@ -55,10 +56,10 @@ class LoraLinear(Wrapper):
         self.lora_A = AdapterParams()
         self.lora_B = AdapterParams()
         self.lora_magnitude = AdapterParams()   # DoRA only
+        self.lora_dropout = AdapterParams()     # a Dropout module per adapter
         self.configs = {}
         self.merged_adapter: str | None = None
         self._copies = {}                # adapter -> W kept at merge (exact unmerge)
-        self._rng = None
 
     def add(self, name: str, config, module_name: str) -> None:
         W = self.base_layer.weight
@@ -75,11 +76,19 @@ class LoraLinear(Wrapper):
             xp = backend.xp(W.data)
             norm = xp.sqrt((W.data * W.data).sum(axis=0))                # (out,)
             setattr(self.lora_magnitude, name, Parameter(norm.copy()))
+        # Dropout on the branch's input: an nn Dropout, so gradient
+        # checkpointing records and replays its masks like the model's own,
+        # seeded per module so that no two layers draw the same masks
+        seed = np.random.SeedSequence([config.init_seed, zlib.crc32(module_name.encode()), 1])
+        setattr(self.lora_dropout, name,
+                Dropout(config.lora_dropout, seed=int(seed.generate_state(1)[0])))
         self.configs[name] = config
         self.adapter_names.append(name)
 
     def remove(self, name: str) -> None:
         super().remove(name)
+        if name in self.lora_dropout._modules:
+            delattr(self.lora_dropout, name)
         self.configs.pop(name, None)
 
     # -- forward ---------------------------------------------------------------
@@ -90,20 +99,11 @@ class LoraLinear(Wrapper):
         cfg = self.configs[name]
         A = self.lora_A._parameters[name]
         B = self.lora_B._parameters[name]
-        h = self._dropout(x, cfg.lora_dropout)
+        h = self.lora_dropout._modules[name](x)                          # dropout, branch only
         delta = ops.matmul(ops.matmul(h, A), B) * cfg.scaling          # (x A) B, never AB
         if not cfg.use_dora:
             return self.base_layer(x) + delta
         return self._dora(x, delta, A, B, cfg, self.lora_magnitude._parameters[name])
-
-    def _dropout(self, x, p):
-        """Dropout on the LoRA branch only (the base sees the undropped x)."""
-        if p == 0.0 or not self.training:
-            return x
-        if self._rng is None or self._rng.device != x.device:
-            self._rng = backend.Generator(x.device, seed=0)
-        mask = self._rng.random(x.shape, dtype=x.dtype) >= p
-        return ops.dropout(x, p, mask)
 
     def _dora(self, x, delta, A, B, cfg, m):
         r"""DoRA: :math:`y = (xW + \Delta)\,\frac{m}{n} + b`, :math:`n = \lVert W + sAB\rVert_c`."""
