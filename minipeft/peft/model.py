@@ -230,6 +230,13 @@ class PeftModel(Module):
         extra = {} if method is None else method.generate_inputs(self, idx)
         return self.base_model.generate(idx, max_new_tokens, **kwargs, **extra)
 
+    def to(self, device: str | None = None, dtype=None) -> PeftModel:
+        """Move base and adapters (and what the methods keep aside) to ``device`` / ``dtype``."""
+        super().to(device, dtype)
+        for method in self.adapters.values():
+            method.to(self, device, None if dtype is None else np.dtype(dtype))
+        return self
+
     # -- counting ----------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) scalars; a masked parameter counts its selected entries."""

@@ -34,7 +34,7 @@ from .. import backend
 from ..autograd import no_grad
 from .model import _base_params as base_parameters
 from .model import base_name, register_method
-from .tuner import Method, find_targets
+from .tuner import Method, find_targets, move_array
 
 # ---------------------------------------------------------------------------
 # The cost of a mask
@@ -144,6 +144,14 @@ class SelectiveMethod(Method):
 
     def remove(self, pm) -> None:
         self.stored = None
+
+    def to(self, pm, device, dtype) -> None:
+        # the original and the set-aside values move with the parameters,
+        # or switching would write host arrays into device arrays
+        for kept in (self.original, self.stored):
+            if kept is not None:
+                for n in kept:
+                    kept[n] = move_array(kept[n], device, dtype)
 
     def detach_keep(self, pm) -> None:
         # the trained values already live in the base's arrays

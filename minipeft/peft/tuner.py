@@ -226,6 +226,9 @@ class Method:
         """Leave the base holding this adapter's effect (merged weights) and drop the rest."""
         self.remove(pm)
 
+    def to(self, pm, device, dtype) -> None:
+        """Move the arrays the method keeps outside parameters (copies of weights)."""
+
     # -- forward ---------------------------------------------------------------
     def forward_inputs(self, pm, idx, targets):
         """Keyword arguments for the base forward and the targets to use (default: none)."""
@@ -337,6 +340,17 @@ class WrapperMethod(Method):
                 unwrap(pm.base_model, n, w)
 
 
+def move_array(a, device=None, dtype=None):
+    """``a`` cast to ``dtype`` and moved to ``device`` (either may be None: unchanged)."""
+    from .. import backend
+
+    if a is None:
+        return None
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    return a if device is None else backend.to_device(a, device)
+
+
 class MergeableWrapperMethod(WrapperMethod):
     """A wrapper method whose update folds into the base weights (LoRA, (IA)^3).
 
@@ -362,6 +376,13 @@ class MergeableWrapperMethod(WrapperMethod):
             if w.merged_adapter == self.name:
                 w.unmerge()
         super().remove(pm)
+
+    def to(self, pm, device, dtype) -> None:
+        # copies kept at merge (for an exact unmerge) move with the weights
+        for _, w in self.wrappers(pm):
+            for name, kept in w._copies.items():
+                w._copies[name] = (tuple(move_array(a, device, dtype) for a in kept)
+                                   if isinstance(kept, tuple) else move_array(kept, device, dtype))
 
     def detach_keep(self, pm) -> None:
         # the merged weights stay in base_layer; drop the wrappers around them
