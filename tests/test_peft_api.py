@@ -457,3 +457,39 @@ def test_deleting_the_last_adapter_of_a_wrapper_restores_the_linear():
     assert [n for n, _ in base.named_parameters()] == names
     assert pm.active_adapter is None
     assert np.array_equal(logits_of(pm, tokens()), logits_of(small_base(), tokens()))
+
+
+@pytest.mark.parametrize("name", SHAREABLE)
+def test_moving_a_peft_model_moves_what_its_methods_keep(name, device):
+    # built on the host, then moved: the copies the methods keep aside (original
+    # values of selected entries, weights kept at merge) must move too
+    from minipeft import backend
+    idx = tokens()
+    ref = logits_of(small_base(), idx)
+    pm = wrap(name)
+    _train_active(pm)
+    pm.add_adapter("bitfit", BitFitConfig())
+    merged = name in ("lora", "dora", "ia3", "ia3_queries")
+    if merged:
+        pm.adapters["default"].keep_copy = True
+        pm.merge_adapter()
+    out = logits_of(pm, idx)
+    pm.to(device)
+    assert all(backend.device_of(p.data) == device for p in pm.parameters())
+    np.testing.assert_allclose(logits_of(pm, idx), out, rtol=1e-6, atol=1e-6)
+    with pm.disable_adapter():
+        np.testing.assert_allclose(logits_of(pm, idx), ref, rtol=1e-6, atol=1e-6)
+    with pytest.warns(UserWarning) if merged else _nothing():
+        pm.set_adapter("bitfit")
+    np.testing.assert_allclose(logits_of(pm, idx), ref, rtol=1e-6, atol=1e-6)
+    pm.set_adapter("default")
+    np.testing.assert_allclose(logits_of(pm, idx), out, rtol=1e-5, atol=1e-5)
+    pm.to("cpu", dtype=np.float64)
+    with pm.disable_adapter():
+        np.testing.assert_allclose(logits_of(pm, idx), ref, rtol=1e-6, atol=1e-6)
+    assert all(p.dtype == np.float64 for p in pm.parameters())
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()

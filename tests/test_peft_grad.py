@@ -146,3 +146,34 @@ def test_the_masked_check_catches_a_gradient_that_leaks_outside_the_mask():
     params = pm.trainable_parameters()
     with pytest.raises(AssertionError, match="random-projection check failed"):
         vjp_check(_loss_fn(pm, idx, targets), params, trials=1)
+
+
+def _grads_of(name, **over):
+    """Loss and gradients of one training step of the named case on a float64 base."""
+    from peft_cases import config_of
+
+    from minipeft.peft import LoraConfig
+    if name == "lora_dropout":
+        config, kwargs = LoraConfig(r=2, lora_dropout=0.3, target_modules=["c_attn", "c_fc"]), {}
+    else:
+        config, kwargs = config_of(name)
+    pm = get_peft_model(small_base(dtype=np.float64, **over), config, **kwargs)
+    perturb(pm)
+    idx, targets = batch()
+    _, loss = pm(idx, targets)
+    loss.backward()
+    return host(loss), {n: host(p.grad) for n, p in pm.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["lora", "lora_dropout", "dora", "adapter_houlsby", "ia3",
+                                  "prompt", "prefix", "prefix_projection", "bitfit",
+                                  "mask_random"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    # with dropout on (the model's and LoRA's own): the recomputation in backward
+    # must replay the very masks the forward drew
+    loss, grads = _grads_of(name, dropout=0.2)
+    loss_ck, grads_ck = _grads_of(name, dropout=0.2, gradient_checkpointing=True)
+    assert loss_ck == loss
+    assert set(grads_ck) == set(grads) and grads
+    for n in grads:
+        np.testing.assert_allclose(grads_ck[n], grads[n], rtol=1e-10, atol=1e-12, err_msg=n)

@@ -244,6 +244,15 @@ def test_lora_dropout_acts_on_the_branch_only_and_only_in_training():
     np.testing.assert_allclose(h[~dropped], 2 * host(x)[~dropped], rtol=1e-6)
 
 
+def test_lora_dropout_masks_differ_between_layers():
+    from minipeft import Tensor
+    from minipeft.peft import LoraConfig
+    pm = get_peft_model(small_base(), LoraConfig(r=2, lora_dropout=0.5, target_modules=["c_fc"]))
+    x = Tensor(np.ones((4, 16), dtype=np.float32))
+    kept = [host(pm.base_model.h[i].mlp.c_fc.lora_dropout.default(x)) != 0 for i in (0, 1)]
+    assert not np.array_equal(kept[0], kept[1])
+
+
 def test_ia3_scales_keys_values_and_the_mlp_inner_activation():
     from minipeft import Tensor
     for case, q_scaled in (("ia3", False), ("ia3_queries", True)):
