@@ -91,9 +91,17 @@ class PeftModel(Module):
         # inputs too (soft prompts change the inputs, not a module)
         self._disabled = False
         self.base_fingerprint = fingerprint(model)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         if not isinstance(config, FullFinetuneConfig):
             model.freeze()
-        self.add_adapter(adapter_name, config, **method_kwargs)
+        try:
+            self.add_adapter(adapter_name, config, **method_kwargs)
+        except Exception:
+            # a refused config (no matching module, a bad knob) leaves the
+            # caller's model as it was, not frozen
+            for p, flag in flags:
+                p.requires_grad = flag
+            raise
         self.set_adapter(adapter_name)
 
     @property
