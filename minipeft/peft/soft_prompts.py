@@ -123,7 +123,12 @@ class PromptTuningMethod(_SoftPromptMethod):
         if cfg.prompt_tuning_init == "VOCAB":
             emb = wte[rng.integers(0, wte.shape[0], size=P)]
         elif cfg.prompt_tuning_init == "TEXT":
-            ids = CharTokenizer().encode(cfg.prompt_tuning_init_text)
+            ids = np.asarray(CharTokenizer().encode(cfg.prompt_tuning_init_text))
+            if ids.size and ids.max() >= wte.shape[0]:
+                raise ValueError(
+                    f"prompt_tuning_init_text encodes to token ids up to {int(ids.max())}, "
+                    f"beyond this model's vocabulary of {wte.shape[0]}"
+                )
             emb = wte[np.resize(ids, P)] if P else wte[:0]                   # repeat to length P
         else:
             emb = rng.normal(0.0, 0.02, size=(P, wte.shape[1]))
