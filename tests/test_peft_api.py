@@ -235,9 +235,10 @@ def test_target_modules_matching_nothing_lists_the_modules_that_exist(config):
     assert "['q_proj'] matched no Linear module" in msg
     for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "h.0.attn.c_attn"):
         assert name in msg
-    # nothing was wrapped
+    # nothing was wrapped, nothing frozen
     assert not any(isinstance(m, Wrapper) for m in base.modules())
     assert {n for n, _ in base.named_parameters()} == set(before)
+    assert all(p.requires_grad for p in base.parameters())
 
 
 def test_target_modules_follow_pefts_suffix_rule():
@@ -250,6 +251,23 @@ def test_target_modules_follow_pefts_suffix_rule():
     # a partial name is not a match: "proj" is neither equal to nor a dotted suffix
     with pytest.raises(ValueError, match="matched no Linear"):
         get_peft_model(small_base(), LoraConfig(r=2, target_modules=["proj"]))
+
+
+def test_prompt_text_beyond_the_vocabulary_is_refused():
+    # the small base knows 11 token ids; "z" is id 91 of the reference vocabulary
+    with pytest.raises(ValueError, match="beyond this model's vocabulary of 11"):
+        get_peft_model(small_base(), PromptTuningConfig(
+            num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="z"))
+
+
+def test_layer_selection_never_selects_another_adapters_parameters():
+    pm = wrap("lora", adapter_name="a")
+    pm.add_adapter("b", LayerSelectConfig(layers=[1], components=["attn"]))
+    pm.set_adapter("b")
+    trainable = {n for n, p in pm.base_model.named_parameters() if p.requires_grad}
+    assert trainable and not any("lora_" in n for n in trainable)
+    assert {n.replace(".base_layer", "") for n in trainable} == {
+        f"h.1.attn.{m}.{t}" for m in ("c_attn", "c_proj") for t in ("weight", "bias")}
 
 
 def test_ia3_feedforward_modules_must_be_targets():
