@@ -307,8 +307,15 @@ class MaskMethod(SelectiveMethod):
         for p in self.params.values():
             p.requires_grad = True
             p.grad = None
-        _, loss = pm.base_model(idx, targets)
-        loss.backward()
+        # in eval mode: the selection should not depend on (or advance) the
+        # model's dropout draws
+        was_training = pm.base_model.training
+        pm.base_model.eval()
+        try:
+            _, loss = pm.base_model(idx, targets)
+            loss.backward()
+        finally:
+            pm.base_model.train(was_training)
         scores = {n: np.abs(backend.asnumpy(p.grad)).reshape(-1) for n, p in self.params.items()}
         for n, p in self.params.items():
             p.requires_grad = flags[n]
