@@ -393,3 +393,50 @@ def test_forward_refuses_sequences_beyond_n_positions(name):
     with pytest.raises(ValueError, match="exceed n_positions=16"):
         pm(tokens((1, 14)))
     assert pm(tokens((1, 13))).shape == (1, 13, 11)
+
+
+def test_gradient_masks_do_not_depend_on_dropout():
+    from minipeft.peft import MaskConfig
+    cfg = MaskConfig(density=0.1, selection="gradient", target_modules=["c_fc"])
+    chosen = []
+    for seed in (0, 1):
+        base = small_base(dropout=0.3)
+        base.h[0].attn.attn_dropout.seed = seed       # other dropout draws, same weights
+        base.h[1].mlp.dropout.seed = seed + 10
+        pm = get_peft_model(base, cfg, calibration_batch=batch(seed=7))
+        chosen.append(pm.adapters["default"].indices)
+        assert base.training
+    assert all(np.array_equal(chosen[0][n], chosen[1][n]) for n in chosen[0])
+
+
+def test_mask_costs_and_the_optimizer_agree():
+    from minipeft.peft.selective import break_even_density, mask_state_bytes
+    assert break_even_density() == 7 / 16
+    assert break_even_density(index_bytes=8, bool_mask=False) == 1 / 2
+    assert break_even_density(index_bytes=4) == 7 / 12
+    pm = wrap("mask_random")
+    opt = _train(pm, steps=1)
+    method = pm.adapters["default"]
+    want = 0
+    for n, p in method.params.items():
+        cost = mask_state_bytes(p.size, len(method.indices[n]))
+        assert cost["masked_adam_state"] + cost["indices"] == 16 * len(method.indices[n])
+        assert cost["full_adam_state"] == 8 * p.size
+        want += cost["masked_adam_state"] + cost["indices"]
+    assert opt.state_bytes() == want
+    # at the break-even density, moments + indices + a boolean mask cost what full Adam does
+    n = 1600
+    k = int(n * break_even_density())
+    c = mask_state_bytes(n, k)
+    assert c["masked_adam_state"] + c["indices"] + c["bool_mask"] == c["full_adam_state"]
+
+
+def test_extra_inference_flops():
+    # LoRA: 2 r (in + out) per target and token; adapters: 2 x 2 C m each
+    lora = wrap("lora")
+    per_layer = sum(2 * 2 * (i + o) for i, o in ((16, 48), (16, 16), (16, 64), (64, 16)))
+    assert lora.adapters["default"].extra_flops_per_token(lora) == 2 * per_layer
+    houlsby = wrap("adapter_houlsby")
+    assert houlsby.adapters["default"].extra_flops_per_token(houlsby) == 2 * 2 * (2 * 2 * 16 * 4)
+    ia3 = wrap("ia3")
+    assert ia3.adapters["default"].extra_flops_per_token(ia3) == 2 * (2 * 16 + 4 * 16)
