@@ -26,6 +26,7 @@ that), so switching back and forth is exact.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -34,7 +35,7 @@ from .. import backend
 from ..autograd import no_grad
 from .model import _base_params as base_parameters
 from .model import base_name, register_method
-from .tuner import Method, find_targets, move_array
+from .tuner import Method, _check_names_shapes, find_targets, move_array
 
 # ---------------------------------------------------------------------------
 # The cost of a mask
@@ -136,11 +137,16 @@ class SelectiveMethod(Method):
         return self._read() if self.stored is None else dict(self.stored)
 
     def load_state_dict(self, pm, state) -> None:
-        super().load_state_dict(pm, state)
-        if not self.is_active and self.original is not None:
-            # loaded into an inactive adapter: keep the values aside, base untouched
-            self.stored = self._read()
-            self._write(self.original)
+        own = self.named_parameters(pm)
+        _check_names_shapes(type(self.config).__name__, own, state)
+        values = {n: backend.to_device(backend.asnumpy(state[n]).astype(p.dtype), p.device)
+                  for n, p in own.items()}
+        if self.is_active or self.original is None:
+            self._write(values)
+        else:
+            # an inactive adapter keeps its values aside; the base's arrays may
+            # be holding the active adapter's trained values and stay untouched
+            self.stored = values
 
     def remove(self, pm) -> None:
         self.stored = None
@@ -408,7 +414,10 @@ class MaskMethod(SelectiveMethod):
         if was_active:
             self.deactivate(pm)
         self.indices = indices
-        self.original = {n: self._take(p.data, n) for n, p in self.params.items()}
+        # the base's own values at the (possibly new) entries: with this adapter
+        # switched off the base holds them, unless another adapter is active
+        with contextlib.nullcontext() if was_active else pm._bare_base():
+            self.original = {n: self._take(p.data, n) for n, p in self.params.items()}
         self.stored = {n: backend.to_device(np.asarray(state[f"{n}.values"]).astype(p.dtype),
                                             p.device)
                        for n, p in self.params.items()}
