@@ -254,3 +254,47 @@ def test_mask_files_with_bad_indices_are_refused(tmp_path):
         io.save_tensors(state, tmp_path / ADAPTER_WEIGHTS)
         with pytest.raises(ValueError, match=message):
             PeftModel.from_pretrained(small_base(), tmp_path)
+
+
+LOAD_PAIRS = [("bitfit", "bitfit"), ("layers", "bitfit"), ("bitfit", "layers"),
+              ("mask_random", "mask_magnitude"), ("mask_magnitude", "mask_random"),
+              ("mask_gradient", "layers")]
+
+
+@pytest.mark.parametrize("active, loaded", LOAD_PAIRS, ids=[f"{a}+{b}" for a, b in LOAD_PAIRS])
+def test_loading_a_selective_adapter_beside_an_active_one_keeps_both(active, loaded, device,
+                                                                     tmp_path):
+    # both train entries of the same base arrays: loading the second must not
+    # overwrite the first one's trained values, nor take them as the base's
+    idx = tokens()
+    saved = _trained(loaded, steps=2)
+    out_saved = logits_of(saved, idx)
+    saved.save_pretrained(tmp_path)
+
+    base = small_base(device)
+    ref = logits_of(base, idx)
+    pm = _trained(active, base=base, adapter_name="mine", steps=2)
+    out_mine = logits_of(pm, idx)
+    pm.load_adapter(tmp_path, "loaded")
+    assert np.array_equal(logits_of(pm, idx), out_saved)
+    for _ in range(2):
+        pm.set_adapter("mine")
+        assert np.array_equal(logits_of(pm, idx), out_mine)
+        with pm.disable_adapter():
+            assert np.array_equal(logits_of(pm, idx), ref)
+        pm.set_adapter("loaded")
+        assert np.array_equal(logits_of(pm, idx), out_saved)
+    # loading into an adapter that already exists and is inactive works the same way
+    pm.set_adapter("mine")
+    from minipeft.peft.model import read_adapter
+    _, state = read_adapter(tmp_path)
+    pm.adapters["loaded"].load_state_dict(pm, state)
+    assert np.array_equal(logits_of(pm, idx), out_mine)
+    pm.set_adapter("loaded")
+    assert np.array_equal(logits_of(pm, idx), out_saved)
+    # with the first adapter gone, the second still restores the base exactly
+    pm.delete_adapter("mine")
+    with pm.disable_adapter():
+        assert np.array_equal(logits_of(pm, idx), ref)
+    assert np.array_equal(logits_of(pm, idx), out_saved)
+    assert np.array_equal(logits_of(pm.unload(), idx), ref)
