@@ -32,7 +32,7 @@ import zlib
 import numpy as np
 
 from .. import backend
-from ..autograd import no_grad, ops
+from ..autograd import Tensor, no_grad, ops
 from ..data.tokenizer import IGNORE_INDEX, CharTokenizer
 from ..nn.gpt import KVCache
 from ..nn.module import Module, Parameter
@@ -151,7 +151,9 @@ class PromptTuningMethod(_SoftPromptMethod):
                                    (B, P, prompt.shape[1]))                  # (B, P, C)
         embeds = ops.concatenate([virtual, base.wte(ids)], axis=1)           # (B, P+T, C)
         if targets is not None:
-            t = backend.asnumpy(targets.data if hasattr(targets, "data") else targets)
+            # a Tensor's array, or the array itself: every array has a .data
+            # attribute too (NumPy's a memoryview, CuPy's a device pointer)
+            t = backend.asnumpy(targets.data if isinstance(targets, Tensor) else targets)
             pad = np.full((B, P), IGNORE_INDEX, dtype=np.int64)
             targets = np.concatenate([pad, t.astype(np.int64)], axis=1)     # (B, P+T)
         return {"inputs_embeds": embeds}, targets
