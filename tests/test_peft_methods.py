@@ -121,6 +121,17 @@ def test_training_changes_only_what_the_method_trains(name, device):
     assert {ids[i] for i in opt.state} == trainable
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_batches_may_live_on_the_device_or_be_lists_or_tensors(name, device):
+    from minipeft import Tensor, backend
+    pm = wrap(name, device=device)
+    idx, targets = batch()
+    _, want = pm(idx, targets)
+    for t in (backend.to_device(targets, device), targets.tolist(), Tensor(targets)):
+        _, loss = pm(backend.to_device(idx, device), t)
+        assert host(loss) == host(want)
+
+
 @pytest.mark.parametrize("name", MASKS)
 def test_entries_outside_an_element_mask_never_change(name, device):
     pm = wrap(name, device=device)
