@@ -54,6 +54,8 @@ class PretrainRecipe:
     clip: float = 1.0
     seed: int = 0
     eval_every: int = 250
+    #: validation batches for the final loss (None: the whole validation text)
+    val_batches: int | None = None
 
 
 def validation_loss(model: GPT, val_ids, batches: int | None = None, batch_size: int = 16,
@@ -85,7 +87,7 @@ def pretrain(recipe: PretrainRecipe | None = None, *, device: str = "cpu", progr
         eval_fn=lambda m: {"val_loss": validation_loss(m, val_ids, batches=8)},
         progress=progress, desc="pretrain",
     )
-    val = validation_loss(model, val_ids)
+    val = validation_loss(model, val_ids, batches=rc.val_batches)
     bigram = bigram_cross_entropy(train_text, val_text, tok)
     report = {
         "val_loss": val,
