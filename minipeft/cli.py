@@ -188,6 +188,80 @@ def _cmd_bench(args) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Hugging Face interop: export and import (minipeft.interop)
+# ---------------------------------------------------------------------------
+
+
+def _interop_base(args):
+    """The base the adapters belong to: ``--checkpoint``, or the shipped base."""
+    from .base import load_base
+
+    return load_base(args.checkpoint) if args.checkpoint else load_base()
+
+
+def _cmd_export(args) -> int:
+    """Write a Hugging Face folder: the base as a GPT-2 model, or an adapter as a peft adapter."""
+    from .interop import export_peft_adapter, save_hf_gpt2
+    from .peft import FullFinetuneConfig, PeftModel
+
+    base = _interop_base(args)
+    if args.base:
+        save_hf_gpt2(base, args.out)
+        print(f"wrote the base as a GPT-2 model folder to {args.out} "
+              "(transformers.GPT2LMHeadModel.from_pretrained reads it)")
+        return 0
+    pm = PeftModel.from_pretrained(base, args.adapter)
+    if isinstance(pm.peft_config[pm.active_adapter], FullFinetuneConfig):
+        # a fully fine-tuned model is not an adapter: it is a whole GPT-2
+        save_hf_gpt2(pm.base_model, args.out)
+        print(f"{args.adapter} is a full fine-tuning: wrote the whole fine-tuned model as a "
+              f"GPT-2 model folder to {args.out}")
+        return 0
+    export_peft_adapter(pm, args.out, base_model_name_or_path=args.base_model_name_or_path)
+    print(f"wrote a Hugging Face peft adapter ({pm.peft_config[pm.active_adapter].peft_type}) to "
+          f"{args.out} (peft.PeftModel.from_pretrained reads it onto the base exported with "
+          "`minipeft export --format hf --base`)")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    """Convert a Hugging Face peft adapter folder into a minipeft adapter folder for the base."""
+    from .interop import import_peft_adapter
+
+    pm = import_peft_adapter(_interop_base(args), args.adapter)
+    pm.save_pretrained(args.out)
+    cfg = pm.peft_config[pm.active_adapter]
+    n = pm.adapters[pm.active_adapter].trainable_count(pm)
+    print(f"imported a {cfg.peft_type} adapter ({n:,d} parameters) from {args.adapter}; "
+          f"wrote a minipeft adapter folder to {args.out} (minipeft eval/generate --adapter read it)")
+    return 0
+
+
+def _add_interop_parsers(sub) -> None:
+    s = sub.add_parser("export",
+                       help="write a Hugging Face folder: the base (GPT-2) or an adapter (peft)")
+    s.add_argument("--format", choices=["hf"], default="hf",
+                   help="hf: transformers GPT-2 / peft adapter folders (the only format)")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--adapter", default=None, help="a minipeft adapter folder (finetune --out)")
+    what.add_argument("--base", action="store_true", help="the base model, as a GPT-2 model folder")
+    s.add_argument("--out", required=True, help="the folder to write")
+    s.add_argument("--checkpoint", default=None,
+                   help="the base checkpoint (default: the shipped base)")
+    s.add_argument("--base-model-name-or-path", default=None,
+                   help="recorded in adapter_config.json: where peft finds the base model")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("import", help="convert a Hugging Face peft adapter into a minipeft adapter")
+    s.add_argument("--adapter", required=True,
+                   help="a peft adapter folder (adapter_config.json, adapter_model.safetensors)")
+    s.add_argument("--out", required=True, help="the minipeft adapter folder to write")
+    s.add_argument("--checkpoint", default=None,
+                   help="the base checkpoint (default: the shipped base)")
+    s.set_defaults(func=_cmd_import)
+
+
+# ---------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------
 
@@ -250,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
     s.add_argument("--warmup", type=int, default=3)
     s.set_defaults(func=_cmd_bench)
+
+    # Hugging Face interop (export, import): see the section above the parser
+    _add_interop_parsers(sub)
     return p
 
 
