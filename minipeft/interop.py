@@ -35,25 +35,25 @@ stored (``tie_word_embeddings`` says so); the causal-mask buffers old GPT-2
 files carry (``h.N.attn.bias``, ``h.N.attn.masked_bias``) are not weights and
 are skipped.
 
-Adapters need a little more (minipeft name -> peft key, shape):
+Adapters need a little more. peft's keys start with
+``base_model.model.transformer.`` (the wrapped ``GPT2LMHeadModel``'s names)
+for the modules it adapts; the soft prompts' key is bare::
 
-====================  ============================================  =================================
-minipeft              peft (keys start ``base_model.model.transformer.``)  conversion
-====================  ============================================  =================================
-LoRA ``lora_A``       ``h.0.attn.c_attn.lora_A.weight``              (in, r) -> transposed, (r, in)
-LoRA ``lora_B``       ``h.0.attn.c_attn.lora_B.weight``              (r, out) -> transposed, (out, r)
-DoRA magnitude        ``h.0.attn.c_attn.lora_magnitude_vector``      (out,), as is
-(IA)^3 ``ia3_l``      ``h.0.attn.c_attn.ia3_l``                      (out,) -> (out, 1); input-scaling
-                                                                     (feed-forward) ones (in,) -> (1, in)
-prompt tuning         ``prompt_embeddings`` (no prefix)              (P, C), as is
-prefix tuning         ``prompt_embeddings`` (no prefix)              (P, n_layer*2*C), as is
-====================  ============================================  =================================
+    minipeft (module h.0.attn.c_attn)      peft key                                  conversion
+    lora_A (in, r)                         ...h.0.attn.c_attn.lora_A.weight          transposed: (r, in)
+    lora_B (r, out)                        ...h.0.attn.c_attn.lora_B.weight          transposed: (out, r)
+    lora_magnitude (out,)  (DoRA)          ...h.0.attn.c_attn.lora_magnitude_vector  as is
+    ia3_l (out,)  (output scaling)         ...h.0.attn.c_attn.ia3_l                  (out, 1)
+    ia3_l (in,)   (feed-forward, input)    ...h.0.mlp.c_proj.ia3_l                   (1, in)
+    prompt tuning (P, C)                   prompt_embeddings                         as is
+    prefix tuning (P, n_layer*2*C)         prompt_embeddings                         as is
 
-peft stores LoRA's factors as ``torch.nn.Linear`` weights, (out, in) each,
-and computes :math:`y = xW + b + s\,(x A^\top) B^\top`; minipeft keeps
-:math:`A` (in, r) and :math:`B` (r, out) and computes :math:`xW + b + s\,(xA)B`:
-the same numbers, with each factor transposed. ``fan_in_fan_out`` is set
-because GPT-2's ``Conv1D`` weight is (in, out).
+peft keeps each LoRA factor as a ``torch.nn.Linear`` weight, stored
+(out, in): :math:`W_A` (r, in) and :math:`W_B` (out, r), and adds
+:math:`s\,(x W_A^\top) W_B^\top`. minipeft keeps :math:`A = W_A^\top` (in, r)
+and :math:`B = W_B^\top` (r, out) and adds :math:`s\,(xA)B`: the same
+numbers. ``fan_in_fan_out`` is set because GPT-2's ``Conv1D`` weight is
+(in, out), the transpose of a ``torch.nn.Linear`` weight.
 
 Choices, and what peft does not have
 ------------------------------------
@@ -208,8 +208,8 @@ def _read_tensors(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict[st
     try:
         return io.load_tensors(path, what=what)
     except ValueError:
-        header = _safetensors_header(path, what)
-        if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+        header = _bf16_header(path)
+        if header is None:          # not a bfloat16 file: safetensors' own error stands
             raise
     with open(path, "rb") as f:
         data_start = 8 + int.from_bytes(f.read(8), "little")
@@ -221,6 +221,9 @@ def _read_tensors(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict[st
         if name == "__metadata__":
             continue
         begin, end = (data_start + o for o in info["data_offsets"])
+        if end > raw.size:
+            raise InteropError(f"{what} '{path}' is truncated: {name!r} ends at byte {end}, "
+                               f"the file has {raw.size}")
         chunk = np.asarray(raw[begin:end])
         if info["dtype"] == "BF16":
             arr = (chunk.view("<u2").astype(np.uint32) << 16).view(np.float32)
@@ -232,14 +235,18 @@ def _read_tensors(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict[st
     return out, dict(header.get("__metadata__") or {})
 
 
-def _safetensors_header(path: Path, what: str) -> dict:
-    """The JSON header of a safetensors file: 8 bytes of length, then the JSON."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            return json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InteropError(f"{what} '{path}' is not a safetensors file ({exc})") from None
+def _bf16_header(path: Path) -> dict | None:
+    """The JSON header of a safetensors file (8 bytes of length, then JSON) if it has bfloat16."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 100_000_000)))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict) or not any(
+            isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+        return None
+    return header
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -309,9 +316,9 @@ def _read_hf_weights(folder: Path) -> dict[str, np.ndarray]:
         return state
     pickles = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
                if (folder / n).is_file()]
-    hint = (f" It has {pickles[0]}, which minipeft does not read (a pickle can run code): "
-            "convert it once with transformers: GPT2LMHeadModel.from_pretrained(d)"
-            ".save_pretrained(d, safe_serialization=True)") if pickles else ""
+    hint = (f" It has {pickles[0]}; minipeft reads safetensors only (loading a pickle can "
+            "run code): convert the folder once with transformers, "
+            "GPT2LMHeadModel.from_pretrained(d).save_pretrained(d)") if pickles else ""
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in '{folder}'.{hint}")
 
 
@@ -642,6 +649,8 @@ _LORA_UNSUPPORTED = {
     "lora_bias": (False, "a trained bias on lora_B (lora_bias)"),
     "layer_replication": (None, "layer replication"),
     "trainable_token_indices": (None, "trainable token embeddings"),
+    "alora_invocation_tokens": (None, "activated LoRA (alora_invocation_tokens)"),
+    "target_parameters": (None, "LoRA on parameters rather than modules (target_parameters)"),
 }
 
 
@@ -710,7 +719,8 @@ def _convert_lora(hf: dict, state: dict, base: GPT, where):
     from .peft import LoraConfig
 
     for field_name, (unused, what) in _LORA_UNSUPPORTED.items():
-        if hf.get(field_name) not in (None, unused):
+        value = hf.get(field_name)
+        if value is not None and value != unused and value not in ([], {}, False):
             raise InteropError(f"'{where}' uses {what}, which minipeft's LoRA does not have")
     if hf.get("layers_to_transform") is not None:
         raise InteropError(f"'{where}' restricts LoRA to some layers (layers_to_transform): give "

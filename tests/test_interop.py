@@ -463,6 +463,9 @@ def test_missing_files(tmp_path, base_dir):
     (tmp_path / "noweights" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(FileNotFoundError, match="no model.safetensors.*pytorch_model.bin"):
         load_hf_gpt2(tmp_path / "noweights")
+    (tmp_path / "noweights" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_hf_gpt2(tmp_path / "noweights")
 
     pm = get_peft_model(mp_base(), LoraConfig(r=2))
     export_peft_adapter(pm, tmp_path / "adapter")
