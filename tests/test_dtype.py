@@ -50,6 +50,14 @@ CASES = {
     "x + np.float32": (lambda d: [_x(d)], lambda x: x + np.float32(1.0)),
     "matmul": (lambda d: [_x(d, (2, 2, 3)), _x(d, (3, 4), seed=1)], ops.matmul),
     "matmul batched": (lambda d: [_x(d, (2, 2, 3)), _x(d, (1, 3, 4), seed=1)], ops.matmul),
+    "linear": (lambda d: [_x(d, (2, 2, 3)), _x(d, (3, 4), seed=1), _x(d, (4,), seed=2)],
+               ops.linear),
+    "linear without bias": (lambda d: [_x(d, (2, 3)), _x(d, (3, 4), seed=1)], ops.linear),
+    "causal_attention": (lambda d: [_x(d, (2, 3, 12))], lambda qkv: ops.causal_attention(qkv, 2)),
+    "causal_attention with dropout": (
+        lambda d: [_x(d, (2, 3, 12))],
+        lambda qkv: ops.causal_attention(qkv, 2, on(qkv.device, np.arange(36).reshape(2, 2, 3, 3)
+                                                    % 3 != 1), np.float64(0.25))),
     "sum": (lambda d: [_x(d)], lambda x: ops.sum(x, axis=1)),
     "mean": (lambda d: [_x(d)], lambda x: ops.mean(x, axis=(0, 1), keepdims=True)),
     "max": (lambda d: [_x(d)], lambda x: ops.max(x, axis=0)),

@@ -127,6 +127,91 @@ def test_matmul_one_side_frozen(device, m, k, n, data, grad_a):
     assert gradcheck(ops.matmul, [a, b])
 
 
+@engine
+@given(data=st.data(), k=dims, n=dims, bias=st.booleans(),
+       needs=st.sampled_from([(True, True, True), (True, False, False), (False, True, True),
+                              (False, True, False), (False, False, True)]))
+def test_linear(device, data, k, n, bias, needs):
+    """x W + b over any leading axes (a 1-D x included), each input alone or together."""
+    lead = data.draw(shapes(max_dims=2))
+    x = leaf(data.draw(values(lead + (k,))), device, requires_grad=needs[0])
+    w = leaf(data.draw(values((k, n))), device, requires_grad=needs[1])
+    b = leaf(data.draw(values((n,))), device, requires_grad=needs[2])
+    args = [x, w, b] if bias else [x, w]
+    if not any(t.requires_grad for t in args):
+        return
+    assert gradcheck(ops.linear, args)
+    want = backend.asnumpy(x.data) @ backend.asnumpy(w.data)
+    if bias:
+        want = want + backend.asnumpy(b.data)
+    np.testing.assert_allclose(ops.linear(*args).numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_frozen_weight_forms_no_weight_gradient_product(device):
+    x = leaf(np.ones((2, 5, 3)), device)
+    w = leaf(np.ones((3, 4)), device, requires_grad=False)
+    b = leaf(np.zeros(4), device)
+    before = dict(ops.counters)
+    y = ops.linear(x, w, b)
+    from minipeft.autograd import LEDGER
+    assert LEDGER.nbytes() == w.nbytes  # x is not kept: only x^T G would use it
+    y.sum().backward()
+    assert ops.counters["linear.dW"] == before.get("linear.dW", 0)
+    assert ops.counters["linear.dx"] == before.get("linear.dx", 0) + 1
+    assert w.grad is None and x.grad is not None and b.grad is not None
+
+
+def _attention_by_composition(qkv, n_head, keep=None, p=0.0):
+    """The same attention from the general ops: the reference the fused op must equal."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+    q, k, v = (t.reshape(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))
+    att = (q * (1.0 / np.sqrt(hs))) @ k.transpose(-2, -1)                  # (B, nh, T, T)
+    att = ops.masked_fill(att, ops.causal_mask(T, qkv), float("-inf")).softmax(axis=-1)
+    if keep is not None:
+        att = ops.dropout(att, p, keep)
+    return (att @ v).transpose(1, 2).reshape(B, T, C)
+
+
+@engine
+@given(data=st.data(), B=st.integers(1, 2), T=st.integers(1, 4), n_head=st.integers(1, 2),
+       hs=st.integers(1, 2), dropout=st.booleans())
+def test_causal_attention(device, data, B, T, n_head, hs, dropout):
+    """The fused op's gradient against differences, and both directions against composition."""
+    C = n_head * hs
+    qkv = leaf(data.draw(values((B, T, 3 * C))), device)
+    keep, p = None, 0.0
+    if dropout:
+        keep = on(device, data.draw(hnp.arrays(np.bool_, (B, n_head, T, T))))
+        p = 0.25
+    assert gradcheck(lambda t: ops.causal_attention(t, n_head, keep, p), [qkv])
+    qkv.grad = None
+    y = ops.causal_attention(qkv, n_head, keep, p)
+    ref = leaf(backend.asnumpy(qkv.data), device)
+    want = _attention_by_composition(ref, n_head, keep, p)
+    np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
+    g = on(device, data.draw(values(y.shape)))
+    y.backward(g)
+    want.backward(g)
+    np.testing.assert_allclose(backend.asnumpy(qkv.grad), backend.asnumpy(ref.grad),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_causal_attention_saves_heads_and_probabilities_only(device):
+    from minipeft.autograd import LEDGER
+    B, T, nh, hs = 2, 5, 2, 3
+    qkv = leaf(np.random.default_rng(0).standard_normal((B, T, 3 * nh * hs)), device)
+    y = ops.causal_attention(qkv, nh)
+    # q, k and v (qkv's size, as one array), E (B, nh, T, T) and 1/z (B, nh, T, 1), in float64
+    assert LEDGER.nbytes() == qkv.nbytes + B * nh * T * T * 8 + B * nh * T * 8
+    y.sum().backward()
+    assert LEDGER.nbytes() == 0
+    with pytest.raises(ValueError, match="divisible by n_head=4"):
+        ops.causal_attention(qkv, 4)
+
+
 # ---------------------------------------------------------------------------
 # Reductions
 # ---------------------------------------------------------------------------

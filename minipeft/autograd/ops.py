@@ -37,6 +37,23 @@ from .tensor import Tensor
 # prove that a frozen weight's gradient product is never computed.
 counters: collections.Counter = collections.Counter()
 
+#: When set to a list, every matrix product an op forms appends its shape
+#: ``(batch, m, k, n)`` here: ``minipeft bench`` reads it to count a step's
+#: matmul FLOPs (2 batch m k n each). ``None`` (the default) costs one test.
+matmul_log: list | None = None
+
+
+def _matmul(xp, a, b, out=None):
+    """``a @ b`` (into ``out`` when given), noted in :data:`matmul_log` when it is on."""
+    if matmul_log is not None:
+        batch = 1
+        for n in np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])):
+            batch *= n
+        matmul_log.append((batch, a.shape[-2], a.shape[-1], b.shape[-1]))
+    if out is None:
+        return xp.matmul(a, b)
+    return xp.matmul(a, b, out=out)
+
 
 def unbroadcast(grad, shape):
     r"""Sum ``grad`` down to ``shape``, undoing NumPy broadcasting.
@@ -337,14 +354,24 @@ class GELU(Function):
             + \tfrac12 x\,(1 - \tanh^2 u)\,k\,(1 + 3\cdot 0.044715\,x^2)
 
     Saves only x; tanh u is recomputed in backward (one tanh is cheaper
-    than keeping a second activation-sized array alive).
+    than keeping a second activation-sized array alive). Both directions work
+    in place in as few arrays of x's size as the formula allows (one forward,
+    three backward): on the MLP's (N, 4C) hidden layer every extra temporary
+    is a pass over memory. ``x * x * x``, never ``x ** 3``: the power is
+    many times slower on float32.
     """
 
     @staticmethod
     def forward(ctx, x):
         xp = backend.xp(x)
         ctx.save_for_backward(x)
-        t = xp.tanh(_GELU_K * (x + 0.044715 * (x * x * x)))
+        # u = k x (1 + 0.044715 x^2), built in one buffer (out=: a 0-d x stays an array)
+        t = xp.multiply(x, x, out=xp.empty_like(x))
+        t *= 0.044715 * _GELU_K
+        t += _GELU_K
+        t *= x
+        xp.tanh(t, out=t)                               # tanh u
+        # y = 0.5 x (1 + tanh u)
         t += 1.0
         t *= x
         t *= 0.5
@@ -354,13 +381,24 @@ class GELU(Function):
     def backward(ctx, g):
         (x,) = ctx.saved
         xp = backend.xp(x)
-        x2 = x * x
-        t = xp.tanh(_GELU_K * (x + 0.044715 * x2 * x))
-        # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 0.134145 x^2)
-        dt = (1.0 - t * t) * (_GELU_K * 0.5) * x * (1.0 + 0.134145 * x2)
+        # a = x^2, then t = tanh u with u = k x (1 + 0.044715 a)
+        a = xp.multiply(x, x, out=xp.empty_like(x))
+        t = xp.multiply(a, 0.044715 * _GELU_K, out=xp.empty_like(x))
+        t += _GELU_K
+        t *= x
+        xp.tanh(t, out=t)
+        # a <- 0.5 k x (1 + 0.134145 x^2)   (0.134145 = 3 * 0.044715: du/dx / k)
+        a *= 0.134145 * 0.5 * _GELU_K
+        a += 0.5 * _GELU_K
+        a *= x
+        # s <- (1 - t^2) a  = 0.5 x (1 - tanh^2 u) du/dx
+        s = xp.multiply(t, t, out=xp.empty_like(x))
+        xp.subtract(1.0, s, out=s)
+        s *= a
+        # dy/dx = 0.5 (1 + t) + s;  dL/dx = g dy/dx
         t += 1.0
         t *= 0.5
-        t += dt
+        t += s
         t *= g
         return t
 
@@ -395,8 +433,10 @@ class MatMul(Function):
     :math:`A^\top G` is never computed. This is "frozen means not computed".
 
     For the common layer case, A of shape (..., in) and a 2-D weight B of
-    shape (in, out), :math:`A^\top G` is one (in, N) @ (N, out) product over
-    the flattened N leading positions rather than a batch of them.
+    shape (in, out), every product is one 2-D product over the N flattened
+    leading positions: forward (N, in) @ (in, out), :math:`G B^\top` as
+    (N, out) @ (out, in), :math:`A^\top G` as (in, N) @ (N, out). NumPy would
+    otherwise loop over the leading axes with one small product each.
     """
 
     @staticmethod
@@ -421,7 +461,11 @@ class MatMul(Function):
         na, nb = ctx.needs_input_grad
         ctx.shapes = (a.shape, b.shape)
         ctx.save_for_backward(b if na else None, a if nb else None)
-        return backend.xp(a).matmul(a, b)
+        xp = backend.xp(a)
+        if b.ndim == 2 and a.ndim > 2:
+            y = _matmul(xp, a.reshape(-1, a.shape[-1]), b)        # (N, in) @ (in, out)
+            return y.reshape(a.shape[:-1] + (b.shape[-1],))       # (..., out)
+        return _matmul(xp, a, b)
 
     @staticmethod
     def backward(ctx, g):
@@ -432,17 +476,77 @@ class MatMul(Function):
         ga = gb = None
         if na:
             counters["matmul.dA"] += 1
-            ga = unbroadcast(xp.matmul(g, xp.swapaxes(b, -1, -2)), sa)
+            if len(sb) == 2 and len(sa) > 2:
+                g2 = g.reshape(-1, sb[1])                          # (N, out)
+                ga = _matmul(xp, g2, b.T).reshape(sa)              # (N, in) -> (..., in)
+            else:
+                ga = unbroadcast(_matmul(xp, g, xp.swapaxes(b, -1, -2)), sa)
         if nb:
             counters["matmul.dB"] += 1
             if len(sb) == 2:
                 # (N, in)^T @ (N, out) with N = all leading positions flattened
                 a2 = a.reshape(-1, sb[0])                 # (N, in)
                 g2 = g.reshape(-1, sb[1])                 # (N, out)
-                gb = a2.T @ g2                            # (in, out)
+                gb = _matmul(xp, a2.T, g2)                # (in, out)
             else:
-                gb = unbroadcast(xp.matmul(xp.swapaxes(a, -1, -2), g), sb)
+                gb = unbroadcast(_matmul(xp, xp.swapaxes(a, -1, -2), g), sb)
         return ga, gb
+
+
+class Linear(Function):
+    r"""y = x W + b: a layer's matrix product and bias in one op.
+
+    x is (..., in), W (in, out), b (out,) or absent. With the N rows of x (its
+    leading axes flattened) and :math:`G = \partial L/\partial y` seen as (N, out):
+
+    .. math::
+        \frac{\partial L}{\partial x} = G W^\top, \qquad
+        \frac{\partial L}{\partial W} = x^\top G, \qquad
+        \frac{\partial L}{\partial b} = \textstyle\sum_n G_n
+
+    It is :class:`MatMul` followed by :class:`Add`, fused: the bias is added
+    in place into the product (no second array of y's size, no broadcast to
+    undo), and every product is one 2-D product over the N rows. As in
+    MatMul, x is kept only if W needs a gradient and W only if x does: a
+    frozen weight's :math:`x^\top G` is never formed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, *bias):
+        if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+            raise ValueError(
+                f"linear: x of shape {tuple(x.shape)} and weight of shape {tuple(w.shape)} do "
+                f"not align: the weight must be (in, out) with in = x's last axis"
+            )
+        if bias and tuple(bias[0].shape) != (w.shape[1],):
+            raise ValueError(
+                f"linear: bias must have shape ({w.shape[1]},), got {tuple(bias[0].shape)}"
+            )
+        nx, nw = ctx.needs_input_grad[:2]
+        ctx.shapes = (x.shape, w.shape)
+        ctx.save_for_backward(w if nx else None, x if nw else None)
+        y = _matmul(backend.xp(x), x.reshape(-1, w.shape[0]), w)  # (N, in) @ (in, out)
+        if bias:
+            y += bias[0]
+        return y.reshape(x.shape[:-1] + (w.shape[1],))             # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, x = ctx.saved
+        sx, sw = ctx.shapes
+        needs = ctx.needs_input_grad
+        xp = backend.xp(g)
+        g2 = g.reshape(-1, sw[1])                                  # (N, out)
+        gx = gw = None
+        if needs[0]:
+            counters["linear.dx"] += 1
+            gx = _matmul(xp, g2, w.T).reshape(sx)                  # (N, out) @ (out, in)
+        if needs[1]:
+            counters["linear.dW"] += 1
+            gw = _matmul(xp, x.reshape(-1, sw[0]).T, g2)           # (in, N) @ (N, out)
+        if len(needs) == 2:
+            return gx, gw
+        return gx, gw, (g2.sum(axis=0) if needs[2] else None)
 
 
 # ---------------------------------------------------------------------------
@@ -472,7 +576,12 @@ def _expand_like(g, shape, axes, keepdims):
 
 
 class Sum(Function):
-    r"""y = \sum_{axes} x;  dy/dx_i = 1: the gradient is broadcast back."""
+    r"""y = \sum_{axes} x;  dy/dx_i = 1: the gradient is broadcast back.
+
+    The gradient is returned as a read-only broadcast *view* of g, not a
+    copy: whoever adds it somewhere reads it once, and the engine copies it
+    only if it must become a leaf's own ``.grad`` buffer.
+    """
 
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
@@ -484,11 +593,11 @@ class Sum(Function):
     def backward(ctx, g):
         shape, axes, keepdims = ctx.meta
         xp = backend.xp(g)
-        return xp.broadcast_to(_expand_like(g, shape, axes, keepdims), shape).copy()
+        return xp.broadcast_to(_expand_like(g, shape, axes, keepdims), shape)
 
 
 class Mean(Function):
-    r"""y = \frac1n \sum_{axes} x;  dy/dx_i = 1/n."""
+    r"""y = \frac1n \sum_{axes} x;  dy/dx_i = 1/n (a broadcast view of g/n, as in Sum)."""
 
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
@@ -504,7 +613,7 @@ class Mean(Function):
         shape, axes, keepdims, n = ctx.meta
         xp = backend.xp(g)
         ge = _expand_like(g, shape, axes, keepdims) * (1.0 / n)
-        return xp.broadcast_to(ge, shape).copy()
+        return xp.broadcast_to(ge, shape)
 
 
 class Max(Function):
@@ -724,6 +833,8 @@ class LayerNorm(Function):
 
     (bars are means over the last axis; the sums run over all leading axes).
     Saves :math:`\hat x` and r only when x or w needs a gradient, w only when x does.
+    Forward and backward each allocate two arrays of x's size (the output and
+    :math:`\hat x`; :math:`\hat g` and one product) and work in place in them.
     """
 
     @staticmethod
@@ -735,32 +846,164 @@ class LayerNorm(Function):
                 f"layer_norm: weight and bias must have shape ({C},), "
                 f"got {tuple(w.shape)} and {tuple(b.shape)}"
             )
-        mu = x.mean(axis=-1, keepdims=True)
+        mu = x.mean(axis=-1, keepdims=True)                           # (..., 1)
         xhat = x - mu
-        var = (xhat * xhat).mean(axis=-1, keepdims=True)
-        r = 1.0 / xp.sqrt(var + eps)
+        y = xhat * xhat                                               # scratch for the variance
+        var = y.mean(axis=-1, keepdims=True)                          # (..., 1)
+        var += eps
+        r = xp.sqrt(var, out=var)
+        xp.divide(1.0, r, out=r)                                      # r = (var + eps)^(-1/2)
         xhat *= r
         nx, nw, nb = ctx.needs_input_grad
         ctx.save_for_backward(
             xhat if (nx or nw) else None, r if nx else None, w if nx else None
         )
-        return xhat * w + b
+        xp.multiply(xhat, w, out=y)                                   # y = xhat w + b
+        y += b
+        return y
 
     @staticmethod
     def backward(ctx, g):
         xhat, r, w = ctx.saved
         nx, nw, nb = ctx.needs_input_grad
+        xp = backend.xp(g)
         C = g.shape[-1]
         g2 = g.reshape(-1, C)                                         # (N, C)
-        gw = (xhat.reshape(-1, C) * g2).sum(axis=0) if nw else None
         gb = g2.sum(axis=0) if nb else None
-        gx = None
+        gw = gx = prod = None
+        if nw:
+            prod = xhat * g                                           # (..., C) scratch
+            gw = prod.reshape(-1, C).sum(axis=0)                      # sum of xhat g
         if nx:
-            gh = g * w
-            gx = gh - gh.mean(axis=-1, keepdims=True)
-            gx -= xhat * (gh * xhat).mean(axis=-1, keepdims=True)
+            gx = g * w                                                # g-hat
+            # mean of g-hat xhat over the last axis, then prod <- xhat * that mean
+            if prod is None:
+                prod = gx * xhat
+            else:
+                xp.multiply(gx, xhat, out=prod)
+            m2 = prod.mean(axis=-1, keepdims=True)                    # (..., 1)
+            gx -= gx.mean(axis=-1, keepdims=True)
+            xp.multiply(xhat, m2, out=prod)
+            gx -= prod
             gx *= r
         return gx, gw, gb
+
+
+class CausalAttention(Function):
+    r"""Multi-head causal self-attention from the fused projection, with a hand-written backward.
+
+    The input is the ``c_attn`` output, qkv of shape (B, T, 3C): q, k and v
+    side by side, each C = nh heads of hs channels. Per batch entry and head,
+    with :math:`s = 1/\sqrt{hs}` and M the causal mask (:math:`-\infty` where
+    key j lies after query i):
+
+    .. math::
+        S = s\, q k^\top + M, \qquad P = \mathrm{softmax}_{\text{rows}}(S), \qquad
+        Y = (P \odot D)\, v
+
+    where D is attention dropout's keep mask scaled by 1/(1-p) (all ones
+    without dropout). The heads of Y are laid side by side again: the output
+    is (B, T, C), ready for ``c_proj``.
+
+    Backward, with :math:`G = \partial L/\partial Y` per head (T, hs):
+
+    .. math::
+        \partial v = (P \odot D)^\top G, \qquad
+        \partial P = (G v^\top) \odot D, \qquad
+        \partial S = P \odot \big(\partial P - \textstyle\sum_j P_{\cdot j}\,
+            \partial P_{\cdot j}\big),
+
+        \partial q = s\, \partial S\, k, \qquad \partial k = s\, \partial S^\top q
+
+    (the middle line is softmax's Jacobian applied row by row; a masked entry
+    has P = 0, so its :math:`\partial S` is 0 and nothing flows to the future).
+
+    The same maths as composing reshape, transpose, matmul, masked_fill,
+    softmax and dropout, without their copies: q, k and v are gathered into
+    one contiguous (3, B, nh, T, hs) array (q pre-scaled by s), the scores
+    are masked and exponentiated in place, and Y is written straight into the
+    (B, T, C) layout. Its gradient comes back as one (B, T, 3C) array, not
+    three zero-padded slices to be summed.
+
+    One more pass is saved by never normalising the (T, T) matrix: with
+    :math:`E = e^{S - m}` (m the row maximum) and row sums z, P = E / z, so
+    :math:`Y = ((E \odot D) v) / z` scales the (T, hs) result instead; and in
+    backward, with :math:`G' = G / z` (row-wise) and
+    :math:`\partial P' = (G' v^\top) \odot D = \partial P / z`,
+
+    .. math::
+        \partial v = (E \odot D)^\top G', \qquad
+        \partial S = E \odot \big(\partial P' - \tfrac1z \textstyle\sum_j E_{\cdot j}\,
+            \partial P'_{\cdot j}\big)
+
+    (substitute P = E/z and :math:`\partial P = z\,\partial P'` above). Saves the
+    q/k/v array, E and 1/z (plus the dropout mask), nothing else.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, n_head, keep=None, p=0.0):
+        xp = backend.xp(qkv)
+        if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head) != 0:
+            raise ValueError(
+                f"causal_attention: expected qkv shaped (B, T, 3C) with C divisible by "
+                f"n_head={n_head}, got {tuple(qkv.shape)}"
+            )
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        nh, hs = n_head, C // n_head
+        s = 1.0 / math.sqrt(hs)
+        # (B, T, 3C) -> (B, T, 3, nh, hs) -> (3, B, nh, T, hs): one copy, contiguous heads
+        h = xp.ascontiguousarray(qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4))
+        q, k, v = h[0], h[1], h[2]                                  # each (B, nh, T, hs)
+        q *= s  # scaling q is cheaper than scaling the T x T scores
+        # E = exp(S - m) with S = s q k^T + M, in place in the scores' buffer
+        att = _matmul(xp, q, k.transpose(0, 1, 3, 2))               # (B, nh, T, T)
+        xp.copyto(att, -math.inf, where=causal_mask(T, att))       # (T, T) broadcast
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        # rz = 1/z (times dropout's 1/(1-p)): the normalisation, applied to Y's rows
+        rz = att.sum(axis=-1, keepdims=True)                        # (B, nh, T, 1)
+        xp.divide(1.0 / (1.0 - p), rz, out=rz)
+        # Y = ((E * D) v) rz, written into the (B, T, nh, hs) layout of the output
+        ed = att if keep is None else att * keep
+        y = xp.empty((B, T, C), dtype=qkv.dtype)
+        yh = y.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs) view
+        _matmul(xp, ed, v, out=yh)
+        yh *= rz
+        ctx.meta = (B, T, C, nh, hs, s, 1.0 - p)
+        ctx.save_for_backward(h, att, rz, keep)
+        return y                                                    # (B, T, C)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, att, rz, keep = ctx.saved                                # att holds E
+        B, T, C, nh, hs, s, q_keep = ctx.meta
+        xp = backend.xp(g)
+        q, k, v = h[0], h[1], h[2]                                  # q holds s q
+        # G' = G rz = G / z (and 1/(1-p)), per row, in a contiguous copy
+        gh = g.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs) view
+        gh = xp.multiply(gh, rz, out=xp.empty((B, nh, T, hs), dtype=g.dtype))
+        d = xp.empty_like(h)                                        # dq, dk, dv: (3, B, nh, T, hs)
+        # dv = (E * D)^T G'
+        ed = att if keep is None else att * keep
+        _matmul(xp, ed.transpose(0, 1, 3, 2), gh, out=d[2])
+        del ed
+        # dP' = (G' v^T) * D
+        dp = _matmul(xp, gh, v.transpose(0, 1, 3, 2))               # (B, nh, T, T)
+        if keep is not None:
+            dp *= keep
+        # dS = E * (dP' - rowsum(E * dP') / z), in place in dP'  (1/z = rz (1-p))
+        rowdot = xp.einsum("bhij,bhij->bhi", att, dp)[..., None]    # (B, nh, T, 1)
+        rowdot *= rz
+        rowdot *= q_keep
+        dp -= rowdot
+        dp *= att
+        # dq = s dS k ;  dk = dS^T (s q)
+        _matmul(xp, dp, k, out=d[0])
+        d[0] *= s
+        _matmul(xp, dp.transpose(0, 1, 3, 2), q, out=d[1])
+        # (3, B, nh, T, hs) -> (B, T, 3, nh, hs) -> (B, T, 3C): the layout of qkv
+        return xp.ascontiguousarray(d.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
 
 
 class Embedding(Function):
@@ -780,8 +1023,23 @@ class Embedding(Function):
     def backward(ctx, g):
         (idx,) = ctx.saved
         shape, dtype = ctx.meta
-        gw = backend.xp(g).zeros(shape, dtype=dtype)
-        backend.scatter_add(gw, idx.reshape(-1), g.reshape(-1, shape[1]))   # (N,), (N, C)
+        xp = backend.xp(g)
+        gw = xp.zeros(shape, dtype=dtype)
+        ids, g2 = idx.reshape(-1), g.reshape(-1, shape[1])               # (N,), (N, C)
+        if ids.size == 0:
+            return gw
+        if backend.device_of(g) == "gpu":
+            backend.scatter_add(gw, ids, g2)    # one atomic add per entry on the GPU
+            return gw
+        # On the host, sort the ids so repeats sit together, then sum each run
+        # of equal ids with one reduceat: several times faster than add.at's
+        # entry-by-entry loop, with the same sums (every occurrence counted).
+        order = xp.argsort(ids, kind="stable")
+        sorted_ids = ids[order]                                             # (N,)
+        first = xp.ones(ids.shape, dtype=bool)                              # a run starts here
+        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        starts = xp.flatnonzero(first)                                      # (runs,)
+        gw[sorted_ids[starts]] = xp.add.reduceat(g2[order], starts, axis=0)  # (runs, C)
         return gw
 
 
@@ -978,6 +1236,13 @@ def matmul(a, b):
     return MatMul.apply(a, b)
 
 
+def linear(x, weight, bias=None):
+    """``x @ weight + bias`` for a weight stored (in, out); ``bias`` may be None."""
+    if bias is None:
+        return Linear.apply(x, weight)
+    return Linear.apply(x, weight, bias)
+
+
 def sum(x, axis=None, keepdims=False):  # noqa: A001
     return Sum.apply(x, axis=axis, keepdims=keepdims)
 
@@ -1057,6 +1322,15 @@ def embedding(weight, idx):
     if idx.dtype.kind not in "iu":
         raise TypeError(f"embedding: token ids must be integers, got {idx.dtype}")
     return Embedding.apply(weight, idx=idx)
+
+
+def causal_attention(qkv, n_head, keep=None, p=0.0):
+    """Causal self-attention of the fused projection ``qkv`` (B, T, 3C) -> (B, T, C).
+
+    ``keep``: attention dropout's boolean keep-mask (B, n_head, T, T) with its
+    probability ``p``, or None for no dropout.
+    """
+    return CausalAttention.apply(qkv, n_head=int(n_head), keep=keep, p=float(p))
 
 
 def cross_entropy(logits, targets, ignore_index=-100):

@@ -237,9 +237,19 @@ class CausalSelfAttention(Module):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
 
-        # Queries, keys and values for every head. The fused projection is
-        # split along its last axis, then each part into nh heads of hs.
+        # Queries, keys and values for every head, from one fused projection.
         qkv = self.c_attn(x)                                              # (B, T, 3C)
+
+        # Without a cache, the whole computation below is one op with a
+        # hand-written backward (ops.CausalAttention): the same maths without
+        # the copies and zero-padded slice gradients the general ops make.
+        if kv_cache is None:
+            keep = self.attn_dropout.keep_mask((B, nh, T, T), qkv)         # None: no dropout
+            y = ops.causal_attention(qkv, nh, keep, self.attn_dropout.p)  # (B, T, C)
+            return self.resid_dropout(self.c_proj(y))
+
+        # With a cache, step by step. The fused projection is split along its
+        # last axis, then each part into nh heads of hs.
         q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]       # each (B, T, C)
         q = q.reshape(B, T, nh, hs).transpose(1, 2)                       # (B, nh, T, hs)
         k = k.reshape(B, T, nh, hs).transpose(1, 2)                       # (B, nh, T, hs)
@@ -247,8 +257,7 @@ class CausalSelfAttention(Module):
 
         # Keys and values of earlier positions (a prefix, or generation's
         # cache) go before the new ones: P + T keys in all.
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)                  # (B, nh, P+T, hs)
+        k, v = kv_cache.update(self.layer_idx, k, v)                      # (B, nh, P+T, hs)
         P = k.shape[2] - T
 
         # Scores, scaled by 1/sqrt(hs) so their variance does not grow with

@@ -73,11 +73,8 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(self.out_features, dt), device=device) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # (..., in) @ (in, out) -> (..., out); the bias broadcasts over the leading axes
-        y = ops.matmul(x, self.weight)
-        if self.bias is not None:
-            y = ops.add(y, self.bias)
-        return y
+        # (..., in) @ (in, out) + (out,) -> (..., out): one fused op (ops.Linear)
+        return ops.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
@@ -253,17 +250,28 @@ class Dropout(Module):
             self._generators[device] = backend.Generator(device, seed=self.seed)
         return self._generators[device]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def keep_mask(self, shape, like: Tensor):
+        """The boolean keep-mask for an input of ``shape`` on ``like``'s device, or
+        None when the layer is inactive (eval mode, or p = 0).
+
+        Drawn (or, under a replay tape, taken) exactly as :meth:`forward` does;
+        for ops that apply dropout inside themselves (fused attention).
+        """
         if not self.training or self.p == 0.0:
-            return x
+            return None
         tape = _current_tape()
         if tape is not None and tape.replaying:
-            mask = tape.take(x.shape)
-        else:
-            # keep an element when a uniform [0, 1) draw is >= p: probability 1 - p
-            mask = self._generator(x.device).random(x.shape, dtype=x.dtype) >= self.p
-            if tape is not None:
-                tape.masks.append(mask)
+            return tape.take(shape)
+        # keep an element when a uniform [0, 1) draw is >= p: probability 1 - p
+        mask = self._generator(like.device).random(tuple(shape), dtype=like.dtype) >= self.p
+        if tape is not None:
+            tape.masks.append(mask)
+        return mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = self.keep_mask(x.shape, x)
+        if mask is None:
+            return x
         return ops.dropout(x, self.p, mask)
 
     def extra_repr(self) -> str:
