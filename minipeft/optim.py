@@ -391,6 +391,12 @@ class AdamW(Optimizer):
     would have the decay divided by :math:`\sqrt{\hat v}`, weakest exactly
     where the gradients are large. State: :math:`m` and :math:`v`, one of each
     per trained entry (8 bytes in float32).
+
+    The update runs in place: the moments are allocated once, at a
+    parameter's first step, and every intermediate goes into one scratch
+    array the size of the largest parameter, shared by all of them (it holds
+    nothing between updates, so it is not state and is not counted by
+    :meth:`state_bytes`). A step allocates no parameter-sized arrays.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -404,6 +410,15 @@ class AdamW(Optimizer):
         super().__init__(params, lr, weight_decay, index_dtype)
         self.betas = (float(b1), float(b2))
         self.eps = float(eps)
+        self._scratch = {}  # (device, dtype) -> a flat work array, grown as needed
+
+    def _work(self, w):
+        """A scratch array of w's shape and dtype on w's device (a view of a shared one)."""
+        key = (backend.device_of(w), w.dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < w.size:
+            buf = self._scratch[key] = backend.xp(w).empty(w.size, dtype=w.dtype)
+        return buf[:w.size].reshape(w.shape)
 
     def _new_state(self, xp, shape, dtype):
         return {"m": xp.zeros(shape, dtype=dtype), "v": xp.zeros(shape, dtype=dtype)}
@@ -414,23 +429,29 @@ class AdamW(Optimizer):
         t = state["step"]
         m, v = state["m"], state["v"]
         xp = backend.xp(w)
-        # Decoupled weight decay: w <- w - eta * lambda * w
+        tmp = self._work(w)
+        # Decoupled weight decay: w <- w - eta * lambda * w = (1 - eta lambda) w
         if weight_decay:
-            w -= (lr * weight_decay) * w
-        # Moments: m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2   (in place)
+            w *= 1.0 - lr * weight_decay
+        # Moments, in place: m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
         m *= b1
-        m += (1.0 - b1) * g
+        xp.multiply(g, 1.0 - b1, out=tmp)
+        m += tmp
         v *= b2
-        v += (1.0 - b2) * (g * g)
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp
         # Bias corrections (Python floats: float32 stays float32)
         bc1 = 1.0 - b1**t
         bc2 = 1.0 - b2**t
-        # w <- w - eta * m_hat / (sqrt(v_hat) + eps),
-        # with m_hat = m / bc1 and sqrt(v_hat) = sqrt(v) / sqrt(bc2)
-        denom = xp.sqrt(v)
-        denom /= math.sqrt(bc2)
-        denom += eps
-        w -= (lr / bc1) * (m / denom)
+        # w <- w - eta * m_hat / (sqrt(v_hat) + eps), with m_hat = m / bc1 and
+        # sqrt(v_hat) = sqrt(v) / sqrt(bc2); multiplying through by sqrt(bc2),
+        #   = w - (eta sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2))
+        xp.sqrt(v, out=tmp)
+        tmp += eps * math.sqrt(bc2)
+        xp.divide(m, tmp, out=tmp)
+        tmp *= lr * math.sqrt(bc2) / bc1
+        w -= tmp
 
     def _extra_repr(self):
         return f"betas={self.betas}, eps={self.eps}, "

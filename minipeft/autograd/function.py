@@ -31,8 +31,10 @@ computed, so it can skip saving what only an unneeded gradient would use
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
+import time
 import weakref
 
 from .. import backend
@@ -134,6 +136,55 @@ class ActivationLedger:
 
 
 LEDGER = ActivationLedger()
+
+
+# ---------------------------------------------------------------------------
+# The op profiler (``minipeft bench --profile``)
+# ---------------------------------------------------------------------------
+
+
+class OpProfile:
+    """Seconds spent in each op, by op name, forward and backward.
+
+    Forward time is all of :meth:`Function.apply` (checks and bookkeeping
+    included); backward time is the op's ``backward``. A :class:`Checkpoint`'s
+    time includes the ops of the block it runs, which are also counted on
+    their own. ``(gradient accumulation)`` is the engine's summing of
+    gradients and releasing of saved arrays between backwards.
+    """
+
+    def __init__(self):
+        self.seconds = collections.defaultdict(float)   # (name, "forward"|"backward") -> s
+        self.calls = collections.Counter()              # (name, "forward"|"backward") -> n
+
+    def add(self, name: str, phase: str, seconds: float) -> None:
+        self.seconds[name, phase] += seconds
+        self.calls[name, phase] += 1
+
+    def rows(self) -> list[tuple[str, float, float, int]]:
+        """(name, forward s, backward s, calls), the most expensive first."""
+        names = {name for name, _ in self.seconds}
+        out = [(n, self.seconds.get((n, "forward"), 0.0), self.seconds.get((n, "backward"), 0.0),
+                self.calls.get((n, "forward"), 0) or self.calls.get((n, "backward"), 0))
+               for n in names]
+        return sorted(out, key=lambda r: -(r[1] + r[2]))
+
+
+_profile: OpProfile | None = None  # read by Function.apply and run_backward
+
+
+@contextlib.contextmanager
+def profile_ops():
+    """``with profile_ops() as prof:`` times every op's forward and backward inside.
+
+    Off (the default), the engine pays one ``is None`` test per op.
+    """
+    global _profile
+    prev, _profile = _profile, OpProfile()
+    try:
+        yield _profile
+    finally:
+        _profile = prev
 
 
 # ---------------------------------------------------------------------------
@@ -270,6 +321,9 @@ class Function:
         ``inputs`` are Tensors (constants must be wrapped by the caller);
         keyword arguments are non-differentiable settings (axes, indices, masks).
         """
+        prof = _profile
+        if prof is not None:
+            t0 = time.perf_counter()
         tensors = inputs
         for t in tensors:
             if not isinstance(t, Tensor):
@@ -305,6 +359,8 @@ class Function:
                 for t in tensors
             )
             result._node = ctx
+        if prof is not None:
+            prof.add(cls.__name__, "forward", time.perf_counter() - t0)
         return result
 
 

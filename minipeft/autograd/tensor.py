@@ -22,6 +22,8 @@ returning a silently wrong gradient. Writing to ``.data`` directly is
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .. import backend
@@ -219,7 +221,16 @@ class Tensor:
 
 
 def run_backward(root, grad) -> None:
-    """Chain rule over the graph below ``root`` (a Context), seeded with ``grad``."""
+    """Chain rule over the graph below ``root`` (a Context), seeded with ``grad``.
+
+    A tensor used twice (the residual stream: a block's input feeds both the
+    LayerNorm and the residual add) receives two gradients, which are summed.
+    The sum is formed in place whenever one of the two arrays is *fresh*: a
+    new buffer (not a view) that a backward made and handed to this receiver
+    alone. An array that is also held elsewhere (``Add`` hands the same g to
+    both its inputs; the seed is the caller's) is only ever read.
+    """
+    from .function import _profile as prof  # the op profiler (bench --profile), or None
     order = _topological_order(root)
     grads = {id(root): grad}
     # ids of arrays already passed to some receiver. The seed counts: it may
@@ -227,29 +238,53 @@ def run_backward(root, grad) -> None:
     # a leaf's .grad buffer.
     handed = {id(grad)}
     leaf_owned = set()  # ids of arrays that became a leaf's .grad buffer
+    owned = set()       # keys of entries of `grads` whose array no one else refers to
     for node in order:
         g = grads.pop(id(node), None)
+        owned.discard(id(node))
         if g is None:  # no gradient reached this node (all its uses were cut)
             node.release()
             continue
-        in_grads = node.fn.backward(node, g)
+        if prof is None:
+            in_grads = node.fn.backward(node, g)
+        else:
+            t0 = time.perf_counter()
+            in_grads = node.fn.backward(node, g)
+            prof.add(node.fn.__name__, "backward", time.perf_counter() - t0)
+            t0 = time.perf_counter()
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
         node.release()  # its saved activations are no longer needed
-        for parent, ig in zip(node.parents, in_grads):
+        for i, (parent, ig) in enumerate(zip(node.parents, in_grads)):
             if parent is None or ig is None:
                 continue
+            fresh = (id(ig) not in handed and getattr(ig, "base", None) is None
+                     and not any(o is ig for j, o in enumerate(in_grads) if j != i))
             if isinstance(parent, Tensor):
-                fresh = id(ig) not in handed and getattr(ig, "base", None) is None
                 if _accumulate_leaf(parent, ig, owned=fresh):
                     leaf_owned.add(id(parent.grad))
             else:
                 key = id(parent)
-                if key in grads:
-                    grads[key] = grads[key] + ig  # out of place: ig may alias others
-                else:
-                    grads[key] = ig.copy() if id(ig) in leaf_owned else ig
+                cur = grads.get(key)
+                if cur is None:                    # the first gradient to arrive
+                    if id(ig) in leaf_owned:
+                        ig, fresh = ig.copy(), True
+                    grads[key] = ig
+                    if fresh:
+                        owned.add(key)
+                elif key in owned:                 # add into the buffer held here alone
+                    cur += ig
+                    grads[key] = cur  # (a NumPy scalar is rebound, not changed in place)
+                elif fresh:                        # add into the new one instead
+                    ig += cur
+                    grads[key] = ig
+                    owned.add(key)
+                else:                              # neither is ours alone: a new array
+                    grads[key] = cur + ig
+                    owned.add(key)
             handed.add(id(ig))
+        if prof is not None:
+            prof.add("(gradient accumulation)", "backward", time.perf_counter() - t0)
 
 
 def _accumulate_leaf(leaf: Tensor, g, owned: bool) -> bool:
