@@ -127,6 +127,14 @@ class ActivationLedger:
         """How many distinct buffers are currently saved for backward."""
         return len(self._refcount)
 
+    def buffer_ids(self) -> list[tuple[int, int]]:
+        """The distinct buffers saved now, as :func:`backend.buffer_id` names them.
+
+        The memory accountant takes out those that are parameters' data
+        (weights a MatMul or LayerNorm keeps for an input's gradient).
+        """
+        return list(self._refcount)
+
     def num_nodes(self) -> int:
         """How many graph nodes currently hold saved arrays."""
         return len(self._by_node)

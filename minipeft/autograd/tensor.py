@@ -220,6 +220,15 @@ class Tensor:
         run_backward(self._node, grad)
 
 
+# Observers of backward, for the memory accountant (:mod:`minipeft.memory`).
+# Each is called as ``hook(event, node, in_grads, grads)``: with event
+# "computed" right after a node's backward returned its input gradients
+# (the node's saved arrays are still held), and "passed" once those were
+# handed on (``grads`` maps pending nodes to the gradients waiting for them).
+# The list is empty unless someone is measuring: then the loop pays nothing.
+BACKWARD_HOOKS: list = []
+
+
 def run_backward(root, grad) -> None:
     """Chain rule over the graph below ``root`` (a Context), seeded with ``grad``.
 
@@ -254,6 +263,9 @@ def run_backward(root, grad) -> None:
             t0 = time.perf_counter()
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
+        if BACKWARD_HOOKS:
+            for hook in BACKWARD_HOOKS:
+                hook("computed", node, in_grads, grads)
         node.release()  # its saved activations are no longer needed
         for i, (parent, ig) in enumerate(zip(node.parents, in_grads)):
             if parent is None or ig is None:
@@ -285,6 +297,9 @@ def run_backward(root, grad) -> None:
             handed.add(id(ig))
         if prof is not None:
             prof.add("(gradient accumulation)", "backward", time.perf_counter() - t0)
+        if BACKWARD_HOOKS:
+            for hook in BACKWARD_HOOKS:
+                hook("passed", node, in_grads, grads)
 
 
 def _accumulate_leaf(leaf: Tensor, g, owned: bool) -> bool:
