@@ -6,6 +6,7 @@
     minipeft eval --adapter DIR        score a saved adapter on its task
     minipeft generate --prompt TEXT    continue a prompt (optionally with an adapter)
     minipeft bench                     time one training step
+    minipeft memory --method lora      training memory: estimated, accounted, measured
 
 Each subcommand is a thin layer over the package's functions; errors from
 bad input are printed as one line (``minipeft: error: ...``) with exit code 2.
@@ -262,6 +263,128 @@ def _add_interop_parsers(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Memory: estimated, accounted and measured, per category (minipeft.memory)
+# ---------------------------------------------------------------------------
+
+#: profile a real step only for models up to this many parameters (CPU minutes beyond)
+_PROFILE_MAX_PARAMS = 20_000_000
+
+
+def _memory_optimizer(name, params):
+    from .optim import SGD, AdamW
+
+    if name == "adamw":
+        return AdamW(params, lr=1e-3)
+    return SGD(params, lr=1e-3, momentum=0.9 if name == "sgd_momentum" else 0.0)
+
+
+def _cmd_memory(args) -> int:
+    """Print the three views of one training step for a method (or all), and the estimator's tables."""
+    import dataclasses
+
+    import numpy as np
+
+    from . import memory as M
+    from .nn.gpt import GPT
+    from .peft import get_peft_model
+    from .peft.config import METHODS
+
+    cfg = M.preset(args.config)
+    if args.gradient_checkpointing:
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    if args.fit:
+        print(M.format_rule_of_thumb(M.rule_of_thumb("1b"), "1b"))
+        print()
+        print(M.format_fit_table(M.fit_table(batch_size=args.batch_size, seq_len=args.seq_len)))
+        print()
+    reports, summary = [], []
+    for method in methods:
+        pc = build_config(method, args)       # an unknown method is refused here
+        T = args.seq_len
+        virtual = getattr(pc, "num_virtual_tokens", 0)
+        if args.method == "all" and T + virtual > cfg.n_positions:
+            T = cfg.n_positions - virtual     # the soft prompt takes positions too
+            print(f"({method}: {virtual} virtual tokens, so sequences of {T} tokens)")
+        est = M.estimate(cfg, pc, optimizer=args.optimizer, batch_size=args.batch_size, seq_len=T,
+                         dtype=args.dtype)         # refuses a bad dtype, batch or sequence length
+        why_not = None
+        if args.estimate_only:
+            why_not = "--estimate-only"
+        elif args.dtype != "fp32":
+            why_not = f"the engine runs fp32; {args.dtype} is estimated only"
+        elif est.n_params > _PROFILE_MAX_PARAMS:
+            why_not = (f"{est.n_params:,d} parameters: too large to run on this machine; "
+                       "estimated only")
+        if why_not:
+            print(est.table())
+            print(f"(not profiled: {why_not})")
+            print()
+            continue
+        rng = np.random.default_rng(args.seed)
+        idx = rng.integers(0, cfg.vocab_size, (args.batch_size, T))
+        targets = rng.integers(0, cfg.vocab_size, (args.batch_size, T))
+        extra = {"calibration_batch": (idx, targets)} if method == "mask" and \
+            pc.selection == "gradient" else {}
+        model = get_peft_model(GPT(cfg, seed=args.seed).to(args.device), pc, **extra).train()
+        opt = _memory_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad])
+        rep = M.profile_step(model, opt, (idx, targets))
+        print(rep.table())
+        print()
+        reports.append(rep)
+        summary.append(rep)
+    if len(summary) > 1:
+        print(f"{'method':<8} {'trained':>10} {'grads+state':>12} {'activations':>12} "
+              f"{'peak est.':>10} {'peak acc.':>10} {'peak meas.':>11}   (MiB)")
+        for r in summary:
+            a, e = r.accounted, r.estimated
+            print(f"{r.method:<8} {e.n_trained:>10,d} {(a['gradients'] + a['optimizer']) / M.MiB:>12.3f} "
+                  f"{a['activations'] / M.MiB:>12.2f} {e.peak / M.MiB:>10.2f} "
+                  f"{r.accounted_peak / M.MiB:>10.2f} {r.measured_peak / M.MiB:>11.2f}")
+        print()
+    if args.checkpointing:
+        if len(methods) != 1:
+            raise ValueError("--checkpointing compares one method: give --method NAME")
+        pc = build_config(methods[0], args)
+        res = M.checkpointing_tradeoff(dataclasses.replace(cfg, gradient_checkpointing=False), pc,
+                                       batch_size=args.batch_size, seq_len=args.seq_len,
+                                       device=args.device, seed=args.seed)
+        print(M.format_checkpointing(res))
+    if args.png:
+        if not reports:
+            raise ValueError("--png draws profiled steps, and none was profiled")
+        print(f"wrote {M.plot(reports, args.png)}")
+    return 0
+
+
+def _add_memory_parser(sub) -> None:
+    s = sub.add_parser("memory", help="training memory per category: estimated, accounted, measured")
+    s.add_argument("--method", default="lora",
+                   help="a method (full, bitfit, layers, mask, lora, adapter, prompt, prefix, ia3) "
+                        "or 'all' (default lora)")
+    s.add_argument("--config", default="reference",
+                   help="model size: reference, gpt2, gpt2-medium, gpt2-large, gpt2-xl, 1b, 7b, 65b "
+                        "(larger than ~20M parameters: estimated only)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--dtype", default="fp32",
+                   help="fp32 (what the engine runs), mixed, int8, int4 (estimated only), fp64")
+    s.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"])
+    s.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block in backward instead of keeping its activations")
+    s.add_argument("--checkpointing", action="store_true",
+                   help="also compare one step with and without gradient checkpointing")
+    s.add_argument("--estimate-only", action="store_true", help="the closed form only, no step")
+    s.add_argument("--fit", action="store_true",
+                   help="also print the 1B rule of thumb and what fits on 24/48/80 GB cards at 7B and 65B")
+    s.add_argument("--png", default=None, help="write stacked bars of the three views to this PNG")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--seed", type=int, default=0)
+    _add_method_options(s)
+    s.set_defaults(func=_cmd_memory)
+
+
+# ---------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------
 
@@ -327,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Hugging Face interop (export, import): see the section above the parser
     _add_interop_parsers(sub)
+    # Memory (estimated, accounted, measured): see its section above the parser
+    _add_memory_parser(sub)
     return p
 
 
