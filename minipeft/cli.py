@@ -317,7 +317,7 @@ def _cmd_memory(args) -> int:
             why_not = (f"{est.n_params:,d} parameters: too large to run on this machine; "
                        "estimated only")
         if why_not:
-            print(est.table())
+            print(est.table(detail=True))
             print(f"(not profiled: {why_not})")
             print()
             continue

@@ -761,7 +761,14 @@ class Estimate:
         """Does the estimated peak fit a card of ``card_gib`` GiB?"""
         return self.peak <= card_gib * GiB
 
-    def table(self, unit: int | None = None) -> str:
+    def breakdown(self, unit: int = MiB) -> str:
+        """The saved activations by what keeps them, summed over blocks, largest first."""
+        items = sorted(self.activation_items.items(), key=lambda kv: -kv[1])
+        name = "GiB" if unit == GiB else "MiB"
+        return f"activations by what keeps them ({name}, summed over blocks): " + ", ".join(
+            f"{k} {v / unit:,.2f}" for k, v in items)
+
+    def table(self, unit: int | None = None, detail: bool = False) -> str:
         unit = unit or (GiB if self.peak >= GiB else MiB)
         ck = ", gradient checkpointing" if self.gradient_checkpointing else ""
         lines = [
@@ -772,6 +779,8 @@ class Estimate:
         for cat in CATEGORIES:
             lines.append(f"  {LABELS[cat]:<30} {_fmt_bytes(self.bytes[cat], unit):>14}")
         lines.append(f"  {'peak (estimated)':<30} {_fmt_bytes(self.peak, unit):>14}")
+        if detail:
+            lines.append("  " + self.breakdown(unit))
         return "\n".join(lines)
 
     __str__ = table
@@ -1032,7 +1041,7 @@ class _Books:
         self.inflight: dict[tuple, int] = {}      # buffers followed from backward, still alive
         self.finalizers = []
         self.outputs = []                          # logits and loss, held by the caller
-        self.events = []                           # (label, {category: bytes})
+        self.events = []                           # (phase, {category: bytes}) at phase boundaries
         self.peak, self.peak_event = 0, None
         self.max = dict.fromkeys(CATEGORIES, 0)
         self.ledger_params = 0                     # most parameter bytes the ledger held at once
@@ -1063,7 +1072,7 @@ class _Books:
             for parent in node.parents:
                 if getattr(parent, "grad", None) is not None:
                     self.track(parent.grad)
-        self.snapshot(f"backward: {event} {node.name}", in_backward=True)
+        self.snapshot(("backward", event, node.fn.__name__), in_backward=True)
 
     def close(self) -> None:
         for f in self.finalizers:
@@ -1127,7 +1136,8 @@ class _Books:
 
     def snapshot(self, label, in_backward=False) -> dict:
         cats = self.categories(in_backward)
-        self.events.append((label, cats))
+        if not in_backward:      # the phase boundaries are kept; backward's events only fold in
+            self.events.append((label, cats))
         total = sum(cats.values())
         if total > self.peak:
             self.peak, self.peak_event = total, (label, cats)
@@ -1378,8 +1388,17 @@ class StepReport:
                         ("the pool rounds each allocation up to 512 bytes" if self.device == "gpu"
                          else "arrays no book holds (e.g. a cache kept by a module)")))
         d = self.measured_peak - self.accounted_peak
-        reasons = ["temporaries inside operators that no book holds (GELU's and LayerNorm's scratch "
-                   "arrays, attention's score gradients, the optimizer's update)"]
+        temps = ("temporaries inside operators that no book holds (LayerNorm's and attention's "
+                 "scratch arrays, the optimizer's update")
+        if self.config is not None:
+            pc = self.estimated.peft_config if self.estimated is not None else None
+            n = self.batch_size * (self.seq_len + (getattr(pc, "num_virtual_tokens", 0)
+                                                   if getattr(pc, "peft_type", "") == "PROMPT_TUNING"
+                                                   else 0))
+            gelu = 2 * 4 * n * self.config.n_embd * 4
+            temps += (f"; GELU's backward alone works in two scratch arrays of its input's size, "
+                      f"2 x 4N'C floats = {_fmt_bytes(gelu, MiB)} here, on top of the books' peak")
+        reasons = [temps + ")"]
         if self.device == "gpu":
             reasons.append(f"the pool's rounding to 512 bytes ({_fmt_bytes(self.rounding or 0)} "
                            "over the step)")
@@ -1434,6 +1453,8 @@ class StepReport:
         exact = [w.split(":")[0] for w, nb, _ in self.gaps() if nb == 0]
         if exact:
             lines.append("  exact (0 bytes): " + "; ".join(exact))
+        if e is not None:
+            lines += ["", e.breakdown()]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -1510,6 +1531,8 @@ def profile_step(model, optimizer, batch, *, measure: bool = True) -> StepReport
         notes.append(f"{books.elsewhere:,d} bytes of the books are host arrays beside a model on "
                      f"{device} (a method's indices): the device's allocator does not see them")
     pe_label, pe = books.peak_event
+    if isinstance(pe_label, tuple):          # ("backward", "computed", "GELU")
+        pe_label = f"backward: {pe_label[1]} {pe_label[2]}"
     ev = {p: sum(books.event(p).values()) for p in PHASES}
     measured = phases if meter is not None else {p: (0, 0) for p in PHASES}
     start_arrays, start_total = measured["start"]
@@ -1651,10 +1674,11 @@ def plot(reports, path: str) -> str:
     from matplotlib.figure import Figure
 
     reports = list(reports)
-    fig = Figure(figsize=(max(6.0, 2.6 * len(reports)), 4.8))
+    fig = Figure(figsize=(3.0 + 1.6 * len(reports), 4.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    width, x, ticks, labels = 0.27, 0.0, [], []
+    short = {**LABELS, "activations": "activations (saved)", "other": "other live arrays"}
+    width, step, x, ticks, labels = 0.22, 0.26, 0.0, [], []
     used = set()
     for r in reports:
         e = r.estimated
@@ -1674,11 +1698,11 @@ def plot(reports, path: str) -> str:
             for cat in CATEGORIES:
                 h = cats.get(cat, 0) / MiB
                 if h:
-                    ax.bar(x + k * width, h, width, bottom=bottom, color=COLORS[cat],
-                           label=None if cat in used else LABELS[cat])
+                    ax.bar(x + k * step, h, width, bottom=bottom, color=COLORS[cat],
+                           label=None if cat in used else short[cat])
                     used.add(cat)
                     bottom += h
-            ticks.append(x + k * width)
+            ticks.append(x + k * step)
             labels.append(f"{r.method}\n{name}")
         k = len(bars)
         start_arrays, start_total = r.phases_measured["start"]
@@ -1687,20 +1711,24 @@ def plot(reports, path: str) -> str:
                  ("measured: added up to the peak", r.measured_peak - start_total, "#bbbbbb")]
         bottom = 0.0
         for name, h, color in parts:
-            ax.bar(x + k * width, h / MiB, width, bottom=bottom, color=color, hatch="//",
+            ax.bar(x + k * step, h / MiB, width, bottom=bottom, color=color, hatch="//",
                    label=None if name in used else name)
             used.add(name)
             bottom += h / MiB
-        ticks.append(x + k * width)
+        ticks.append(x + k * step)
         labels.append(f"{r.method}\nmeas.")
-        x += (k + 1) * width + 0.35
+        x += (k + 1) * step + 0.3
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("MiB at the peak of one training step")
     r0 = reports[0]
     ax.set_title(f"GPT {r0.config.n_layer}x{r0.config.n_embd}, batch {r0.batch_size} x {r0.seq_len}: "
                  "estimated, accounted, measured", fontsize=9)
-    ax.legend(fontsize=6, loc="upper right")
+    handles, names = ax.get_legend_handles_labels()
+    order = [short[c] for c in CATEGORIES] + [p[0] for p in parts]
+    pairs = sorted(zip(handles, names), key=lambda hn: order.index(hn[1]))
+    ax.legend([h for h, _ in pairs], [n for _, n in pairs], fontsize=6, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

@@ -419,3 +419,10 @@ def test_profile_step_leaves_no_hooks_and_gradients_in_place():
     memory.profile_step(model, adamw(model), batch())
     assert not BACKWARD_HOOKS
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_plain_gpt_is_full_fine_tuning():
+    model = GPT(GPTConfig(**SMALL), seed=0).train()
+    rep = memory.profile_step(model, adamw(model), batch())
+    assert rep.method == "full"
+    assert rep.estimated.bytes["gradients"] == rep.accounted["gradients"] == 4 * model.num_parameters()
