@@ -50,11 +50,24 @@ Categories (the rows of every table):
 Why the views differ, and by how much, is part of the lesson:
 estimated and accounted agree *exactly* on the first six rows (they count the
 same arrays two ways); activations agree to the byte where the walk mirrors
-the engine. The measured peak is higher than the accounted one because
-operators make temporaries that no book holds (``x * x * x`` inside GELU, the
-``x - max`` inside softmax), and because Python objects (graph nodes, tensor
-wrappers) take memory too; on the GPU the pool rounds every allocation up to
-512 bytes.
+the engine. Between operators (at the end of forward, of backward, of the
+optimizer step) the allocator's NumPy bytes equal the books' total, byte for
+byte. The measured peak is higher than the accounted one because operators
+work in temporaries that no book holds while they run (GELU's backward in
+two scratch arrays of its input's size, attention's backward in one of the
+scores' size), and because Python objects (graph nodes, tensor wrappers)
+take memory too; on the GPU the pool rounds every allocation up to 512 bytes.
+
+Use::
+
+    from minipeft import memory
+    print(memory.estimate("7b", "lora", dtype="mixed", batch_size=1, seq_len=512))
+    report = memory.profile_step(model, optimizer, (idx, targets))   # one real step
+    print(report)                      # the three views and the gaps, with reasons
+    memory.plot([report], "step.png")  # stacked bars (matplotlib)
+
+or ``minipeft memory --method lora --r 8`` (``--method all``, ``--config 7b``,
+``--fit``, ``--checkpointing``, ``--png PATH``).
 
 All sizes are bytes; tables print MiB or GiB (binary: 1 GiB = 2**30 bytes,
 which is also how GPU memory is sold: a "24 GB" card holds 24 GiB).
@@ -1246,18 +1259,22 @@ class _CupyHook:
         self.pool = cupy.get_default_memory_pool()
         self.hook = Hook()
         self.now = self.peak = self.requested = self.rounded = 0
+        self.started = False
 
     def start(self, model, optimizer):
         backend.synchronize()
         self.now = self.peak = self.pool.used_bytes()
         self.hook.__enter__()
+        self.started = True
 
     def phase(self) -> tuple[int, int]:
         backend.synchronize()
         return self.pool.used_bytes(), self.pool.used_bytes()
 
     def stop(self):
-        self.hook.__exit__(None, None, None)
+        if self.started:
+            self.hook.__exit__(None, None, None)
+            self.started = False
 
     @property
     def rounding(self) -> int:
