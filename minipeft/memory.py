@@ -1618,12 +1618,18 @@ def format_rule_of_thumb(rows, config="1b") -> str:
         f"  weights + gradients + AdamW moments: {_fmt_bytes(state, GiB)} ({state / n:.0f} bytes a "
         "parameter, exactly)",
         "  activations and temporaries reach 8 bytes a parameter (full fine-tuning, fp32) at:",
-        f"  {'seq_len':>9} {'batch':>8} {'at batch':>9} {'act/param':>10} {'peak':>12}",
+        f"  {'seq_len':>9} {'batch':>8} {'at batch':>9} {'act/param':>10} {'all added':>12} "
+        f"{'peak':>12}",
     ]
     for r in rows:
         e = r["estimate"]
+        total = state + e.bytes["activations"] + e.bytes["other"]
         lines.append(f"  {r['seq_len']:>9} {r['batch']:>8.2f} {r['batch_int']:>9d} "
-                     f"{r['act_per_param']:>10.2f} {_fmt_bytes(e.peak, GiB):>12}")
+                     f"{r['act_per_param']:>10.2f} {_fmt_bytes(total, GiB):>12} "
+                     f"{_fmt_bytes(e.peak, GiB):>12}")
+    lines.append("  'all added' is the rule's sum (16 + 8 bytes a parameter: ~24 GB). The step's peak "
+                 "is lower: backward frees each activation as the gradients appear, so gradients "
+                 "and activations are never all alive at once.")
     return "\n".join(lines)
 
 
