@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import backend
-from .autograd.function import no_grad
+from .autograd.function import in_blocks, no_grad
 from .autograd.tensor import Tensor
 from .nn.module import Module
 
@@ -428,33 +428,45 @@ class AdamW(Optimizer):
         b1, b2 = self.betas
         t = state["step"]
         m, v = state["m"], state["v"]
-        xp = backend.xp(w)
         tmp = self._work(w)
-        # Decoupled weight decay: w <- w - eta * lambda * w = (1 - eta lambda) w
-        if weight_decay:
-            w *= 1.0 - lr * weight_decay
-        # Moments, in place: m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
-        m *= b1
-        xp.multiply(g, 1.0 - b1, out=tmp)
-        m += tmp
-        v *= b2
-        xp.multiply(g, g, out=tmp)
-        tmp *= 1.0 - b2
-        v += tmp
         # Bias corrections (Python floats: float32 stays float32)
         bc1 = 1.0 - b1**t
         bc2 = 1.0 - b2**t
         # w <- w - eta * m_hat / (sqrt(v_hat) + eps), with m_hat = m / bc1 and
         # sqrt(v_hat) = sqrt(v) / sqrt(bc2); multiplying through by sqrt(bc2),
         #   = w - (eta sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2))
-        xp.sqrt(v, out=tmp)
-        tmp += eps * math.sqrt(bc2)
-        xp.divide(m, tmp, out=tmp)
-        tmp *= lr * math.sqrt(bc2) / bc1
-        w -= tmp
+        k = (1.0 - lr * weight_decay, b1, b2, eps * math.sqrt(bc2), lr * math.sqrt(bc2) / bc1)
+        if w.flags.c_contiguous:
+            # entry by entry: flat blocks, one per thread (see autograd.in_blocks)
+            in_blocks(lambda *a: _adamw_into(*a, *k), w.reshape(-1), g.reshape(-1),
+                      m.reshape(-1), v.reshape(-1), tmp.reshape(-1))
+        else:
+            _adamw_into(w, g, m, v, tmp, *k)
 
     def _extra_repr(self):
         return f"betas={self.betas}, eps={self.eps}, "
+
+
+def _adamw_into(w, g, m, v, tmp, decay, b1, b2, eps_c, step_c):
+    """AdamW on (a block of) w, in place, with ``tmp`` as the only scratch."""
+    xp = backend.xp(w)
+    # Decoupled weight decay: w <- w - eta * lambda * w = (1 - eta lambda) w
+    if decay != 1.0:
+        w *= decay
+    # Moments, in place: m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+    m *= b1
+    xp.multiply(g, 1.0 - b1, out=tmp)
+    m += tmp
+    v *= b2
+    xp.multiply(g, g, out=tmp)
+    tmp *= 1.0 - b2
+    v += tmp
+    # w <- w - step_c * m / (sqrt(v) + eps_c)   (the corrections folded in, see _update)
+    xp.sqrt(v, out=tmp)
+    tmp += eps_c
+    xp.divide(m, tmp, out=tmp)
+    tmp *= step_c
+    w -= tmp
 
 
 # ---------------------------------------------------------------------------

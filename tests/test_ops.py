@@ -497,3 +497,47 @@ def test_other_shape_errors(device):
         ops.exp(np.ones(2))
     with pytest.raises(TypeError, match="only float32 or float64"):
         Tensor(np.arange(3), requires_grad=True, device=device)
+
+
+# ---------------------------------------------------------------------------
+# Blocks of rows on several threads give exactly the one-block result
+# ---------------------------------------------------------------------------
+
+
+def test_ops_split_over_threads_equal_one_block():
+    """GELU, layer norm, causal attention and AdamW split their large elementwise work
+    into blocks of rows, one per thread; every entry must come out bit-identical."""
+    from minipeft.autograd.function import set_num_threads
+    from minipeft.optim import AdamW
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 512)).astype(np.float32)        # 2**18 entries: 4 blocks
+    w, b = rng.standard_normal((2, 512)).astype(np.float32)
+    qkv = rng.standard_normal((4, 128, 3 * 64)).astype(np.float32)
+    g_att = rng.standard_normal((4, 128, 64)).astype(np.float32)
+
+    def run():
+        xs = [Tensor(x, requires_grad=True) for _ in range(2)]
+        ln_w, ln_b = Tensor(w, requires_grad=True), Tensor(b, requires_grad=True)
+        q = Tensor(qkv, requires_grad=True)
+        y1, y2 = ops.gelu(xs[0]), ops.layer_norm(xs[1], ln_w, ln_b)
+        y3 = ops.causal_attention(q, 2)
+        (y1 * y2).sum().backward()
+        y3.backward(g_att)
+        p = Tensor(x.copy(), requires_grad=True)
+        p.grad = x[::-1].copy()
+        opt = AdamW([p], lr=0.1)
+        opt.step()
+        opt.step()
+        return [t.numpy() for t in (y1, y2, y3)] + [
+            t.grad for t in (*xs, ln_w, ln_b, q)] + [p.data]
+
+    try:
+        set_num_threads(1)
+        one = run()
+        set_num_threads(4)
+        many = run()
+    finally:
+        set_num_threads(None)
+    for a, b_ in zip(one, many):
+        np.testing.assert_array_equal(a, b_)

@@ -32,10 +32,14 @@ computed, so it can skip saving what only an unneeded gradient would use
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
+import os
 import threading
 import time
 import weakref
+
+import numpy as np
 
 from .. import backend
 from .tensor import Tensor
@@ -70,6 +74,79 @@ def no_grad():
     for backward, so activations are freed as soon as they are used.
     """
     return set_grad_enabled(False)
+
+
+# ---------------------------------------------------------------------------
+# Elementwise work on every core
+# ---------------------------------------------------------------------------
+#
+# NumPy's BLAS runs a matrix product on every core, but a ufunc (exp, +=, ...)
+# runs on one. NumPy releases the GIL while a ufunc loops over a large array,
+# so a chain of in-place ufuncs applied to separate blocks of rows, one block
+# per thread, does run on all cores at once. Ops whose work goes row by row
+# (elementwise maps, reductions within a row) hand such chains to
+# :func:`in_blocks`; each element is computed exactly as in one call, so the
+# result does not depend on the number of threads.
+
+_MIN_BLOCK = 1 << 16          # elements: below this a block is not worth a thread
+_threads = {"n": None, "pool": None}
+
+
+def _default_threads() -> int:
+    for var in ("MINIPEFT_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def get_num_threads() -> int:
+    """Threads that large elementwise work on the CPU is split across."""
+    if _threads["n"] is None:
+        _threads["n"] = _default_threads()
+    return _threads["n"]
+
+
+def set_num_threads(n: int | None) -> None:
+    """Use ``n`` threads for large elementwise work on the CPU (None: one per core).
+
+    (NumPy's BLAS has its own setting: ``threadpoolctl.threadpool_limits``.)
+    """
+    if n is not None and int(n) < 1:
+        raise ValueError(f"set_num_threads: need at least 1 thread, got {n}")
+    _threads["n"] = None if n is None else int(n)
+    if _threads["pool"] is not None:
+        _threads["pool"].shutdown(wait=True)
+        _threads["pool"] = None
+
+
+def in_blocks(fn, *arrays) -> None:
+    """Run ``fn(*arrays)`` as ``fn(*blocks)`` on blocks of rows (axis 0), one per thread.
+
+    ``fn`` must work row by row and write only into the arrays it is given;
+    all arrays share their first axis. Large NumPy arrays only: CuPy (whose
+    kernels use the whole GPU already), the strict stand-in and small arrays
+    get one call on the whole.
+    """
+    a0 = arrays[0]
+    rows = a0.shape[0] if a0.ndim else 0
+    n = min(get_num_threads(), rows, a0.size // _MIN_BLOCK)
+    if n < 2 or type(a0) is not np.ndarray:
+        fn(*arrays)
+        return
+    pool = _threads["pool"]
+    if pool is None:
+        pool = _threads["pool"] = concurrent.futures.ThreadPoolExecutor(
+            max_workers=get_num_threads() - 1, thread_name_prefix="minipeft")
+    cuts = [rows * i // n for i in range(n + 1)]
+    blocks = [tuple(a[cuts[i]:cuts[i + 1]] for a in arrays) for i in range(n)]
+    futures = [pool.submit(fn, *b) for b in blocks[1:]]
+    fn(*blocks[0])                      # this thread takes the first block
+    for f in futures:
+        f.result()                      # waits; re-raises an error from a block
 
 
 # ---------------------------------------------------------------------------

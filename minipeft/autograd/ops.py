@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from .. import backend
-from .function import Function
+from .function import Function, in_blocks
 from .tensor import Tensor
 
 # How many matrix products each backward formed, by kind. Tests read it to
@@ -357,50 +357,63 @@ class GELU(Function):
     than keeping a second activation-sized array alive). Both directions work
     in place in as few arrays of x's size as the formula allows (one forward,
     three backward): on the MLP's (N, 4C) hidden layer every extra temporary
-    is a pass over memory. ``x * x * x``, never ``x ** 3``: the power is
-    many times slower on float32.
+    is a pass over memory; and the work is split into blocks of rows run on
+    every core (:func:`~minipeft.autograd.function.in_blocks`). ``x * x * x``,
+    never ``x ** 3``: the power is many times slower on float32.
     """
 
     @staticmethod
     def forward(ctx, x):
-        xp = backend.xp(x)
         ctx.save_for_backward(x)
-        # u = k x (1 + 0.044715 x^2), built in one buffer (out=: a 0-d x stays an array)
-        t = xp.multiply(x, x, out=xp.empty_like(x))
-        t *= 0.044715 * _GELU_K
-        t += _GELU_K
-        t *= x
-        xp.tanh(t, out=t)                               # tanh u
-        # y = 0.5 x (1 + tanh u)
-        t += 1.0
-        t *= x
-        t *= 0.5
-        return t
+        y = backend.xp(x).empty_like(x)
+        in_blocks(_gelu_into, x, y)
+        return y
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved
-        xp = backend.xp(x)
-        # a = x^2, then t = tanh u with u = k x (1 + 0.044715 a)
-        a = xp.multiply(x, x, out=xp.empty_like(x))
-        t = xp.multiply(a, 0.044715 * _GELU_K, out=xp.empty_like(x))
-        t += _GELU_K
-        t *= x
-        xp.tanh(t, out=t)
-        # a <- 0.5 k x (1 + 0.134145 x^2)   (0.134145 = 3 * 0.044715: du/dx / k)
-        a *= 0.134145 * 0.5 * _GELU_K
-        a += 0.5 * _GELU_K
-        a *= x
-        # s <- (1 - t^2) a  = 0.5 x (1 - tanh^2 u) du/dx
-        s = xp.multiply(t, t, out=xp.empty_like(x))
-        xp.subtract(1.0, s, out=s)
-        s *= a
-        # dy/dx = 0.5 (1 + t) + s;  dL/dx = g dy/dx
-        t += 1.0
-        t *= 0.5
-        t += s
-        t *= g
-        return t
+        gx = backend.xp(x).empty_like(x)
+        in_blocks(_gelu_grad_into, x, g, gx)
+        return gx
+
+
+def _gelu_into(x, y):
+    """y = GELU(x), in y's buffer (one block of rows)."""
+    xp = backend.xp(x)
+    # u = k x (1 + 0.044715 x^2)
+    xp.multiply(x, x, out=y)
+    y *= 0.044715 * _GELU_K
+    y += _GELU_K
+    y *= x
+    xp.tanh(y, out=y)                                   # tanh u
+    # y = 0.5 x (1 + tanh u)
+    y += 1.0
+    y *= x
+    y *= 0.5
+
+
+def _gelu_grad_into(x, g, t):
+    """t = g dGELU/dx (one block of rows), with two temporaries of the block's size."""
+    xp = backend.xp(x)
+    # a = x^2, then t = tanh u with u = k x (1 + 0.044715 a)
+    a = xp.multiply(x, x, out=xp.empty_like(x))
+    xp.multiply(a, 0.044715 * _GELU_K, out=t)
+    t += _GELU_K
+    t *= x
+    xp.tanh(t, out=t)
+    # a <- 0.5 k x (1 + 0.134145 x^2)   (0.134145 = 3 * 0.044715: du/dx / k)
+    a *= 0.134145 * 0.5 * _GELU_K
+    a += 0.5 * _GELU_K
+    a *= x
+    # s <- (1 - t^2) a  = 0.5 x (1 - tanh^2 u) du/dx
+    s = xp.multiply(t, t, out=xp.empty_like(x))
+    xp.subtract(1.0, s, out=s)
+    s *= a
+    # dy/dx = 0.5 (1 + t) + s;  dL/dx = g dy/dx
+    t += 1.0
+    t *= 0.5
+    t += s
+    t *= g
 
 
 class Cast(Function):
@@ -846,47 +859,58 @@ class LayerNorm(Function):
                 f"layer_norm: weight and bias must have shape ({C},), "
                 f"got {tuple(w.shape)} and {tuple(b.shape)}"
             )
-        mu = x.mean(axis=-1, keepdims=True)                           # (..., 1)
-        xhat = x - mu
-        y = xhat * xhat                                               # scratch for the variance
-        var = y.mean(axis=-1, keepdims=True)                          # (..., 1)
-        var += eps
-        r = xp.sqrt(var, out=var)
-        xp.divide(1.0, r, out=r)                                      # r = (var + eps)^(-1/2)
-        xhat *= r
+        x2 = x.reshape(-1, C)                                         # (N, C)
+        xhat, y = xp.empty_like(x2), xp.empty_like(x2)                # (N, C) each
+        r = xp.empty((x2.shape[0], 1), dtype=x.dtype)                 # (N, 1)
+        in_blocks(lambda *a: _layer_norm_into(*a, w, b, eps), x2, xhat, r, y)
         nx, nw, nb = ctx.needs_input_grad
         ctx.save_for_backward(
             xhat if (nx or nw) else None, r if nx else None, w if nx else None
         )
-        xp.multiply(xhat, w, out=y)                                   # y = xhat w + b
-        y += b
-        return y
+        return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, g):
-        xhat, r, w = ctx.saved
+        xhat, r, w = ctx.saved                                        # (N, C), (N, 1), (C,)
         nx, nw, nb = ctx.needs_input_grad
         xp = backend.xp(g)
         C = g.shape[-1]
         g2 = g.reshape(-1, C)                                         # (N, C)
         gb = g2.sum(axis=0) if nb else None
-        gw = gx = prod = None
+        gw = gx = None
         if nw:
-            prod = xhat * g                                           # (..., C) scratch
-            gw = prod.reshape(-1, C).sum(axis=0)                      # sum of xhat g
+            gw = (xhat * g2).sum(axis=0)                              # sum over rows of xhat g
         if nx:
-            gx = g * w                                                # g-hat
-            # mean of g-hat xhat over the last axis, then prod <- xhat * that mean
-            if prod is None:
-                prod = gx * xhat
-            else:
-                xp.multiply(gx, xhat, out=prod)
-            m2 = prod.mean(axis=-1, keepdims=True)                    # (..., 1)
-            gx -= gx.mean(axis=-1, keepdims=True)
-            xp.multiply(xhat, m2, out=prod)
-            gx -= prod
-            gx *= r
+            gx = xp.empty(g2.shape, dtype=g.dtype)
+            in_blocks(lambda *a: _layer_norm_grad_into(*a, w), g2, xhat, r, gx)
+            gx = gx.reshape(g.shape)
         return gx, gw, gb
+
+
+def _layer_norm_into(x, xhat, r, y, w, b, eps):
+    """One block of rows (N, C): xhat, r = (var + eps)^(-1/2) and y = xhat w + b."""
+    xp = backend.xp(x)
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)         # x - mu
+    xp.multiply(xhat, xhat, out=y)                                    # y: scratch for the variance
+    xp.mean(y, axis=-1, keepdims=True, out=r)                         # var
+    r += eps
+    xp.sqrt(r, out=r)
+    xp.divide(1.0, r, out=r)                                          # r = (var + eps)^(-1/2)
+    xhat *= r
+    xp.multiply(xhat, w, out=y)                                       # y = xhat w + b
+    y += b
+
+
+def _layer_norm_grad_into(g, xhat, r, gx, w):
+    """One block of rows: gx = r (gh - mean(gh) - xhat mean(gh xhat)), with gh = g w."""
+    xp = backend.xp(g)
+    xp.multiply(g, w, out=gx)                                         # g-hat
+    prod = xp.multiply(gx, xhat, out=xp.empty_like(gx))
+    m2 = prod.mean(axis=-1, keepdims=True)                            # mean of g-hat xhat
+    gx -= gx.mean(axis=-1, keepdims=True)
+    xp.multiply(xhat, m2, out=prod)
+    gx -= prod
+    gx *= r
 
 
 class CausalAttention(Function):
@@ -956,14 +980,13 @@ class CausalAttention(Function):
         h = xp.ascontiguousarray(qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4))
         q, k, v = h[0], h[1], h[2]                                  # each (B, nh, T, hs)
         q *= s  # scaling q is cheaper than scaling the T x T scores
-        # E = exp(S - m) with S = s q k^T + M, in place in the scores' buffer
-        att = _matmul(xp, q, k.transpose(0, 1, 3, 2))               # (B, nh, T, T)
-        xp.copyto(att, -math.inf, where=causal_mask(T, att))       # (T, T) broadcast
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
+        # E = exp(S - m) with S = s q k^T + M, in place in the scores' buffer, and
         # rz = 1/z (times dropout's 1/(1-p)): the normalisation, applied to Y's rows
-        rz = att.sum(axis=-1, keepdims=True)                        # (B, nh, T, 1)
-        xp.divide(1.0 / (1.0 - p), rz, out=rz)
+        att = _matmul(xp, q, k.transpose(0, 1, 3, 2))               # (B, nh, T, T)
+        rz = xp.empty((B, nh, T, 1), dtype=qkv.dtype)
+        mask = causal_mask(T, att)                                  # (T, T)
+        in_blocks(lambda a, z: _masked_exp_into(a, z, mask, 1.0 / (1.0 - p)),
+                  att.reshape(B * nh, T, T), rz.reshape(B * nh, T, 1))
         # Y = ((E * D) v) rz, written into the (B, T, nh, hs) layout of the output
         ed = att if keep is None else att * keep
         y = xp.empty((B, T, C), dtype=qkv.dtype)
@@ -993,17 +1016,35 @@ class CausalAttention(Function):
         if keep is not None:
             dp *= keep
         # dS = E * (dP' - rowsum(E * dP') / z), in place in dP'  (1/z = rz (1-p))
-        rowdot = xp.einsum("bhij,bhij->bhi", att, dp)[..., None]    # (B, nh, T, 1)
-        rowdot *= rz
-        rowdot *= q_keep
-        dp -= rowdot
-        dp *= att
+        in_blocks(lambda d_, e, z: _softmax_grad_into(d_, e, z, q_keep),
+                  dp.reshape(B * nh, T, T), att.reshape(B * nh, T, T), rz.reshape(B * nh, T, 1))
         # dq = s dS k ;  dk = dS^T (s q)
         _matmul(xp, dp, k, out=d[0])
         d[0] *= s
         _matmul(xp, dp.transpose(0, 1, 3, 2), q, out=d[1])
         # (3, B, nh, T, hs) -> (B, T, 3, nh, hs) -> (B, T, 3C): the layout of qkv
         return xp.ascontiguousarray(d.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
+
+
+def _masked_exp_into(att, rz, mask, c):
+    """One block of score matrices (R, T, T): E = exp(S - rowmax) with the mask's
+    entries set to -inf first (so E = 0 there), and rz = c / rowsum(E)."""
+    xp = backend.xp(att)
+    xp.copyto(att, -math.inf, where=mask)                          # (T, T) broadcast
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    xp.sum(att, axis=-1, keepdims=True, out=rz)                     # (R, T, 1)
+    xp.divide(c, rz, out=rz)
+
+
+def _softmax_grad_into(dp, e, rz, q_keep):
+    """One block (R, T, T): dp <- E * (dp - rowsum(E * dp) rz q_keep), i.e. dS."""
+    xp = backend.xp(dp)
+    rowdot = xp.einsum("rij,rij->ri", e, dp)[..., None]             # (R, T, 1)
+    rowdot *= rz
+    rowdot *= q_keep
+    dp -= rowdot
+    dp *= e
 
 
 class Embedding(Function):
