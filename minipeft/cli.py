@@ -183,8 +183,10 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench import reexec_without_blas_overrides, run_bench
 
+    if not args.keep_blas_env:
+        reexec_without_blas_overrides()  # returns only when there is nothing to unset
     return run_bench(args)
 
 
@@ -442,10 +444,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
     s.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("bench", help="time one training step (forward, backward, AdamW)")
+    s = sub.add_parser("bench", help="time one training step (forward, backward, AdamW), "
+                                     "against PyTorch eager and the matmul floor")
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
-    s.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+    s.add_argument("--steps", type=int, default=20, help="timed steps after warm-up (default 20)")
     s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--case", default="tiny,medium",
+                   help="comma-separated cases: tiny, medium, large (default tiny,medium)")
+    s.add_argument("--method", default="full,lora", help="full, lora or both (default both)")
+    s.add_argument("--compare", choices=["auto", "on", "off"], default="auto",
+                   help="time PyTorch eager too (auto: when torch, transformers and peft import)")
+    s.add_argument("--profile", action="store_true",
+                   help="print where minipeft's time goes, per op, forward and backward")
+    s.add_argument("--threads", type=int, default=None,
+                   help="threads for NumPy's BLAS, minipeft's elementwise blocks and PyTorch "
+                        "(default: as many as NumPy's BLAS uses)")
+    s.add_argument("--keep-blas-env", action="store_true",
+                   help="time under OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE if set, instead of "
+                        "re-running without them")
     s.set_defaults(func=_cmd_bench)
 
     # Hugging Face interop (export, import): see the section above the parser
