@@ -1,0 +1,210 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 6: bottleneck adapters, and the inference cost they add
+#
+# Adapters (Houlsby et al., 2019) were the first additive PEFT method: a
+# small residual MLP inserted after a sublayer,
+#
+# $$ y' = y + f(y\,W_{down} + b_{down})\,W_{up} + b_{up}, \qquad
+#    W_{down} \in \mathbb R^{C \times m},\ W_{up} \in \mathbb R^{m \times C},\ m \ll C. $$
+#
+# Houlsby et al. put one after the attention and one after the MLP of every
+# block; Pfeiffer et al. (2020) keep only the one after the MLP, at half the
+# cost and, they found, little loss.
+#
+# **What you will learn**
+#
+# 1. Where each placement inserts adapters, and how many parameters they train.
+# 2. How the two placements learn the same task.
+# 3. What adapters cost at inference, counted in FLOPs, and why (unlike
+#    LoRA) that cost cannot be merged away.
+
+# %%
+import time
+
+import numpy as np
+
+from minipeft import lessons
+from minipeft.autograd import ops
+from minipeft.base import load_base
+from minipeft.data import get_task
+from minipeft.evaluation import evaluate
+from minipeft.optim import AdamW, LRSchedule
+from minipeft.peft import AdapterConfig, LoraConfig, get_peft_model
+from minipeft.train import train
+
+plt = lessons.setup()
+
+# %% [markdown]
+# ## 1. Placement and size
+#
+# `AdapterConfig(placement=...)` names the Linear after which each adapter
+# sits: the attention's output projection `attn.c_proj` and the MLP's
+# `mlp.c_proj` (Houlsby), or `mlp.c_proj` alone (Pfeiffer). Each adapter has
+# $2Cm + m + C$ parameters: 4,240 for $C = 128$, $m = 16$. $W_{up}$ and
+# $b_{up}$ start at zero, so the adapter starts as the identity.
+
+# %%
+task = get_task("reverse")
+base = load_base()
+idx, targets = next(task.batches("val", 8, shuffle=False))
+C, m = 128, 16
+placements = {}
+for placement in ("houlsby", "pfeiffer"):
+    pm = get_peft_model(load_base(), AdapterConfig(bottleneck=m, placement=placement))
+    wrapped = [name for name, _ in pm.active_method.wrappers(pm)]
+    placements[placement] = {
+        "model": pm,
+        "adapters": len(wrapped),
+        "trainable": pm.get_nb_trainable_parameters()[0],
+        "identity": np.array_equal(pm(idx).numpy(), base(idx).numpy()),
+    }
+    print(f"{placement}: {len(wrapped)} adapters after {sorted({n.split('.', 2)[2] for n in wrapped})}")
+    pm.print_trainable_parameters()
+print("both equal the base at initialisation:", all(p["identity"] for p in placements.values()))
+
+# %% [markdown]
+# ## 2. Learning the task
+#
+# Both placements train on `reverse` with the same steps and learning rate.
+
+# %%
+steps = lessons.pick(200, 30)
+n_test = lessons.pick(500, 100)
+zero_shot_loss = lessons.answer_loss(base, task)
+histories, results = {}, {}
+for placement in ("houlsby", "pfeiffer"):
+    pm = get_peft_model(load_base(), AdapterConfig(bottleneck=m, placement=placement))
+    opt = AdamW(pm.trainable_parameters(), lr=3e-3, weight_decay=0.0)
+    histories[placement] = train(pm, opt, task.batches("train", 16, seed=0, epochs=None), steps,
+                                 schedule=LRSchedule(3e-3, steps, min(20, steps // 5), min_lr=3e-4),
+                                 clip=1.0, progress=False)
+    results[placement] = {"model": pm, "answer loss": lessons.answer_loss(pm, task),
+                          "exact match": evaluate(pm, task, "test", limit=n_test)}
+    print(f"{placement}: answer loss {zero_shot_loss:.2f} -> {results[placement]['answer loss']:.3f}, "
+          f"exact match {results[placement]['exact match']:.3f}")
+
+fig, ax = plt.subplots()
+for placement, h in histories.items():
+    ax.plot(h.steps, h.losses, label=f"{placement} ({placements[placement]['trainable']:,d} params)")
+ax.set_yscale("log")
+ax.set_xlabel("step")
+ax.set_ylabel("training loss")
+ax.set_title("reverse with bottleneck adapters (m = 16)")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## 3. The cost at inference
+#
+# An adapter sits *in series*, after a nonlinearity $f$: no weight of the
+# base can absorb it. Every token pays for its two products, $2 \cdot 2Cm$
+# FLOPs per adapter (`extra_flops_per_token`), forever. LoRA's branch, by
+# contrast, is linear and merges into $W$ (lesson 5). We count the FLOPs of
+# every matrix product in one forward pass (`ops.matmul_log`).
+
+# %%
+def forward_flops(model, idx):
+    ops.matmul_log = []
+    try:
+        model(idx)
+        return sum(2 * b * mm * k * n for b, mm, k, n in ops.matmul_log)
+    finally:
+        ops.matmul_log = None
+
+
+n_tokens = idx.size
+flops = {"base": forward_flops(base, idx)}
+extra = {}
+for placement in ("houlsby", "pfeiffer"):
+    pm = results[placement]["model"]
+    flops[placement] = forward_flops(pm, idx)
+    extra[placement] = pm.active_method.extra_flops_per_token(pm)
+lora = get_peft_model(load_base(), LoraConfig(r=8))
+flops["LoRA r=8, unmerged"] = forward_flops(lora, idx)
+lora.merge_adapter()
+flops["LoRA r=8, merged"] = forward_flops(lora, idx)
+for name, f in flops.items():
+    print(f"{name:20s} {f / n_tokens:>12,.0f} FLOPs per token  (+{(f - flops['base']) / n_tokens:,.0f})")
+
+try:
+    results["houlsby"]["model"].merge_adapter()
+    merge_refused = False
+except ValueError as exc:
+    merge_refused = True
+    print("\nmerge_adapter():", exc)
+
+fig, ax = plt.subplots()
+names = list(flops)
+ax.bar(names, [(flops[n] - flops["base"]) / n_tokens for n in names],
+       color=["C7", "C1", "C2", "C3", "C0"])
+ax.set_ylabel("extra FLOPs per token (forward)")
+ax.set_title("What each method adds to every token at inference")
+ax.tick_params(axis="x", labelrotation=20)
+plt.show()
+
+# %% [markdown]
+# Here the extra is a few percent of the base's FLOPs. On a real GPU the
+# larger cost is latency: at batch size 1, each adapter is two more small
+# kernels run one after the other, in every layer. The wall-clock time of
+# greedy generation on this machine (shown, not asserted):
+
+# %%
+prompts = next(ids for _, ids in task.prompt_batches("test", 32))
+for name, model in (("base", base), ("pfeiffer", results["pfeiffer"]["model"]),
+                    ("houlsby", results["houlsby"]["model"])):
+    t0 = time.perf_counter()
+    out = model.generate(prompts, task.max_new_tokens, temperature=0.0)
+    ms = 1e3 * (time.perf_counter() - t0) / task.max_new_tokens
+    print(f"{name:9s} {ms:6.1f} ms per generated position (batch of {len(prompts)})")
+
+# %% [markdown]
+# ## The claim, checked
+#
+# * Houlsby places 8 adapters (2 per block) and trains 33,920 parameters;
+#   Pfeiffer places 4 and trains 16,960: $(2Cm + m + C)$ each.
+# * Both start as the identity and both learn the task.
+# * Each adds exactly `extra_flops_per_token` FLOPs to every token
+#   ($4Cm$ per adapter: Houlsby twice Pfeiffer), and they cannot be merged:
+#   the cost stays. A merged LoRA adds none.
+
+# %%
+per_adapter = 2 * C * m + m + C
+assert placements["houlsby"]["adapters"] == 8 and placements["pfeiffer"]["adapters"] == 4
+assert placements["houlsby"]["trainable"] == 8 * per_adapter == 33_920
+assert placements["pfeiffer"]["trainable"] == 4 * per_adapter == 16_960
+assert all(p["identity"] for p in placements.values())
+assert all(r["answer loss"] < zero_shot_loss for r in results.values())
+for placement in ("houlsby", "pfeiffer"):
+    assert flops[placement] - flops["base"] == extra[placement] * n_tokens
+assert extra["houlsby"] == 2 * extra["pfeiffer"] == 8 * 4 * C * m
+assert merge_refused
+assert flops["LoRA r=8, merged"] == flops["base"] < flops["LoRA r=8, unmerged"]
+print("all claims hold")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Sweep the bottleneck $m \in \{4, 16, 64\}$ for the Pfeiffer placement.
+#    How do trainable parameters, extra FLOPs and exact match scale?
+# 2. Try `nonlinearity="gelu"` and `"tanh"`. Does the choice matter here?
+# 3. At which bottleneck would a Houlsby adapter add as many FLOPs per token
+#    as a whole block of the base?
+# 4. Why is a LoRA with `target_modules=["mlp.c_proj"]` mergeable while a
+#    Pfeiffer adapter after the same Linear is not? Write the two outputs
+#    as functions of the Linear's input.
+#
+# Solutions: `lessons/solutions.md`, section "Lesson 6".
