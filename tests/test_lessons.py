@@ -1,0 +1,192 @@
+r"""The lesson notebooks: each runs top to bottom, checks its claim, and is stored clean.
+
+Every notebook in ``lessons/`` is executed with ``MINIPEFT_FAST=1`` (fewer
+steps and examples; the same computations and the same assertions) through
+nbclient, in a fresh ``python3`` kernel started in ``lessons/``. A lesson
+whose claim stops being true fails here, because each one ends its story
+with an assertion cell. The time each notebook took is reported at the end
+of the module, never asserted; a generous per-cell timeout only guards
+against a hang.
+
+Also checked, without running anything: notebooks are stored without
+outputs, each has an assertion cell, each has its jupytext twin
+(``NN_name.py``, percent format) with the same cells, the solutions file
+parses, and a lesson started without the ``lessons`` extra stops with the
+command that installs it.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+
+ROOT = Path(__file__).resolve().parents[1]
+LESSONS = ROOT / "lessons"
+NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
+IDS = [p.stem for p in NOTEBOOKS]
+
+#: seconds any one cell may run before the kernel is judged hung (FAST cells take seconds)
+CELL_TIMEOUT = 600
+
+
+def read(path: Path):
+    return nbformat.read(str(path), as_version=4)
+
+
+def code_cells(nb) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+def python_of(source: str) -> str:
+    """A cell's source without IPython's magics and shell lines, for ``ast``."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.splitlines())
+
+
+def test_the_lessons_are_there_and_numbered():
+    assert NOTEBOOKS, "no notebooks in lessons/"
+    numbers = [p.name[:2] for p in NOTEBOOKS]
+    assert len(set(numbers)) == len(numbers), f"two lessons share a number: {numbers}"
+    for expected in ("01_tour", "02_autograd", "05_lora"):
+        assert (LESSONS / f"{expected}.ipynb").is_file(), expected
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_stored_without_outputs(path):
+    nb = read(path)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, (f"{path.name}: code cells {dirty} are stored with outputs; clear them "
+                       "(jupyter nbconvert --clear-output --inplace, or regenerate from the twin)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_has_an_assertion_cell(path):
+    nb = read(path)
+    with_assert = [src for src in code_cells(nb)
+                   if any(isinstance(n, ast.Assert) for n in ast.walk(ast.parse(python_of(src))))]
+    assert with_assert, f"{path.name} checks no claim: no code cell has an assert"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_starts_with_the_setup_cell(path):
+    first = code_cells(read(path))[0]
+    assert "lessons.setup()" in first, (
+        f"{path.name}: the first code cell must call minipeft.lessons.setup(), which checks "
+        "the lessons extra and says how to install it")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_twin_in_sync(path):
+    jupytext = pytest.importorskip("jupytext")
+    twin = path.with_suffix(".py")
+    assert twin.is_file(), f"{path.name} has no text twin {twin.name}"
+    from_twin = jupytext.read(str(twin), fmt="py:percent")
+    stored = read(path)
+
+    def cells(nb):
+        return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+    a, b = cells(stored), cells(from_twin)
+    assert len(a) == len(b), f"{path.name}: {len(a)} cells, its twin {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x == y, (f"{path.name} cell {i} differs from its twin {twin.name}; regenerate "
+                        f"the notebook: jupytext --update --to ipynb lessons/{twin.name}")
+
+
+def test_solutions_parse():
+    text = (LESSONS / "solutions.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        ast.parse(block)
+    for path in NOTEBOOKS:
+        n = int(path.name[:2])
+        assert f"## Lesson {n}" in text, f"solutions.md has no section for lesson {n}"
+
+
+# ---------------------------------------------------------------------------
+# Without the lessons extra
+# ---------------------------------------------------------------------------
+
+
+def test_setup_names_the_install_command(monkeypatch):
+    from minipeft import lessons
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=re.escape(lessons.INSTALL_COMMAND)):
+        lessons.setup()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_a_lesson_without_the_extra_says_how_to_install_it(path):
+    # The notebook's first cell, in a fresh interpreter in which matplotlib
+    # cannot be imported (as where the extra was never installed).
+    block = ("import sys\n"
+             "sys.modules['matplotlib'] = None\n"
+             "sys.modules['matplotlib.pyplot'] = None\n")
+    proc = subprocess.run([sys.executable, "-c", block + python_of(code_cells(read(path))[0])],
+                          cwd=LESSONS, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "pip install -e '.[lessons]'" in proc.stderr, proc.stderr[-2000:]
+    assert "LessonsExtraMissing" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Running them
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timings(request):
+    """Seconds each notebook took; written to the terminal after the last one."""
+    seen: dict[str, float] = {}
+    yield seen
+    if not seen:
+        return
+    lines = [f"  {name:20s} {s:6.1f} s" for name, s in seen.items()]
+    lines.append(f"  {'these lessons':20s} {sum(seen.values()):6.1f} s (MINIPEFT_FAST=1)")
+    text = "\nlesson notebooks, time to run (reported, not asserted):\n" + "\n".join(lines)
+    # past pytest's output capture, so that the report shows on a passing run
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        if reporter is not None:
+            reporter.write_line(text)
+        else:  # pragma: no cover
+            print(text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_runs_top_to_bottom(path, timings, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("matplotlib")
+    # The kernel inherits this environment. MINIPEFT_FAST=1: the fast setting.
+    # One BLAS thread: the model's matrices are small, and on two shared
+    # cores BLAS threads fight more than they help (same results).
+    monkeypatch.setenv("MINIPEFT_FAST", "1")
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    nb = read(path)
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                     resources={"metadata": {"path": str(LESSONS)}})
+    start = time.perf_counter()
+    try:
+        client.execute()
+    finally:
+        timings[path.stem] = time.perf_counter() - start
+    # the stored file is untouched: nbclient ran an in-memory copy
+    assert not any(c.get("outputs") for c in read(path).cells if c.cell_type == "code")
