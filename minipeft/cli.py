@@ -23,9 +23,10 @@ import sys
 # ---------------------------------------------------------------------------
 
 #: default learning rates per method (each method wants its own scale)
+#: (measured on the shipped base, sentiment, 150 steps of 16: see the README)
 DEFAULT_LR = {
-    "full": 3e-4, "bitfit": 1e-2, "layers": 1e-3, "mask": 1e-2, "lora": 3e-3,
-    "adapter": 3e-3, "prompt": 1e-1, "prefix": 1e-2, "ia3": 3e-2,
+    "full": 3e-4, "bitfit": 1e-2, "layers": 1e-3, "mask": 1e-2, "lora": 1e-2,
+    "adapter": 1e-2, "prompt": 3e-1, "prefix": 1e-1, "ia3": 1e-1,
 }
 
 
