@@ -168,13 +168,15 @@ plt.show()
 # %% [markdown]
 # ### Where the loss goes, character by character
 #
-# A mean hides what was learned. Per character, the model is surprised only
-# where the world is: by the fresh numbers of an addition (not by the
-# procedure that follows from them), by a made-up word (not by its
-# reversal), and not at all by a fact it memorised.
+# A mean hides what was learned. Per character, the model is surprised
+# where the world offers a choice: which animal a line is about, the letters
+# of a made-up word, the numbers of a sum. Once the subject is named, the
+# fact that follows costs nothing (the red fox lives in the north forest),
+# and once the word is written, neither does its reversal. The digits of a
+# sum stay uncertain: addition is the skill the base learned worst.
 
 # %%
-lines = ["the red fox lives in the north forest.\n", "23+45=68\n", "reverse stone: enots\n"]
+lines = ["the red fox lives in the north forest.\n", "23+45=68\n", "reverse qzvk: kvzq\n"]
 fig, axes = plt.subplots(len(lines), 1, figsize=(7.5, 6))
 for ax, line in zip(axes, lines):
     ids = tok.encode("\n" + line)                         # a line starts after a newline

@@ -233,8 +233,9 @@ plt.show()
 
 # %% [markdown]
 # The float64 curve is the familiar V: rounding on the left, truncation on
-# the right, a minimum near $10^{-11}$. The float32 curve never gets below
-# about $10^{-6}$, and at $h = 10^{-6}$ it is wrong in the second digit. A
+# the right, a minimum of about $10^{-12}$ near $h = 10^{-5}$. The float32
+# curve bottoms out near $10^{-6}$, a million times higher, and at
+# $h = 10^{-6}$ it is wrong in the second digit. A
 # check built on it would pass wrong gradients and fail right ones. That is
 # why `gradcheck` refuses float32:
 
@@ -319,8 +320,8 @@ for dt in (np.float64, np.float32):
 # * Backward walks a 5,000-op chain without recursion.
 # * In float64, central differences at $h=10^{-6}$ agree with backward to
 #   about $10^{-10}$; in float32 the same step is off by more than $10^{-3}$
-#   (relative, on a whole GPT: more than 10%), and no step does better than
-#   $10^{-6}$ on a single softplus.
+#   (relative, on a whole GPT: more than 10%), and no step brings a single
+#   softplus closer than $10^{-7}$, a thousand times worse than float64's best.
 
 # %%
 assert measured == predicted, (measured, predicted)
