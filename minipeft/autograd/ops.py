@@ -879,7 +879,7 @@ class LayerNorm(Function):
         gb = g2.sum(axis=0) if nb else None
         gw = gx = None
         if nw:
-            gw = (xhat * g2).sum(axis=0)                              # sum over rows of xhat g
+            gw = xp.einsum("nc,nc->c", xhat, g2)                      # sum over rows of xhat g
         if nx:
             gx = xp.empty(g2.shape, dtype=g.dtype)
             in_blocks(lambda *a: _layer_norm_grad_into(*a, w), g2, xhat, r, gx)
@@ -888,11 +888,16 @@ class LayerNorm(Function):
 
 
 def _layer_norm_into(x, xhat, r, y, w, b, eps):
-    """One block of rows (N, C): xhat, r = (var + eps)^(-1/2) and y = xhat w + b."""
+    """One block of rows (N, C): xhat, r = (var + eps)^(-1/2) and y = xhat w + b.
+
+    Row dot products go through einsum, which reads its operands once and
+    writes no product array.
+    """
     xp = backend.xp(x)
+    C = x.shape[-1]
     xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)         # x - mu
-    xp.multiply(xhat, xhat, out=y)                                    # y: scratch for the variance
-    xp.mean(y, axis=-1, keepdims=True, out=r)                         # var
+    var = xp.einsum("nc,nc->n", xhat, xhat)[:, None]                 # (N, 1) C var
+    xp.multiply(var, 1.0 / C, out=r)
     r += eps
     xp.sqrt(r, out=r)
     xp.divide(1.0, r, out=r)                                          # r = (var + eps)^(-1/2)
@@ -904,11 +909,12 @@ def _layer_norm_into(x, xhat, r, y, w, b, eps):
 def _layer_norm_grad_into(g, xhat, r, gx, w):
     """One block of rows: gx = r (gh - mean(gh) - xhat mean(gh xhat)), with gh = g w."""
     xp = backend.xp(g)
+    C = g.shape[-1]
     xp.multiply(g, w, out=gx)                                         # g-hat
-    prod = xp.multiply(gx, xhat, out=xp.empty_like(gx))
-    m2 = prod.mean(axis=-1, keepdims=True)                            # mean of g-hat xhat
+    m2 = xp.einsum("nc,nc->n", gx, xhat)[:, None]                     # (N, 1) C mean(gh xhat)
+    m2 *= 1.0 / C
     gx -= gx.mean(axis=-1, keepdims=True)
-    xp.multiply(xhat, m2, out=prod)
+    prod = xp.multiply(xhat, m2, out=xp.empty_like(gx))
     gx -= prod
     gx *= r
 
