@@ -7,6 +7,7 @@
     minipeft generate --prompt TEXT    continue a prompt (optionally with an adapter)
     minipeft bench                     time one training step
     minipeft memory --method lora      training memory: estimated, accounted, measured
+    minipeft docs --out docs/_build    the docs: guide, annotated source, lessons (HTML)
 
 Each subcommand is a thin layer over the package's functions; errors from
 bad input are printed as one line (``minipeft: error: ...``) with exit code 2.
@@ -388,6 +389,43 @@ def _add_memory_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Docs: the guide, the annotated source and the lessons as HTML (minipeft.docs)
+# ---------------------------------------------------------------------------
+
+
+def _cmd_docs(args) -> int:
+    """Build the docs site; a broken internal link or a lesson that fails to run is an error."""
+    from .docs import build
+
+    log = None if args.quiet else (lambda line: print(line, flush=True))
+    report = build(args.out, executed=args.executed, execute=not args.no_execute,
+                   fast=not args.full_lessons, log=log)
+    print(report.summary())
+    if report.lesson_failures:
+        raise RuntimeError(f"{len(report.lesson_failures)} lesson(s) failed to run (listed above)")
+    if report.broken_links:
+        raise RuntimeError(f"{len(report.broken_links)} broken internal link(s) (listed above)")
+    print(f"open {os.path.abspath(os.path.join(args.out, 'index.html'))} in a browser")
+    return 0
+
+
+def _add_docs_parser(sub) -> None:
+    s = sub.add_parser("docs", help="build the docs: the guide, the annotated source and the "
+                                    "lessons as HTML, readable offline")
+    s.add_argument("--out", default="docs/_build", help="the folder to write (default docs/_build)")
+    s.add_argument("--executed", default=None,
+                   help="a folder of executed lesson notebooks to render (default: "
+                        "$MINIPEFT_EXECUTED_DIR, where the lesson tests leave theirs)")
+    s.add_argument("--no-execute", action="store_true",
+                   help="render a lesson that has no executed copy without outputs, instead of "
+                        "running it")
+    s.add_argument("--full-lessons", action="store_true",
+                   help="run lessons in the full setting (default: MINIPEFT_FAST=1)")
+    s.add_argument("--quiet", action="store_true", help="print only the summary")
+    s.set_defaults(func=_cmd_docs)
+
+
+# ---------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------
 
@@ -469,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interop_parsers(sub)
     # Memory (estimated, accounted, measured): see its section above the parser
     _add_memory_parser(sub)
+    # Docs (guide, annotated source, lessons): see its section above the parser
+    _add_docs_parser(sub)
     return p
 
 
