@@ -78,6 +78,8 @@ def pretrain(recipe: PretrainRecipe | None = None, *, device: str = "cpu", progr
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
 
     model = GPT(GPTConfig(), seed=rc.seed).to(device)
+    # weight decay on the 2-D parameters (matrices and embeddings); biases and LayerNorm
+    # parameters go in a group without it (nanoGPT's rule: see optim.param_groups)
     opt = AdamW(param_groups(model, rc.weight_decay), lr=rc.lr, betas=(0.9, rc.beta2))
     schedule = LRSchedule(rc.lr, rc.steps, rc.warmup, min_lr=rc.min_lr)
     batches = lm_batches(train_ids, rc.batch_size, rc.seq_len, seed=rc.seed)
@@ -87,6 +89,8 @@ def pretrain(recipe: PretrainRecipe | None = None, *, device: str = "cpu", progr
         eval_fn=lambda m: {"val_loss": validation_loss(m, val_ids, batches=8)},
         progress=progress, desc="pretrain",
     )
+    # the bar to clear: a character bigram fitted on the same training text, scored on
+    # the same validation text
     val = validation_loss(model, val_ids, batches=rc.val_batches)
     bigram = bigram_cross_entropy(train_text, val_text, tok)
     report = {

@@ -92,11 +92,13 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
     st.validate()
     task = get_task(task_name)
     if out is not None:
-        io.ensure_writable_dir(out)
+        io.ensure_writable_dir(out)         # a folder that cannot be written fails before training
     model = base if base is not None else load_base(device=device)
     n_test = len(task.examples("test")) if st.eval_limit is None else st.eval_limit
+    # the zero-shot baseline is scored before wrapping: the bare base, on the same examples
     zs = evaluate(model, task, "test", limit=st.eval_limit) if zero_shot else None
 
+    # 1. wrap; 2. train only what the method trains (the optimizer never sees the rest)
     pm = get_peft_model(model, config)
     opt = AdamW(pm.trainable_parameters(), lr=st.lr, weight_decay=st.weight_decay)
     schedule = LRSchedule(st.lr, st.steps, min(st.warmup, st.steps), min_lr=st.lr * 0.1)
@@ -105,6 +107,7 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
     history = train(pm, opt, batches, st.steps, schedule=schedule, clip=st.clip,
                     progress=progress, desc=f"{config.method} on {task.name}")
     seconds = time.perf_counter() - t0
+    # 3. score it; the majority baseline is taken over the same (possibly limited) examples
     score = evaluate(pm, task, "test", limit=st.eval_limit)
     trainable, total = pm.get_nb_trainable_parameters()
     result = FinetuneResult(
@@ -114,6 +117,7 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
         zero_shot=zs, trainable=trainable, total=total, n_test=n_test, seconds=seconds,
         final_loss=history.last_loss, settings=dataclasses.asdict(st), out=out,
     )
+    # 4. save the adapter (the whole model for full fine-tuning) and what the run was
     if out is not None:
         pm.save_pretrained(out)
         io.atomic_write_json(os.path.join(out, FINETUNE_INFO),

@@ -226,12 +226,14 @@ def _read_tensors(path: Path, what: str) -> tuple[dict[str, np.ndarray], dict[st
                                f"the file has {raw.size}")
         chunk = np.asarray(raw[begin:end])
         if info["dtype"] == "BF16":
+            # a bfloat16 is the top 16 bits of a float32: widen each to 32 bits, move it
+            # to the high half, and read the bits as float32 (the low mantissa bits zero)
             arr = (chunk.view("<u2").astype(np.uint32) << 16).view(np.float32)
         elif info["dtype"] in dtypes:
             arr = chunk.view(dtypes[info["dtype"]])
         else:
             raise InteropError(f"{what} '{path}': tensor {name!r} has unsupported dtype {info['dtype']}")
-        out[name] = arr.reshape(info["shape"]).copy()
+        out[name] = arr.reshape(info["shape"]).copy()       # the header's shape, off the memmap
     return out, dict(header.get("__metadata__") or {})
 
 
@@ -293,6 +295,8 @@ def _gpt_config_from_hf(hf: dict, where: Path, dropout: float | None) -> GPTConf
     if problems:
         raise InteropError(f"'{where}' is a GPT-2 variant minipeft cannot run: " + "; ".join(problems))
     if dropout is None:
+        # GPT-2 has three dropout rates (all 0.1 in the released models); minipeft's GPT
+        # has one, so it takes the largest
         drops = {float(c[k]) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
         dropout = max(drops)
     try:
@@ -608,6 +612,7 @@ def export_peft_adapter(peft_model, directory, adapter_name: str | None = None,
             vec = backend.asnumpy(wrapper.ia3_l._parameters[name].data)
             if fixed:  # the paper's form: q is not scaled, i.e. scaled by exactly one
                 vec = np.concatenate([np.ones(fixed, dtype=vec.dtype), vec])     # (3C,)
+            # peft's layout: (1, in) for a vector that scales the input, (out, 1) for the output
             out[f"{_peft_module_key(module)}.ia3_l"] = vec[None, :] if mode == "in" else vec[:, None]
         cfg = {**common, "peft_type": "IA3", "target_modules": list(config.target_modules),
                "feedforward_modules": list(config.feedforward_modules), "fan_in_fan_out": True,
@@ -735,16 +740,17 @@ def _convert_lora(hf: dict, state: dict, base: GPT, where):
         if part == "lora_A.weight":
             if arr.shape != (r, fan_in):
                 raise _shape_error(where, key, arr.shape, (r, fan_in))
-            out[f"{module}.lora_A"] = arr.T
+            out[f"{module}.lora_A"] = arr.T                      # (r, in) -> (in, r)
             modules.append(module)
         elif part == "lora_B.weight":
             if arr.shape != (fan_out, r):
                 raise _shape_error(where, key, arr.shape, (fan_out, r))
-            out[f"{module}.lora_B"] = arr.T
+            out[f"{module}.lora_B"] = arr.T                      # (out, r) -> (r, out)
         else:
+            # DoRA's magnitude, one number per output: any shape that flattens to (out,)
             if arr.reshape(-1).shape != (fan_out,):
                 raise _shape_error(where, key, arr.shape, (fan_out,))
-            out[f"{module}.lora_magnitude"] = arr.reshape(-1)
+            out[f"{module}.lora_magnitude"] = arr.reshape(-1)    # (out,)
             dora = True
     if not modules:
         raise InteropError(f"'{where}' holds no LoRA weights")
@@ -777,7 +783,7 @@ def _convert_ia3(hf: dict, state: dict, base: GPT, where):
             want = (fan_out, 1)
         if arr.shape != want:
             raise _shape_error(where, key, arr.shape, want)
-        out[f"{module}.ia3_l"] = arr.reshape(-1)
+        out[f"{module}.ia3_l"] = arr.reshape(-1)                 # (in,) or (out,)
         modules.append(module)
     if not modules:
         raise InteropError(f"'{where}' holds no (IA)^3 vectors")

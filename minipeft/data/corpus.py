@@ -413,7 +413,7 @@ def bigram_cross_entropy(train_text: str, eval_text: str, tokenizer: CharTokeniz
     if train.size < 2 or ev.size < 2:
         raise ValueError("bigram_cross_entropy needs at least two characters of each text")
     # Pair (a, b) as the single index a * V + b, so one bincount counts them all.
-    counts = np.bincount(train[:-1] * V + train[1:], minlength=V * V).reshape(V, V)
+    counts = np.bincount(train[:-1] * V + train[1:], minlength=V * V).reshape(V, V)  # [a, b]
     probs = (counts + k) / (counts.sum(axis=1, keepdims=True) + k * V)
     return float(-np.log(probs[ev[:-1], ev[1:]]).mean())
 
