@@ -706,7 +706,11 @@ code, pre { font-family: "SFMono-Regular", Menlo, Consolas, "DejaVu Sans Mono", 
 .prose table { border-collapse: collapse; margin: 1rem 0; font-size: 0.92rem; }
 .prose th, .prose td { border: 1px solid var(--line); padding: 0.35rem 0.6rem; vertical-align: top; }
 .prose th { background: var(--code-bg); }
-.prose.wide { max-width: 80rem; }
+.prose.wide { max-width: 90rem; }
+.prose.wide table { table-layout: fixed; width: 100%; }
+.prose.wide th:nth-child(1) { width: 11%; } .prose.wide th:nth-child(2) { width: 25%; }
+.prose.wide th:nth-child(3) { width: 14%; } .prose.wide th:nth-child(4) { width: 24%; }
+td code { overflow-wrap: anywhere; }
 p code, li code, td code { background: var(--code-bg); padding: 0.1em 0.3em; border-radius: 4px; }
 .highlight { background: var(--code-bg); } .highlight pre { margin: 0; padding: 0.6rem 0.9rem;
             overflow-x: auto; line-height: 1.45; }
@@ -851,6 +855,8 @@ def render_source_page(rel_path: str, source: str, index: SymbolIndex, prev=None
 
     rows = []
     n_lines = source.count("\n") + 1
+    # one grid row per section: the anchors of the defs it holds, the prose (left),
+    # and the code (right) headed by the file and line it starts at
     for k, sec in enumerate(split_sections(source)):
         ids = "".join(f'<span id="{html.escape(a)}"></span>' for a in sec.anchors)
         prose = render_prose(sec.prose, resolve) if sec.prose.strip() else ""
@@ -1347,8 +1353,8 @@ def _lesson_title(nb, stem: str) -> str:
     return stem
 
 
-# Kept for readers of BuildReport: the dataclass fields, for JSON.
 def report_as_dict(report: BuildReport) -> dict:
+    """A build report as plain JSON-ready data (the output folder as a string)."""
     d = dataclasses.asdict(report)
     d["out"] = str(report.out)
     return d
