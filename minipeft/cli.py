@@ -7,6 +7,7 @@
     minipeft generate --prompt TEXT    continue a prompt (optionally with an adapter)
     minipeft bench                     time one training step
     minipeft memory --method lora      training memory: estimated, accounted, measured
+    minipeft compare                   every method on one task: the five-axis trade-off table
     minipeft docs --out docs/_build    the docs: guide, annotated source, lessons (HTML)
 
 Each subcommand is a thin layer over the package's functions; errors from
@@ -426,6 +427,121 @@ def _add_docs_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Compare: every method on the five axes of the trade-off (minipeft.compare)
+# ---------------------------------------------------------------------------
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"the seed list is empty ({text!r}): give at least one seed, e.g. --seeds 0,1,2")
+    try:
+        return tuple(int(t) for t in items)
+    except ValueError:
+        raise ValueError(f"seeds must be integers separated by commas, got {text!r}") from None
+
+
+def _parse_methods(text: str) -> tuple[str, ...]:
+    from .peft.config import METHODS
+
+    if text.strip() == "all":
+        return tuple(METHODS)
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not items:
+        raise ValueError(f"no methods in {text!r}: name some, e.g. --methods full,lora,prompt")
+    for m in items:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)} (or all)")
+    return items
+
+
+def _parse_lr_grids(entries) -> dict:
+    """``["lora=1e-3,1e-2", ...]`` -> ``{"lora": (1e-3, 1e-2)}``."""
+    out = {}
+    for entry in entries or []:
+        method, sep, values = entry.partition("=")
+        try:
+            grid = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            grid = ()
+        if not sep or not grid:
+            raise ValueError(f"--lr takes METHOD=LR[,LR...], e.g. lora=3e-3,1e-2; got {entry!r}")
+        out[method.strip()] = grid
+    return out
+
+
+def _cmd_compare(args) -> int:
+    """Fine-tune every method on one task, print the trade-off table, write CSV, JSON and PNG."""
+    import dataclasses
+
+    from . import io
+    from .compare import CompareSettings, compare
+
+    methods = _parse_methods(args.methods)
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
+    configs = {m: build_config(m, args) for m in methods}   # a bad knob is refused here
+    base = CompareSettings.quick_settings() if args.quick else CompareSettings()
+    grids = {**base.lr_grid, **_parse_lr_grids(args.lr)}
+    unknown = sorted(set(grids) - set(base.lr_grid))
+    if unknown:
+        raise ValueError(f"--lr names unknown method {unknown[0]!r}")
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: the BLAS library's choice), got {args.threads}")
+    overrides = {k: v for k, v in {
+        "steps": args.steps, "batch_size": args.batch_size, "seeds": seeds,
+        "target": args.target, "eval_every": args.eval_every, "val_limit": args.val_limit,
+        "test_limit": args.test_limit,
+    }.items() if v is not None}
+    if args.threads is not None:
+        overrides["threads"] = None if args.threads == 0 else args.threads
+    settings = dataclasses.replace(base, task=args.task, methods=methods, lr_grid=grids,
+                                   device=args.device, **overrides)
+    settings.validate()                       # bad input fails before the output folder is made
+    io.ensure_writable_dir(args.out)          # and an unwritable folder before any training
+    result = compare(settings, configs, progress=not args.quiet)
+    print(result.table())
+    paths = result.write(args.out)
+    print(f"wrote {', '.join(paths)}")
+    return 0
+
+
+def _add_compare_parser(sub) -> None:
+    s = sub.add_parser("compare", help="every method on one task: parameters, memory, speed, "
+                                       "quality, inference cost, storage, forgetting")
+    s.add_argument("--task", default="sentiment", help="sentiment (default), addition or reverse")
+    s.add_argument("--methods", default="all",
+                   help="comma-separated subset of full,bitfit,layers,mask,lora,adapter,prompt,"
+                        "prefix,ia3 (default all)")
+    s.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (default 0,1,2; --quick: 0); the first picks the lr")
+    s.add_argument("--quick", action="store_true",
+                   help="a smoke test: one lr per method (the best known), one seed, 8 steps, "
+                        "small evaluation subsets (about a minute)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="the one budget: optimizer steps for every method (default 150; --quick 8)")
+    s.add_argument("--batch-size", type=int, default=None, help="examples per step (default 16)")
+    s.add_argument("--lr", action="append", default=None, metavar="METHOD=LR[,LR...]",
+                   help="a method's learning-rate grid (repeatable), e.g. --lr lora=3e-3,1e-2")
+    s.add_argument("--target", type=float, default=None,
+                   help="validation score to reach (default: halfway from majority to perfect)")
+    s.add_argument("--eval-every", type=int, default=None,
+                   help="steps between validation checks (default 25; --quick 8)")
+    s.add_argument("--val-limit", type=int, default=None,
+                   help="validation examples per check (default 64; --quick 16)")
+    s.add_argument("--test-limit", type=int, default=None,
+                   help="score only the first N test examples (default all; --quick 32)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="BLAS threads while it runs (default 1: this model is too small to gain "
+                        "from more; 0: the library's choice); needs threadpoolctl")
+    s.add_argument("--out", default=os.path.join("runs", "compare"),
+                   help="folder for results.csv, results.json, results.png (default runs/compare)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_method_options(s)
+    s.set_defaults(func=_cmd_compare)
+
+
+# ---------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------
 
@@ -507,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interop_parsers(sub)
     # Memory (estimated, accounted, measured): see its section above the parser
     _add_memory_parser(sub)
+    # Compare (every method, five axes): see its section above the parser
+    _add_compare_parser(sub)
     # Docs (guide, annotated source, lessons): see its section above the parser
     _add_docs_parser(sub)
     return p
