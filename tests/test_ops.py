@@ -505,16 +505,18 @@ def test_other_shape_errors(device):
 
 
 def test_ops_split_over_threads_equal_one_block():
-    """GELU, layer norm, causal attention and AdamW split their large elementwise work
-    into blocks of rows, one per thread; every entry must come out bit-identical."""
+    """GELU, layer norm, causal attention, linear's bias, add and AdamW split their large
+    elementwise work into blocks of rows, one per thread; every entry must come out
+    bit-identical."""
     from minipeft.autograd.function import set_num_threads
     from minipeft.optim import AdamW
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((512, 512)).astype(np.float32)        # 2**18 entries: 4 blocks
     w, b = rng.standard_normal((2, 512)).astype(np.float32)
-    qkv = rng.standard_normal((4, 128, 3 * 64)).astype(np.float32)
-    g_att = rng.standard_normal((4, 128, 64)).astype(np.float32)
+    qkv = rng.standard_normal((4, 128, 3 * 128)).astype(np.float32)
+    g_att = rng.standard_normal((4, 128, 128)).astype(np.float32)
+    W = rng.standard_normal((512, 384)).astype(np.float32)
 
     def run():
         xs = [Tensor(x, requires_grad=True) for _ in range(2)]
@@ -524,13 +526,16 @@ def test_ops_split_over_threads_equal_one_block():
         y3 = ops.causal_attention(q, 2)
         (y1 * y2).sum().backward()
         y3.backward(g_att)
+        lw, lb = Tensor(W, requires_grad=True), Tensor(b[:384], requires_grad=True)
+        y4 = ops.linear(xs[0], lw, lb) + ops.linear(xs[1], lw, lb)
+        y4.backward(np.ones(y4.shape, np.float32))
         p = Tensor(x.copy(), requires_grad=True)
         p.grad = x[::-1].copy()
         opt = AdamW([p], lr=0.1)
         opt.step()
         opt.step()
-        return [t.numpy() for t in (y1, y2, y3)] + [
-            t.grad for t in (*xs, ln_w, ln_b, q)] + [p.data]
+        return [t.numpy() for t in (y1, y2, y3, y4)] + [
+            t.grad for t in (*xs, ln_w, ln_b, q, lw, lb)] + [p.data]
 
     try:
         set_num_threads(1)

@@ -97,7 +97,12 @@ class Add(Function):
     def forward(ctx, a, b):
         _broadcast_shape("add", a, b)
         ctx.shapes = (a.shape, b.shape)
-        return a + b
+        if a.shape != b.shape or a.ndim == 0:
+            return a + b
+        # same shapes (the residual stream): in blocks of rows, on every core
+        y = backend.xp(a).empty_like(a)
+        in_blocks(lambda a_, b_, y_: backend.xp(y_).add(a_, b_, out=y_), a, b, y)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -540,7 +545,7 @@ class Linear(Function):
         ctx.save_for_backward(w if nx else None, x if nw else None)
         y = _matmul(backend.xp(x), x.reshape(-1, w.shape[0]), w)  # (N, in) @ (in, out)
         if bias:
-            y += bias[0]
+            in_blocks(lambda y_: _add_into(y_, bias[0]), y)        # y += b, on every core
         return y.reshape(x.shape[:-1] + (w.shape[1],))             # (..., out)
 
     @staticmethod
@@ -559,7 +564,11 @@ class Linear(Function):
             gw = _matmul(xp, x.reshape(-1, sw[0]).T, g2)           # (in, N) @ (N, out)
         if len(needs) == 2:
             return gx, gw
-        return gx, gw, (g2.sum(axis=0) if needs[2] else None)
+        gb = None
+        if needs[2]:
+            # sum over the N rows, as the product 1^T G: BLAS runs it on every core
+            gb = _matmul(xp, xp.ones((1, g2.shape[0]), dtype=g.dtype), g2)[0]  # (out,)
+        return gx, gw, gb
 
 
 # ---------------------------------------------------------------------------
@@ -950,7 +959,7 @@ class CausalAttention(Function):
 
     The same maths as composing reshape, transpose, matmul, masked_fill,
     softmax and dropout, without their copies: q, k and v are gathered into
-    one contiguous (3, B, nh, T, hs) array (q pre-scaled by s), the scores
+    one (B, 3, nh, T, hs) array (q pre-scaled by s), the scores
     are masked and exponentiated in place, and Y is written straight into the
     (B, T, C) layout. Its gradient comes back as one (B, T, 3C) array, not
     three zero-padded slices to be summed.
@@ -982,9 +991,11 @@ class CausalAttention(Function):
         C = C3 // 3
         nh, hs = n_head, C // n_head
         s = 1.0 / math.sqrt(hs)
-        # (B, T, 3C) -> (B, T, 3, nh, hs) -> (3, B, nh, T, hs): one copy, contiguous heads
-        h = xp.ascontiguousarray(qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4))
-        q, k, v = h[0], h[1], h[2]                                  # each (B, nh, T, hs)
+        # (B, T, 3C) -> (B, T, 3, nh, hs) -> (B, 3, nh, T, hs): one copy, every
+        # head's (T, hs) matrix contiguous (copied in blocks of the batch, on every core)
+        h = xp.empty((B, 3, nh, T, hs), dtype=qkv.dtype)
+        in_blocks(_copy_into, h, qkv.reshape(B, T, 3, nh, hs).transpose(0, 2, 3, 1, 4))
+        q, k, v = h[:, 0], h[:, 1], h[:, 2]                         # each (B, nh, T, hs)
         q *= s  # scaling q is cheaper than scaling the T x T scores
         # E = exp(S - m) with S = s q k^T + M, in place in the scores' buffer, and
         # rz = 1/z (times dropout's 1/(1-p)): the normalisation, applied to Y's rows
@@ -998,7 +1009,7 @@ class CausalAttention(Function):
         y = xp.empty((B, T, C), dtype=qkv.dtype)
         yh = y.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs) view
         _matmul(xp, ed, v, out=yh)
-        yh *= rz
+        in_blocks(_mul_into, yh, rz)                                # yh *= rz
         ctx.meta = (B, T, C, nh, hs, s, 1.0 - p)
         ctx.save_for_backward(h, att, rz, keep)
         return y                                                    # (B, T, C)
@@ -1008,14 +1019,15 @@ class CausalAttention(Function):
         h, att, rz, keep = ctx.saved                                # att holds E
         B, T, C, nh, hs, s, q_keep = ctx.meta
         xp = backend.xp(g)
-        q, k, v = h[0], h[1], h[2]                                  # q holds s q
+        q, k, v = h[:, 0], h[:, 1], h[:, 2]                         # q holds s q
         # G' = G rz = G / z (and 1/(1-p)), per row, in a contiguous copy
-        gh = g.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs) view
-        gh = xp.multiply(gh, rz, out=xp.empty((B, nh, T, hs), dtype=g.dtype))
-        d = xp.empty_like(h)                                        # dq, dk, dv: (3, B, nh, T, hs)
+        gh = xp.empty((B, nh, T, hs), dtype=g.dtype)
+        in_blocks(lambda o, a, z: xp.multiply(a, z, out=o),
+                  gh, g.reshape(B, T, nh, hs).transpose(0, 2, 1, 3), rz)
+        d = xp.empty_like(h)                                        # dq, dk, dv: (B, 3, nh, T, hs)
         # dv = (E * D)^T G'
         ed = att if keep is None else att * keep
-        _matmul(xp, ed.transpose(0, 1, 3, 2), gh, out=d[2])
+        _matmul(xp, ed.transpose(0, 1, 3, 2), gh, out=d[:, 2])
         del ed
         # dP' = (G' v^T) * D
         dp = _matmul(xp, gh, v.transpose(0, 1, 3, 2))               # (B, nh, T, T)
@@ -1025,11 +1037,25 @@ class CausalAttention(Function):
         in_blocks(lambda d_, e, z: _softmax_grad_into(d_, e, z, q_keep),
                   dp.reshape(B * nh, T, T), att.reshape(B * nh, T, T), rz.reshape(B * nh, T, 1))
         # dq = s dS k ;  dk = dS^T (s q)
-        _matmul(xp, dp, k, out=d[0])
-        d[0] *= s
-        _matmul(xp, dp.transpose(0, 1, 3, 2), q, out=d[1])
-        # (3, B, nh, T, hs) -> (B, T, 3, nh, hs) -> (B, T, 3C): the layout of qkv
-        return xp.ascontiguousarray(d.transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
+        _matmul(xp, dp, k, out=d[:, 0])
+        d[:, 0] *= s
+        _matmul(xp, dp.transpose(0, 1, 3, 2), q, out=d[:, 1])
+        # (B, 3, nh, T, hs) -> (B, T, 3, nh, hs) -> (B, T, 3C): the layout of qkv
+        gqkv = xp.empty((B, T, 3 * C), dtype=g.dtype)
+        in_blocks(_copy_into, gqkv.reshape(B, T, 3, nh, hs), d.transpose(0, 3, 1, 2, 4))
+        return gqkv
+
+
+def _add_into(a, b):
+    a += b
+
+
+def _copy_into(dst, src):
+    backend.xp(dst).copyto(dst, src)
+
+
+def _mul_into(a, b):
+    a *= b
 
 
 def _masked_exp_into(att, rz, mask, c):
