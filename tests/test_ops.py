@@ -504,10 +504,11 @@ def test_other_shape_errors(device):
 # ---------------------------------------------------------------------------
 
 
-def test_ops_split_over_threads_equal_one_block():
+def test_ops_split_over_threads_equal_one_block(monkeypatch):
     """GELU, layer norm, causal attention, linear's bias, add and AdamW split their large
-    elementwise work into blocks of rows, one per thread; every entry must come out
-    bit-identical."""
+    elementwise work into blocks of rows, one per thread, walked in small pieces; every
+    entry must come out bit-identical to one call on the whole array."""
+    from minipeft.autograd import function
     from minipeft.autograd.function import set_num_threads
     from minipeft.optim import AdamW
 
@@ -539,10 +540,14 @@ def test_ops_split_over_threads_equal_one_block():
 
     try:
         set_num_threads(1)
+        with monkeypatch.context() as m:
+            m.setattr(function, "_PIECE", 1 << 40)      # no pieces: one call on the whole
+            whole = run()
         one = run()
         set_num_threads(4)
         many = run()
     finally:
         set_num_threads(None)
-    for a, b_ in zip(one, many):
+    for a, b_, c in zip(whole, one, many):
         np.testing.assert_array_equal(a, b_)
+        np.testing.assert_array_equal(a, c)

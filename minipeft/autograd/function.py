@@ -87,8 +87,14 @@ def no_grad():
 # (elementwise maps, reductions within a row) hand such chains to
 # :func:`in_blocks`; each element is computed exactly as in one call, so the
 # result does not depend on the number of threads.
+#
+# Each thread also walks its rows in small pieces: a chain of eight passes
+# over a 12 MB array streams it through memory eight times, while eight
+# passes over a 256 KB piece stay in the core's cache (GELU's backward on
+# the medium model's (2048, 1536) hidden layer: 13.9 ms whole, 8.3 ms in
+# pieces of 64 rows, one thread).
 
-_MIN_BLOCK = 1 << 16          # elements: below this a block is not worth a thread
+_PIECE = 1 << 16              # elements in one piece (256 KB of float32)
 _threads = {"n": None, "pool": None}
 
 
@@ -123,28 +129,37 @@ def set_num_threads(n: int | None) -> None:
         _threads["pool"] = None
 
 
-def in_blocks(fn, *arrays) -> None:
+def in_blocks(fn, *arrays, piece: int | None = None) -> None:
     """Run ``fn(*arrays)`` as ``fn(*blocks)`` on blocks of rows (axis 0), one per thread.
 
     ``fn`` must work row by row and write only into the arrays it is given;
-    all arrays share their first axis. Large NumPy arrays only: CuPy (whose
-    kernels use the whole GPU already), the strict stand-in and small arrays
-    get one call on the whole.
+    all arrays share their first axis. Each thread's block is handed to ``fn``
+    in pieces of about ``piece`` elements (whole rows). Large NumPy arrays
+    only: CuPy (whose kernels use the whole GPU already), the strict stand-in
+    and arrays of fewer than two pieces get one call on the whole.
     """
+    piece = _PIECE if piece is None else piece
     a0 = arrays[0]
     rows = a0.shape[0] if a0.ndim else 0
-    n = min(get_num_threads(), rows, a0.size // _MIN_BLOCK)
-    if n < 2 or type(a0) is not np.ndarray:
+    if type(a0) is not np.ndarray or rows < 2 or a0.size < 2 * piece:
         fn(*arrays)
         return
-    pool = _threads["pool"]
-    if pool is None:
-        pool = _threads["pool"] = concurrent.futures.ThreadPoolExecutor(
-            max_workers=get_num_threads() - 1, thread_name_prefix="minipeft")
+    step = max(1, piece // (a0.size // rows))               # rows in one piece
+    n = min(get_num_threads(), -(-rows // step))            # threads with work
+
+    def run(lo, hi):
+        for i in range(lo, hi, step):
+            fn(*(a[i:min(i + step, hi)] for a in arrays))
+
     cuts = [rows * i // n for i in range(n + 1)]
-    blocks = [tuple(a[cuts[i]:cuts[i + 1]] for a in arrays) for i in range(n)]
-    futures = [pool.submit(fn, *b) for b in blocks[1:]]
-    fn(*blocks[0])                      # this thread takes the first block
+    futures = []
+    if n > 1:
+        pool = _threads["pool"]
+        if pool is None:
+            pool = _threads["pool"] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=get_num_threads() - 1, thread_name_prefix="minipeft")
+        futures = [pool.submit(run, cuts[i], cuts[i + 1]) for i in range(1, n)]
+    run(cuts[0], cuts[1])               # this thread takes the first block
     for f in futures:
         f.result()                      # waits; re-raises an error from a block
 
