@@ -99,15 +99,18 @@ from .train import train
 # Each method wants its own scale: a soft prompt moves 20 vectors and needs a
 # large step; full fine-tuning moves every weight and needs a small one. Each
 # grid spans about ten-fold around the rate that worked best on this base
-# (sentiment, 150 steps of 16); the middle value is that rate, and the
-# ``quick`` settings use it alone.
+# (sentiment, 150 steps of 16, scored on the validation split); the middle
+# value is that rate, and the ``quick`` settings use it alone. A rate chosen
+# at either end of its grid is flagged in the table: the best one may lie
+# beyond it (BitFit, layer selection and masks first chose the top of grids
+# a step lower than these).
 
 #: method -> learning rates tried on the validation split (middle: the best known)
 LR_GRID: dict[str, tuple[float, ...]] = {
     "full": (1e-4, 3e-4, 1e-3),
-    "bitfit": (3e-3, 1e-2, 3e-2),
-    "layers": (3e-4, 1e-3, 3e-3),
-    "mask": (3e-3, 1e-2, 3e-2),
+    "bitfit": (1e-2, 3e-2, 1e-1),
+    "layers": (1e-3, 3e-3, 1e-2),
+    "mask": (1e-2, 3e-2, 1e-1),
     "lora": (3e-3, 1e-2, 3e-2),
     "adapter": (3e-3, 1e-2, 3e-2),
     "prompt": (1e-1, 3e-1, 1.0),
@@ -199,6 +202,8 @@ class CompareSettings:
     # validation checks: the first val_limit validation examples every eval_every steps
     eval_every: int = 25
     val_limit: int | None = 64
+    # choosing the rate: the first select_limit validation examples (None: all of them)
+    select_limit: int | None = None
     # the score to reach; None: halfway from the majority baseline to a perfect score
     target: float | None = None
     test_limit: int | None = None           # None: the whole test split
@@ -238,7 +243,7 @@ class CompareSettings:
                      "gen_prompts", "gen_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("val_limit", "test_limit"):
+        for name in ("val_limit", "select_limit", "test_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: the whole split), got {v}")
@@ -474,7 +479,7 @@ class CompareResult:
         # (group, column title, width, cell of a row)
         cols = [
             ("", "method", 8, lambda r: r["method"]),
-            ("", "lr", 6, lambda r: f"{r['lr']:.0e}"),
+            ("", "lr", 5, lambda r: _lr(r["lr"]) + ("*" if r.get("lr_at_grid_edge") else "")),
             ("parameters", "trainable", 9, lambda r: f"{r['trainable']:,d}"),
             ("parameters", "%", 8, lambda r: f"{r['trainable_pct']:.4f}"),
             ("memory, MiB", "peak", 6, lambda r: f"{r['mem_accounted_peak_mib']:.1f}"),
@@ -526,6 +531,17 @@ class CompareResult:
         seeds = ",".join(str(x) for x in s["seeds"])
         zs = "n/a" if c["zero_shot"] is None else f"{c['zero_shot']:.3f}"
         val = "all" if s["val_limit"] is None else f"the first {s['val_limit']}"
+        sel = "all" if s.get("select_limit") is None else f"the first {s['select_limit']}"
+        grids = "; ".join(f"{m} {' '.join(_lr(x) for x in s['lr_grid'][m])}" for m in s["methods"])
+        if all(len(g) > 1 for g in s["lr_grid"].values()):
+            lr_rule = (f"each method's learning rate (lr) chosen from its grid ({grids}) by the score "
+                       f"on {sel} of the {c['n_val_split']} validation examples after the last step "
+                       f"(seed {s['seeds'][0]}); * marks a rate at the edge of its grid")
+        else:
+            lr_rule = (f"learning rates (lr) from each method's grid ({grids}): a single rate is "
+                       f"used as given, several are ranked by the score on {sel} of the "
+                       f"{c['n_val_split']} validation examples after the last step (seed "
+                       f"{s['seeds'][0]}); * marks a rate at the edge of its grid")
         lines = [
             f"minipeft compare: {c['task']} ({c['description']})"
             + ("  [--quick: a smoke test; do not read its numbers]" if s["quick"] else ""),
@@ -535,12 +551,10 @@ class CompareResult:
             f"(the same number of steps, not the same wall time); the same batches in the same order "
             f"for each seed (seeds {seeds}); AdamW, warmup {min(s['warmup'], s['steps'] - 1)} then "
             f"cosine to lr/10, gradient clipping {s['clip']:g}",
-            f"each method's learning rate (lr) chosen from its grid on {val} of the "
-            f"{c['n_val_split']} validation examples (seed {s['seeds'][0]}, score after the last "
-            f"step); the test split is scored once per seed, at the end",
-            f"speed: training steps and seconds (validation checks left out) until the validation "
-            f"score first reached {c['target']:g} ({c['target_rule']}), checked every "
-            f"{s['eval_every']} steps; mean over the seeds that reached it",
+            f"{lr_rule}; the test split is scored once per seed, at the end",
+            f"speed: training steps and seconds (validation checks left out) until the score on "
+            f"{val} validation examples first reached {c['target']:g} ({c['target_rule']}), "
+            f"checked every {s['eval_every']} steps; mean over the seeds that reached it",
             f"memory: memory.profile_step of a steady-state step (the second, AdamW's moments "
             f"allocated) on the first training batch of seed {s['seeds'][0]} ({s['batch_size']} x "
             f"{c['memory_seq_len']}): accounted peak (the engine's books) and measured peak (the "
@@ -628,7 +642,7 @@ class CompareResult:
 
 #: the CSV's columns (one row per method); every key of a row
 CSV_COLUMNS = [
-    "method", "family", "lr", "lr_grid", "trainable", "total", "trainable_pct",
+    "method", "family", "lr", "lr_at_grid_edge", "lr_grid", "trainable", "total", "trainable_pct",
     "mem_accounted_peak_bytes", "mem_measured_peak_bytes", "mem_grad_opt_bytes",
     "mem_accounted_peak_mib", "mem_measured_peak_mib", "mem_grad_opt_mib",
     "ms_per_step", "target", "steps_to_target", "seconds_to_target", "seeds_reached",
@@ -637,6 +651,11 @@ CSV_COLUMNS = [
     "adapter_bytes", "full_bytes", "adapter_fraction",
     "dloss_active_mean", "dloss_active_std", "dloss_detached_mean", "dloss_detached_std",
 ]
+
+
+def _lr(x: float) -> str:
+    """A learning rate as the grids write it: 3e-4, 1e-2, 1."""
+    return f"{x:.0e}".replace("e-0", "e-").replace("e+00", "")
 
 
 def _pm(mean, std, digits, signed=False):
@@ -821,14 +840,21 @@ def _compare_one(method, config, task, st, context, target, n_test, val_ids, pro
         bar.update(1)
 
     # -- the learning rate: the grid on the validation split, first seed ------------
+    # Each rate's run is scored on the whole validation split after its last
+    # step (the checks' subset is too small to rank close rates); ties go to
+    # the run that was better along the way, then to the smaller rate. With
+    # one rate there is nothing to choose and nothing extra to score.
+    grid = st.lr_grid[method]
     grid_scores, best = [], None
-    for lr in st.lr_grid[method]:
+    for lr in grid:
         bar.set_description_str(f"{method} lr {lr:.0e} seed {seed0}")
         run = _train_run(config, task, st, lr, seed0, on_step=tick)
         mean_val = statistics.fmean(s for _, s in run.val_curve)
-        grid_scores.append({"lr": lr, "val": run.final_val, "val_mean_over_checks": mean_val,
-                            "final_loss": run.final_loss})
-        key = (run.final_val, mean_val)
+        select = (evaluate(run.model, task, "val", limit=st.select_limit) if len(grid) > 1
+                  else run.final_val)
+        grid_scores.append({"lr": lr, "val_selection": select, "val_last_check": run.final_val,
+                            "val_mean_over_checks": mean_val, "final_loss": run.final_loss})
+        key = (select, mean_val)
         if best is None or key > best[0]:
             if best is not None:
                 best[1].model = None
@@ -837,6 +863,7 @@ def _compare_one(method, config, task, st, context, target, n_test, val_ids, pro
             run.model = None
     runs = [best[1]]
     lr = runs[0].lr
+    at_edge = len(grid) > 1 and lr in (min(grid), max(grid))
 
     # -- the other seeds at the chosen rate --------------------------------------------
     for seed in st.seeds[1:]:
@@ -881,7 +908,7 @@ def _compare_one(method, config, task, st, context, target, n_test, val_ids, pro
     reached = [s for s in per_seed if s["steps_to_target"] is not None]
     step_ms = [ms for run in runs for ms in run.step_ms]
     row = {
-        "method": method, "family": config.family, "lr": lr,
+        "method": method, "family": config.family, "lr": lr, "lr_at_grid_edge": at_edge,
         "lr_grid": " ".join(f"{x:g}" for x in st.lr_grid[method]),
         "trainable": int(trainable), "total": int(total),
         "trainable_pct": 100 * trainable / total,
