@@ -63,7 +63,7 @@ def test_quick_run_prints_a_row_for_every_method_and_every_column(quick):
     flat = " ".join(text.split())
     for phrase in ("one budget for every method: 8 optimizer steps", "the same number of steps",
                    "same batches in the same order", "majority baseline", "base zero-shot",
-                   "learning rate (lr) chosen from its grid", "scored once per seed",
+                   "a single rate is used as given", "scored once per seed",
                    "--quick: a smoke test"):
         assert phrase in flat, phrase
     assert [r["method"] for r in data["rows"]] == list(METHODS)
@@ -168,6 +168,20 @@ def test_same_seeds_same_numbers(quick, tmp_path):
         assert a[key] == b[key], key
     assert data["details"]["lora"]["seeds"][0]["val_curve"] == \
         again["details"]["lora"]["seeds"][0]["val_curve"]
+
+
+def test_a_grid_picks_a_rate_on_the_validation_split_and_flags_an_edge(tmp_path):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["compare", "--quick", "--quiet", "--methods", "bitfit", "--lr",
+                     "bitfit=1e-2,3e-2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    row, grid = data["rows"][0], data["details"]["bitfit"]["lr_grid"]
+    assert [g["lr"] for g in grid] == [1e-2, 3e-2]
+    best = max(grid, key=lambda g: (g["val_selection"], g["val_mean_over_checks"]))
+    assert row["lr"] == best["lr"] and row["lr_at_grid_edge"] is True
+    assert f"{'1e-2' if row['lr'] == 1e-2 else '3e-2'}*" in buf.getvalue()
+    assert data["details"]["bitfit"]["seeds"][0]["seed"] == 0     # the chosen run is seed 0's
 
 
 # ---------------------------------------------------------------------------
