@@ -199,6 +199,40 @@ def test_causal_attention(device, data, B, T, n_head, hs, dropout):
                                rtol=1e-10, atol=1e-12)
 
 
+@few
+@given(data=st.data(), T=st.integers(2, 9), dropout=st.booleans())
+def test_causal_attention_in_row_blocks(device, data, T, dropout):
+    """With blocks of one or two query rows (the blocks skip everything above the
+    diagonal), still the composition's values and the differences' gradient."""
+    import minipeft.autograd.ops as ops_module
+    B, n_head, hs = 2, 2, 2
+    qkv = leaf(data.draw(values((B, T, 3 * n_head * hs))), device)
+    keep, p = None, 0.0
+    if dropout:
+        keep = on(device, data.draw(hnp.arrays(np.bool_, (B, n_head, T, T))))
+        p = 0.5
+    saved = ops_module._ATTN_BLOCK, ops_module._ATTN_MAX_BLOCKS
+    try:
+        ops_module._ATTN_MAX_BLOCKS = 8
+        for block in (1, 2):
+            ops_module._ATTN_BLOCK = block
+            assert len(ops_module._causal_blocks(T)) == min(T // block, 8)
+            assert gradcheck(lambda t: ops.causal_attention(t, n_head, keep, p), [qkv])
+            qkv.grad = None
+            y = ops.causal_attention(qkv, n_head, keep, p)
+            ref = leaf(backend.asnumpy(qkv.data), device)
+            want = _attention_by_composition(ref, n_head, keep, p)
+            np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
+            g = on(device, data.draw(values(y.shape)))
+            y.backward(g)
+            want.backward(g)
+            np.testing.assert_allclose(backend.asnumpy(qkv.grad), backend.asnumpy(ref.grad),
+                                       rtol=1e-10, atol=1e-12)
+            qkv.grad = None
+    finally:
+        ops_module._ATTN_BLOCK, ops_module._ATTN_MAX_BLOCKS = saved
+
+
 def test_causal_attention_saves_heads_and_probabilities_only(device):
     from minipeft.autograd import LEDGER
     B, T, nh, hs = 2, 5, 2, 3
