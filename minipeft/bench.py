@@ -56,7 +56,7 @@ import numpy as np
 
 from . import backend
 from .autograd import ops
-from .autograd.function import get_num_threads, profile_ops, set_num_threads
+from .autograd.function import get_num_threads, profile_ops
 from .nn.gpt import GPT, GPTConfig
 from .optim import AdamW
 from .peft import LoraConfig, get_peft_model
@@ -446,7 +446,8 @@ def profile_steps(step: MinipeftStep, n: int = 3) -> dict:
             t2 = time.perf_counter()
             total += t2 - t0
             opt_s += t2 - t1
-    rows = [(name, 1000 * f / n, 1000 * b / n, calls // n) for name, f, b, calls in prof.rows()]
+    rows = [(name, 1000 * f / n, 1000 * b / n, calls // n, 1000 * mm / n)
+            for name, f, b, calls, mm in prof.rows()]
     return {"rows": rows, "step_ms": 1000 * total / n, "optimizer_ms": 1000 * opt_s / n}
 
 
@@ -454,20 +455,24 @@ def format_profile(row: dict) -> list[str]:
     p = row["profile"]
     step = p["step_ms"]
     lines = [f"  where minipeft's time goes: {row['case']}/{row['method']}, ms per step "
-             f"(profiled steps: {step:.1f} ms each)",
-             f"    {'op':<26} {'calls':>5} {'forward':>9} {'backward':>9} {'total':>9} {'share':>6}"]
-    accounted = 0.0
-    for name, f, b, calls in p["rows"]:
+             f"(profiled steps: {step:.1f} ms each; 'matmul': the part in matrix products)",
+             f"    {'op':<26} {'calls':>5} {'forward':>9} {'backward':>9} {'total':>9} "
+             f"{'matmul':>9} {'share':>6}"]
+    accounted = products = 0.0
+    for name, f, b, calls, mm in p["rows"]:
         if name != "Checkpoint":  # its time is its block's ops, already listed
             accounted += f + b
-        lines.append(f"    {name:<26} {calls:>5} {f:>9.2f} {b:>9.2f} {f + b:>9.2f} "
+            products += mm
+        lines.append(f"    {name:<26} {calls:>5} {f:>9.2f} {b:>9.2f} {f + b:>9.2f} {mm:>9.2f} "
                      f"{100 * (f + b) / step:>5.1f}%")
     opt = p["optimizer_ms"]
-    lines.append(f"    {'AdamW step + zero_grad':<26} {'':>5} {'':>9} {'':>9} {opt:>9.2f} "
+    lines.append(f"    {'AdamW step + zero_grad':<26} {'':>5} {'':>9} {'':>9} {opt:>9.2f} {'':>9} "
                  f"{100 * opt / step:>5.1f}%")
     rest = step - accounted - opt
-    lines.append(f"    {'(module code, loop)':<26} {'':>5} {'':>9} {'':>9} {rest:>9.2f} "
+    lines.append(f"    {'(module code, loop)':<26} {'':>5} {'':>9} {'':>9} {rest:>9.2f} {'':>9} "
                  f"{100 * rest / step:>5.1f}%")
+    lines.append(f"    matrix products {products:.1f} ms ({100 * products / step:.0f}%), everything "
+                 f"else {step - products:.1f} ms ({100 * (step - products) / step:.0f}%)")
     return lines
 
 
@@ -565,8 +570,6 @@ def run_bench(args) -> int:
         compare = False  # the stand-in has no PyTorch counterpart
     threads = getattr(args, "threads", None)
     torch_mod = None
-    if threads is not None:
-        set_num_threads(threads)   # minipeft's elementwise blocks (autograd.in_blocks)
     with _blas_threads(threads):
         n_threads = threads or int(blas_info().get("num_threads", 1))
         if compare:

@@ -612,8 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", action="store_true",
                    help="print where minipeft's time goes, per op, forward and backward")
     s.add_argument("--threads", type=int, default=None,
-                   help="threads for NumPy's BLAS, minipeft's elementwise blocks and PyTorch "
-                        "(default: as many as NumPy's BLAS uses)")
+                   help="threads for NumPy's BLAS and PyTorch (default: as many as NumPy's "
+                        "BLAS uses); minipeft's elementwise work: MINIPEFT_NUM_THREADS")
     s.add_argument("--keep-blas-env", action="store_true",
                    help="time under OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE if set, instead of "
                         "re-running without them")

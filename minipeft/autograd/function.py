@@ -88,6 +88,12 @@ def no_grad():
 # :func:`in_blocks`; each element is computed exactly as in one call, so the
 # result does not depend on the number of threads.
 #
+# Whether threads pay depends on the machine: these passes are bound by memory
+# bandwidth more than by arithmetic, and on the 2-core machine this was tuned on
+# one core nearly saturates it (a float32 multiply ran 1.18x faster on two
+# threads, tanh 0.64x, and the medium training step 0.99x). So the default is
+# one thread; set_num_threads(n) or MINIPEFT_NUM_THREADS=n asks for more.
+#
 # Each thread also walks its rows in small pieces: a chain of eight passes
 # over a 12 MB array streams it through memory eight times, while eight
 # passes over a 256 KB piece stay in the core's cache (GELU's backward on
@@ -99,14 +105,8 @@ _threads = {"n": None, "pool": None}
 
 
 def _default_threads() -> int:
-    for var in ("MINIPEFT_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    value = os.environ.get("MINIPEFT_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def get_num_threads() -> int:
@@ -117,7 +117,8 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int | None) -> None:
-    """Use ``n`` threads for large elementwise work on the CPU (None: one per core).
+    """Use ``n`` threads for large elementwise work on the CPU (None: the default,
+    ``MINIPEFT_NUM_THREADS`` or 1).
 
     (NumPy's BLAS has its own setting: ``threadpoolctl.threadpool_limits``.)
     """
@@ -250,22 +251,28 @@ class OpProfile:
     included); backward time is the op's ``backward``. A :class:`Checkpoint`'s
     time includes the ops of the block it runs, which are also counted on
     their own. ``(gradient accumulation)`` is the engine's summing of
-    gradients and releasing of saved arrays between backwards.
+    gradients and releasing of saved arrays between backwards. ``matmul``
+    holds, per op, the part of its time spent in matrix products (the ops
+    note them through ``ops._matmul``); the rest is elementwise work and
+    bookkeeping.
     """
 
     def __init__(self):
         self.seconds = collections.defaultdict(float)   # (name, "forward"|"backward") -> s
         self.calls = collections.Counter()              # (name, "forward"|"backward") -> n
+        self.matmul = collections.defaultdict(float)    # name -> s in matrix products
+        self.current = None                             # the op running now
 
     def add(self, name: str, phase: str, seconds: float) -> None:
         self.seconds[name, phase] += seconds
         self.calls[name, phase] += 1
 
-    def rows(self) -> list[tuple[str, float, float, int]]:
-        """(name, forward s, backward s, calls), the most expensive first."""
+    def rows(self) -> list[tuple[str, float, float, int, float]]:
+        """(name, forward s, backward s, calls, matmul s), the most expensive first."""
         names = {name for name, _ in self.seconds}
         out = [(n, self.seconds.get((n, "forward"), 0.0), self.seconds.get((n, "backward"), 0.0),
-                self.calls.get((n, "forward"), 0) or self.calls.get((n, "backward"), 0))
+                self.calls.get((n, "forward"), 0) or self.calls.get((n, "backward"), 0),
+                self.matmul.get(n, 0.0))
                for n in names]
         return sorted(out, key=lambda r: -(r[1] + r[2]))
 
@@ -423,7 +430,7 @@ class Function:
         """
         prof = _profile
         if prof is not None:
-            t0 = time.perf_counter()
+            t0, outer, prof.current = time.perf_counter(), prof.current, cls.__name__
         tensors = inputs
         for t in tensors:
             if not isinstance(t, Tensor):
@@ -461,6 +468,7 @@ class Function:
             result._node = ctx
         if prof is not None:
             prof.add(cls.__name__, "forward", time.perf_counter() - t0)
+            prof.current = outer
         return result
 
 

@@ -257,7 +257,7 @@ def run_backward(root, grad) -> None:
         if prof is None:
             in_grads = node.fn.backward(node, g)
         else:
-            t0 = time.perf_counter()
+            t0, prof.current = time.perf_counter(), node.fn.__name__
             in_grads = node.fn.backward(node, g)
             prof.add(node.fn.__name__, "backward", time.perf_counter() - t0)
             t0 = time.perf_counter()
