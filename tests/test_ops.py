@@ -585,3 +585,43 @@ def test_ops_split_over_threads_equal_one_block(monkeypatch):
     for a, b_, c in zip(whole, one, many):
         np.testing.assert_array_equal(a, b_)
         np.testing.assert_array_equal(a, c)
+
+
+# ---------------------------------------------------------------------------
+# A gradient no one else holds is overwritten in place, with the same result
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gelu", "layer_norm", "causal_attention", "mul", "dropout"])
+def test_backward_in_place_in_an_owned_gradient_gives_the_same_gradient(device, name, monkeypatch):
+    """``f(x) * 2`` hands f's backward a fresh gradient (the product's), which f may
+    overwrite; the seeded ``f(x)`` with 2 G hands it the caller's, which it must not."""
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 12)
+    x = leaf(rng.standard_normal(shape), device)
+    w = leaf(rng.standard_normal(12), device)
+    b = leaf(rng.standard_normal(12), device)
+    mask = on(device, rng.random((2, 3, 12)) > 0.3)
+    f = {"gelu": ops.gelu, "layer_norm": lambda t: ops.layer_norm(t, w, b),
+         "causal_attention": lambda t: ops.causal_attention(t, 2),
+         "mul": lambda t: t * Tensor(b.data),             # one input needs its gradient
+         "dropout": lambda t: ops.dropout(t, 0.3, mask)}[name]
+    used = []
+    real = ops._owned
+    monkeypatch.setattr(ops, "_owned", lambda *a: used.append(real(*a)) or used[-1])
+
+    y = f(x)
+    G = on(device, rng.standard_normal(y.shape))
+    y.backward(G * 2.0)                                 # the caller's array: not owned
+    want = [backend.asnumpy(t.grad).copy() for t in (x, w, b) if t.grad is not None]
+    G_copy = backend.asnumpy(G).copy()
+    assert all(u is None for u in used)
+    for t in (x, w, b):
+        t.grad = None
+    used.clear()
+    (f(x) * 2.0).backward(G)                            # Mul's fresh product: owned
+    got = [backend.asnumpy(t.grad) for t in (x, w, b) if t.grad is not None]
+    assert any(u is not None for u in used), "the in-place path was not taken"
+    np.testing.assert_array_equal(backend.asnumpy(G), G_copy)   # the caller's seed untouched
+    for a, b_ in zip(want, got):
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)

@@ -312,7 +312,7 @@ class Context:
 
     __slots__ = (
         "fn", "needs_input_grad", "parents", "recording", "_saved", "_versions",
-        "_finalizer", "_inputs", "_released", "__weakref__", "__dict__",
+        "_finalizer", "_inputs", "_released", "grad_owned", "__weakref__", "__dict__",
     )
 
     def __init__(self, fn, needs_input_grad, recording):
@@ -327,6 +327,10 @@ class Context:
         # uses them to recognise an input's array and note its version.
         self._inputs = ()
         self._released = False  # True once saved arrays were dropped by backward
+        # Set by the engine right before backward: True when the gradient g
+        # handed to backward is referenced nowhere else, so backward may
+        # overwrite it (and return it) instead of allocating a new array.
+        self.grad_owned = False
 
     @property
     def name(self) -> str:

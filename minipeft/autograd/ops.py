@@ -93,6 +93,15 @@ def _broadcast_shape(name, a, b):
         ) from None
 
 
+def _owned(ctx, g, shape, dtype):
+    """g itself when backward may overwrite it (see ``Context.grad_owned``) and it has
+    the given shape and dtype; otherwise None (then backward allocates)."""
+    if (ctx.grad_owned and tuple(g.shape) == tuple(shape) and g.dtype == dtype
+            and getattr(g, "ndim", 0) > 0 and getattr(g.flags, "writeable", True)):
+        return g
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Elementwise arithmetic
 # ---------------------------------------------------------------------------
@@ -138,7 +147,9 @@ class Sub(Function):
 class Mul(Function):
     r"""y = a * b;  dy/da = b, dy/db = a.
 
-    Saves b only if a needs a gradient, and a only if b does.
+    Saves b only if a needs a gradient, and a only if b does. When only one
+    input needs its gradient, has g's shape, and g is backward's to
+    overwrite, the product is formed in place in g.
     """
 
     @staticmethod
@@ -154,6 +165,11 @@ class Mul(Function):
         b, a = ctx.saved
         sa, sb = ctx.shapes
         na, nb = ctx.needs_input_grad
+        if na != nb:
+            mine = _owned(ctx, g, sa if na else sb, g.dtype)
+            if mine is not None:
+                mine *= b if na else a
+                return (mine, None) if na else (None, mine)
         return (unbroadcast(g * b, sa) if na else None, unbroadcast(g * a, sb) if nb else None)
 
 
@@ -385,7 +401,9 @@ class GELU(Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved
-        gx = backend.xp(x).empty_like(x)
+        gx = _owned(ctx, g, x.shape, x.dtype)                  # in place in g when it may be
+        if gx is None:
+            gx = backend.xp(x).empty_like(x)
         in_blocks(_gelu_grad_into, x, g, gx)
         return gx
 
@@ -405,12 +423,13 @@ def _gelu_into(x, y):
     y *= 0.5
 
 
-def _gelu_grad_into(x, g, t):
-    """t = g dGELU/dx (one block of rows), with two temporaries of the block's size."""
+def _gelu_grad_into(x, g, out):
+    """out = g dGELU/dx (one block of rows; out may be g itself), with three
+    temporaries of the block's size."""
     xp = backend.xp(x)
     # a = x^2, then t = tanh u with u = k x (1 + 0.044715 a)
     a = xp.multiply(x, x, out=xp.empty_like(x))
-    xp.multiply(a, 0.044715 * _GELU_K, out=t)
+    t = xp.multiply(a, 0.044715 * _GELU_K, out=xp.empty_like(x))
     t += _GELU_K
     t *= x
     xp.tanh(t, out=t)
@@ -426,7 +445,7 @@ def _gelu_grad_into(x, g, t):
     t += 1.0
     t *= 0.5
     t += s
-    t *= g
+    xp.multiply(t, g, out=out)
 
 
 class Cast(Function):
@@ -898,9 +917,11 @@ class LayerNorm(Function):
         if nw:
             gw = xp.einsum("nc,nc->c", xhat, g2)                      # sum over rows of xhat g
         if nx:
-            gx = xp.empty(g2.shape, dtype=g.dtype)
+            gx = _owned(ctx, g2, g2.shape, g.dtype)                 # in place in g when it may be
+            if gx is None:
+                gx = xp.empty(g2.shape, dtype=g.dtype)
             in_blocks(lambda *a: _layer_norm_grad_into(*a, w), g2, xhat, r, gx)
-            gx = gx.reshape(g.shape)
+            gx = g if gx is g2 else gx.reshape(g.shape)
         return gx, gw, gb
 
 
@@ -1049,11 +1070,18 @@ class CausalAttention(Function):
         B, T, C, nh, hs, s, q_keep = ctx.meta
         xp = backend.xp(g)
         q, k, v = h[:, 0], h[:, 1], h[:, 2]                         # q holds s q
-        # G' = G rz = G / z (and 1/(1-p)), per row, in a contiguous copy
-        gh = xp.empty((B, nh, T, hs), dtype=g.dtype)
-        in_blocks(lambda o, a, z: xp.multiply(a, z, out=o),
-                  gh, g.reshape(B, T, nh, hs).transpose(0, 2, 1, 3), rz)
-        d = xp.empty_like(h)                                        # dq, dk, dv: (B, 3, nh, T, hs)
+        # G' = G rz = G / z (and 1/(1-p)), per row: in place in g when it may be
+        # overwritten, else in a new array
+        gv = g.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs) view
+        if _owned(ctx, g, (B, T, C), g.dtype) is not None:
+            gh = gv
+            in_blocks(_mul_into, gh, rz)
+        else:
+            gh = xp.empty((B, nh, T, hs), dtype=g.dtype)
+            in_blocks(lambda o, a, z: xp.multiply(a, z, out=o), gh, gv, rz)
+        # dq, dk, dv are written straight into the (B, T, 3C) layout of qkv
+        gqkv = xp.empty((B, T, 3 * C), dtype=g.dtype)
+        d = gqkv.reshape(B, T, 3, nh, hs).transpose(0, 2, 3, 1, 4)  # (B, 3, nh, T, hs) view
         dq, dk, dv = d[:, 0], d[:, 1], d[:, 2]
         dp = xp.empty_like(att)                                     # dP', then dS, below the diagonal
         blocks = _causal_blocks(T)
@@ -1076,9 +1104,6 @@ class CausalAttention(Function):
             _matmul(xp, ed.transpose(0, 1, 3, 2), gh[:, :, c0:], out=dv[:, :, c0:c1])  # (E*D)^T G'
             _matmul(xp, dp[:, :, c0:, c0:c1].transpose(0, 1, 3, 2), q[:, :, c0:],
                     out=dk[:, :, c0:c1])                                                # dS^T (s q)
-        # (B, 3, nh, T, hs) -> (B, T, 3, nh, hs) -> (B, T, 3C): the layout of qkv
-        gqkv = xp.empty((B, T, 3 * C), dtype=g.dtype)
-        in_blocks(_copy_into, gqkv.reshape(B, T, 3, nh, hs), d.transpose(0, 3, 1, 2, 4))
         return gqkv
 
 
@@ -1229,6 +1254,11 @@ class Dropout(Function):
     @staticmethod
     def backward(ctx, g):
         (mask,) = ctx.saved
+        mine = _owned(ctx, g, mask.shape, g.dtype)
+        if mine is not None:
+            mine *= mask
+            mine *= ctx.scale
+            return mine
         return g * mask * ctx.scale
 
 

@@ -238,6 +238,12 @@ def run_backward(root, grad) -> None:
     new buffer (not a view) that a backward made and handed to this receiver
     alone. An array that is also held elsewhere (``Add`` hands the same g to
     both its inputs; the seed is the caller's) is only ever read.
+
+    The same bookkeeping tells a node whether the gradient it receives is
+    its own to overwrite (``ctx.grad_owned``): GELU, LayerNorm, attention and
+    the products with a constant then work in place in g instead of
+    allocating an array of its size, and what they hand on (g itself) stays
+    owned by its one receiver.
     """
     from .function import _profile as prof  # the op profiler (bench --profile), or None
     order = _topological_order(root)
@@ -250,6 +256,7 @@ def run_backward(root, grad) -> None:
     owned = set()       # keys of entries of `grads` whose array no one else refers to
     for node in order:
         g = grads.pop(id(node), None)
+        node.grad_owned = id(node) in owned
         owned.discard(id(node))
         if g is None:  # no gradient reached this node (all its uses were cut)
             node.release()
@@ -270,8 +277,10 @@ def run_backward(root, grad) -> None:
         for i, (parent, ig) in enumerate(zip(node.parents, in_grads)):
             if parent is None or ig is None:
                 continue
-            fresh = (id(ig) not in handed and getattr(ig, "base", None) is None
-                     and not any(o is ig for j, o in enumerate(in_grads) if j != i))
+            single = not any(o is ig for j, o in enumerate(in_grads) if j != i)
+            fresh = single and (
+                (id(ig) not in handed and getattr(ig, "base", None) is None)
+                or (ig is g and node.grad_owned))      # g, owned here, handed on once
             if isinstance(parent, Tensor):
                 if _accumulate_leaf(parent, ig, owned=fresh):
                     leaf_owned.add(id(parent.grad))
