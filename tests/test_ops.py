@@ -233,6 +233,13 @@ def test_causal_attention_in_row_blocks(device, data, T, dropout):
         ops_module._ATTN_BLOCK, ops_module._ATTN_MAX_BLOCKS = saved
 
 
+def test_causal_attention_without_a_mask_ignores_p(device):
+    """Eval mode hands no keep-mask but the layer's p: nothing may be rescaled."""
+    qkv = leaf(np.random.default_rng(0).standard_normal((2, 5, 12)), device)
+    np.testing.assert_array_equal(ops.causal_attention(qkv, 2, None, 0.5).numpy(),
+                                  ops.causal_attention(qkv, 2).numpy())
+
+
 def test_causal_attention_saves_heads_and_probabilities_only(device):
     from minipeft.autograd import LEDGER
     B, T, nh, hs = 2, 5, 2, 3

@@ -1038,6 +1038,8 @@ class CausalAttention(Function):
         C = C3 // 3
         nh, hs = n_head, C // n_head
         s = 1.0 / math.sqrt(hs)
+        if keep is None:
+            p = 0.0  # no mask, no dropout (eval mode): p must not rescale anything
         # (B, T, 3C) -> (B, T, 3, nh, hs) -> (B, 3, nh, T, hs): one copy, every
         # head's (T, hs) matrix contiguous (copied in blocks of the batch)
         h = xp.empty((B, 3, nh, T, hs), dtype=qkv.dtype)
@@ -1474,7 +1476,7 @@ def causal_attention(qkv, n_head, keep=None, p=0.0):
     """Causal self-attention of the fused projection ``qkv`` (B, T, 3C) -> (B, T, C).
 
     ``keep``: attention dropout's boolean keep-mask (B, n_head, T, T) with its
-    probability ``p``, or None for no dropout.
+    probability ``p``, or None for no dropout (``p`` is then ignored).
     """
     return CausalAttention.apply(qkv, n_head=int(n_head), keep=keep, p=float(p))
 
