@@ -8,10 +8,14 @@
     minipeft bench                     time one training step
     minipeft memory --method lora      training memory: estimated, accounted, measured
     minipeft compare                   every method on one task: the five-axis trade-off table
+    minipeft export --format hf        the base or an adapter as a Hugging Face folder
+    minipeft import --adapter DIR      a Hugging Face peft adapter as a minipeft adapter
     minipeft docs --out docs/_build    the docs: guide, annotated source, lessons (HTML)
 
-Each subcommand is a thin layer over the package's functions; errors from
-bad input are printed as one line (``minipeft: error: ...``) with exit code 2.
+Each subcommand is a thin layer over the package's functions
+(:mod:`minipeft.finetune`, :mod:`minipeft.memory`, :mod:`minipeft.compare`,
+:mod:`minipeft.interop`, :mod:`minipeft.docs`); errors from bad input are
+printed as one line (``minipeft: error: ...``) with exit code 2.
 """
 
 from __future__ import annotations
@@ -24,12 +28,26 @@ import sys
 # Method knobs: the CLI options each method reads (and how they map to configs)
 # ---------------------------------------------------------------------------
 
-#: default learning rates per method (each method wants its own scale)
-#: (measured on the shipped base, sentiment, 150 steps of 16: see the README)
-DEFAULT_LR = {
-    "full": 3e-4, "bitfit": 1e-2, "layers": 1e-3, "mask": 1e-2, "lora": 1e-2,
-    "adapter": 1e-2, "prompt": 3e-1, "prefix": 1e-1, "ia3": 1e-1,
-}
+# A method's default learning rate is the one ``minipeft compare`` measured
+# best on the shipped base (:func:`minipeft.compare.best_known_lr`, the middle
+# of the method's grid): one table, kept with the grids it was chosen from.
+# Each method wants its own scale: a soft prompt moves 20 vectors and needs a
+# large step, full fine-tuning moves every weight and needs a small one.
+
+
+def default_lr(method: str) -> float:
+    """The learning rate ``minipeft finetune`` uses for ``method`` when ``--lr`` is not given."""
+    from .compare import best_known_lr
+
+    return best_known_lr(method)
+
+
+def _default_lr_help() -> str:
+    """The ``--lr`` help: every method's default, read from the one table."""
+    from .compare import LR_GRID
+
+    rates = ", ".join(f"{m} {default_lr(m):g}" for m in LR_GRID)
+    return f"learning rate (default: the method's best known on the shipped base: {rates})"
 
 
 def build_config(method: str, args) -> object:
@@ -64,7 +82,7 @@ def build_config(method: str, args) -> object:
     if method == "ia3":
         return C.IA3Config(scale_queries=args.scale_queries,
                            **({"target_modules": targets} if targets else {}))
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(DEFAULT_LR)}")
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(C.METHODS)}")
 
 
 def _add_method_options(s: argparse.ArgumentParser) -> None:
@@ -141,7 +159,7 @@ def _cmd_finetune(args) -> int:
 
     cfg = build_config(args.method, args)
     settings = FinetuneSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr or DEFAULT_LR[args.method],
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr or default_lr(args.method),
         seed=args.seed, eval_limit=args.eval_limit,
     )
     result = finetune(cfg, args.task, settings, device=args.device, out=args.out,
@@ -313,6 +331,8 @@ def _cmd_memory(args) -> int:
             print(f"({method}: {virtual} virtual tokens, so sequences of {T} tokens)")
         est = M.estimate(cfg, pc, optimizer=args.optimizer, batch_size=args.batch_size, seq_len=T,
                          dtype=args.dtype)         # refuses a bad dtype, batch or sequence length
+        # The closed form answers for any size and dtype; a real step (accounted and
+        # measured beside it) runs only in fp32 and up to _PROFILE_MAX_PARAMS parameters.
         why_not = None
         if args.estimate_only:
             why_not = "--estimate-only"
@@ -326,6 +346,8 @@ def _cmd_memory(args) -> int:
             print(f"(not profiled: {why_not})")
             print()
             continue
+        # Random token ids: what a step holds depends on the shapes, not on the text
+        # (a fresh GPT of the preset's size, not the shipped base, for the same reason).
         rng = np.random.default_rng(args.seed)
         idx = rng.integers(0, cfg.vocab_size, (args.batch_size, T))
         targets = rng.integers(0, cfg.vocab_size, (args.batch_size, T))
@@ -338,6 +360,7 @@ def _cmd_memory(args) -> int:
         print()
         reports.append(rep)
         summary.append(rep)
+    # With several methods, one line each: the three views of the peak side by side.
     if len(summary) > 1:
         print(f"{'method':<8} {'trained':>10} {'grads+state':>12} {'activations':>12} "
               f"{'peak est.':>10} {'peak acc.':>10} {'peak meas.':>11}   (MiB)")
@@ -547,6 +570,14 @@ def _add_compare_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``minipeft`` parser: one subparser per job, each pointing at its ``_cmd_*`` function.
+
+    Every subcommand stores its handler as ``func`` (``set_defaults``), so
+    :func:`main` runs ``args.func(args)`` without a table of names. Building
+    the parser imports the package and :mod:`minipeft.compare` (the method
+    names and the default learning rates the help lists); everything else a
+    job needs is imported inside its ``_cmd_*`` function, when it runs.
+    """
     from .peft.config import METHODS
 
     p = argparse.ArgumentParser(
@@ -571,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", default="sentiment")
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--lr", type=float, default=None, help="default: the method's own")
+    s.add_argument("--lr", type=float, default=None, help=_default_lr_help())
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--eval-limit", type=int, default=None,
                    help="score only the first N test examples (default: all)")
@@ -631,6 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``minipeft`` with ``argv`` (default: the command line); return the exit code.
+
+    0 on success (a bare ``minipeft`` prints the help). 2 on bad input: a
+    ValueError, OSError (a missing or unwritable file), TypeError or
+    RuntimeError from a job is printed as one line, ``minipeft: error: ...``,
+    without a traceback (argparse's own usage errors exit with 2 too, through
+    SystemExit). 130 on Ctrl-C.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -86,3 +86,15 @@ def test_shipped_base_beats_the_bigram_by_thirty_percent():
     model = load_base()
     val_ids = CharTokenizer().encode(pretraining_text("val"))
     assert validation_loss(model, val_ids, batches=20) <= 0.70 * info["bigram_val_loss"]
+
+
+def test_finetune_defaults_to_the_rate_compare_measured_best(capsys):
+    from minipeft.cli import default_lr
+    from minipeft.compare import LR_GRID, best_known_lr
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for method in LR_GRID:
+        assert default_lr(method) == best_known_lr(method)
+        assert f"{method} {best_known_lr(method):g}" in help_text
