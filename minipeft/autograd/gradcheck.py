@@ -28,6 +28,7 @@ from .tensor import Tensor
 
 
 def _require_f64(tensors):
+    """Refuse any input that is not float64 (see the module docstring for why)."""
     for t in tensors:
         if t.dtype != np.float64:
             raise TypeError(
@@ -44,10 +45,13 @@ def _f(fn, inputs):
 
 
 def _analytic(fn, inputs, v_host):
-    """Backward of <v, fn(inputs)>: the gradients J^T v, one per input (host arrays)."""
+    r"""Backward of :math:`\langle v, f(x)\rangle`: the gradients :math:`J^\top v`, one per
+    input, as host arrays (zeros for an input that received none)."""
     for t in inputs:
-        t.grad = None
+        t.grad = None           # backward accumulates: start from nothing
     out = fn(*inputs)
+    # `backward(v)` starts from $v$ as the output's gradient: one pass gives
+    # $J^\top v$ for every input at once.
     v = backend.to_device(v_host.astype(out.dtype), out.device)
     out.backward(v)
     return [
@@ -66,26 +70,33 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0) -> bool:
     """
     _require_f64(inputs)
     rng = np.random.default_rng(seed)
+    # One random weighting $v$ of the output (shaped like it) and one backward
+    # pass: `analytic[k]` is the gradient of $\langle v, f\rangle$ with respect
+    # to input $k$.
     out0 = _f(fn, inputs)
     v = rng.standard_normal(out0.shape)
     analytic = _analytic(fn, inputs, v)
     for k, t in enumerate(inputs):
         if not t.requires_grad:
             continue
+        # Nudge one entry at a time on a host copy, two forward passes per entry.
+        # The input gets a copy each time: on the CPU to_device returns the host
+        # array itself, and the next nudge would write into the input in place.
         host = backend.asnumpy(t.data).astype(np.float64)
         num = np.zeros_like(host)
-        flat = host.reshape(-1)
+        flat = host.reshape(-1)                 # (n,): a view, so flat[i] = ... writes host
         for i in range(flat.size):
             orig = flat[i]
             flat[i] = orig + eps
             t.data = backend.to_device(host.copy(), t.device)
-            fp = float((_f(fn, inputs) * v).sum())
+            fp = float((_f(fn, inputs) * v).sum())              # <v, f(x + h e_i)>
             flat[i] = orig - eps
             t.data = backend.to_device(host.copy(), t.device)
-            fm = float((_f(fn, inputs) * v).sum())
+            fm = float((_f(fn, inputs) * v).sum())              # <v, f(x - h e_i)>
             flat[i] = orig
-            num.reshape(-1)[i] = (fp - fm) / (2 * eps)
-        t.data = backend.to_device(host.copy(), t.device)
+            num.reshape(-1)[i] = (fp - fm) / (2 * eps)             # num: the input's shape
+        t.data = backend.to_device(host.copy(), t.device)       # the input as it was
+        # Every entry compared; the first wrong one is reported by its index.
         bad = ~np.isclose(analytic[k], num, atol=atol, rtol=rtol)
         if bad.any():
             i = tuple(int(j) for j in np.argwhere(bad)[0])
@@ -109,24 +120,28 @@ def vjp_check(fn, inputs, trials=3, eps=1e-6, rtol=1e-5, atol=1e-9, seed=0) -> b
     """
     _require_f64(inputs)
     rng = np.random.default_rng(seed)
-    hosts = [backend.asnumpy(t.data).astype(np.float64) for t in inputs]
+    hosts = [backend.asnumpy(t.data).astype(np.float64) for t in inputs]   # the point x
     for trial in range(trials):
+        # $v$ weights the output; $u$ is one direction in the space of all
+        # inputs together (a piece $u_k$ per input that requires a gradient).
         out0 = _f(fn, inputs)
         v = rng.standard_normal(out0.shape)
         us = [rng.standard_normal(h.shape) if t.requires_grad else None
               for t, h in zip(inputs, hosts)]
+        # Backward: $\langle J^\top v, u\rangle = \sum_k \langle \nabla_{x_k}, u_k\rangle$.
         grads = _analytic(fn, inputs, v)
         lhs = sum(float((g * u).sum()) for g, u in zip(grads, us) if u is not None)
 
+        # Finite differences: every input moved at once, along its piece of $u$.
         def at(sign, us=us, v=v):
             for t, h, u in zip(inputs, hosts, us):
                 if u is not None:
                     t.data = backend.to_device(h + sign * eps * u, t.device)
-            return float((_f(fn, inputs) * v).sum())
+            return float((_f(fn, inputs) * v).sum())                       # <v, f(x +- h u)>
 
         rhs = (at(+1) - at(-1)) / (2 * eps)
         for t, h in zip(inputs, hosts):
-            t.data = backend.to_device(h.copy(), t.device)
+            t.data = backend.to_device(h.copy(), t.device)                 # back to x
         if not abs(lhs - rhs) <= atol + rtol * max(abs(lhs), abs(rhs)):
             raise AssertionError(
                 f"random-projection check failed on trial {trial}: backward gives "
