@@ -191,19 +191,35 @@ class ActivationLedger:
         self.peak = 0
 
     def record(self, node: Context, arrays) -> None:
+        """Enter the arrays ``node`` saves for backward (called by :meth:`Context.save_for_backward`).
+
+        Each array is booked under the buffer it views (:func:`backend.buffer_id`:
+        the base's address and size). A buffer already booked (a view of it,
+        or the same array saved by another node) only gains a reference; a
+        new one adds its bytes to the total, and the peak follows. The node's
+        entries are kept under ``id(node)`` so that :meth:`release` can take
+        exactly them out again.
+        """
         key = id(node)
         entries = []
         for a in arrays:
-            bid = backend.buffer_id(a)
+            bid = backend.buffer_id(a)                      # (base address, base nbytes)
             entries.append((bid, bid[1]))
             n = self._refcount.get(bid, 0)
-            if n == 0:
+            if n == 0:                                      # first holder: its bytes count now
                 self._bytes += bid[1]
             self._refcount[bid] = n + 1
         self._by_node.setdefault(key, []).extend(entries)
         self.peak = max(self.peak, self._bytes)
 
     def release(self, node_id: int) -> None:
+        """Take node ``node_id``'s entries out: right after its backward, or when it is collected.
+
+        Each entry drops one reference to its buffer; a buffer's bytes leave
+        the total with its last reference, since until then another node
+        still keeps it alive. Releasing a node twice, or one that saved
+        nothing, does nothing.
+        """
         for bid, nbytes in self._by_node.pop(node_id, ()):
             n = self._refcount[bid] - 1
             if n == 0:
@@ -233,6 +249,7 @@ class ActivationLedger:
         return len(self._by_node)
 
     def reset_peak(self) -> None:
+        """Start a new peak from what is saved now (before the step to be measured)."""
         self.peak = self._bytes
 
 
@@ -264,6 +281,7 @@ class OpProfile:
         self.current = None                             # the op running now
 
     def add(self, name: str, phase: str, seconds: float) -> None:
+        """Book one call of op ``name``'s ``phase`` ("forward" or "backward")."""
         self.seconds[name, phase] += seconds
         self.calls[name, phase] += 1
 
