@@ -18,6 +18,13 @@ activation). Both forms fold into the weights, so (IA)^3 merges:
 
 * output scaling: :math:`(xW + b)\odot l = x\,(W \operatorname{diag} l) + b \odot l`;
 * input scaling: :math:`(x \odot l) W = x\,(\operatorname{diag}(l) W)`.
+
+Weights are stored (in, out), as GPT-2's ``Conv1D`` stores them (and
+:class:`~minipeft.nn.layers.Linear` here), not (out, in) as in PyTorch's
+``nn.Linear``. So an output feature is a *column* of W: output scaling
+multiplies column j by :math:`l_j` (``W * l[None, :]``), and input scaling
+multiplies row i by :math:`l_i` (``W * l[:, None]``). With PyTorch's layout
+the two would swap.
 """
 
 from __future__ import annotations
@@ -69,16 +76,32 @@ class IA3Linear(Wrapper):
         return ops.concatenate([ones, l], axis=0)                      # (3C,)
 
     def forward(self, x):
+        r"""The base Linear with the active vector applied: :math:`(x \odot l)W + b` for a
+        feed-forward target, :math:`(xW + b) \odot l` otherwise; the base alone when no
+        adapter is active or one is merged (it is in the weights already)."""
         name = self.active()
         if name is None or self.merged_adapter is not None:
             return self.base_layer(x)
         mode, _ = self.modes[name]
         l = self._full_vector(name)
         if mode == "in":
-            return self.base_layer(x * l)
-        return self.base_layer(x) * l
+            return self.base_layer(x * l)           # (B, T, in) * (in,): l broadcast over B, T
+        return self.base_layer(x) * l               # (B, T, out) * (out,)
 
     def merge(self, name: str, keep_copy: bool = False) -> None:
+        r"""Fold adapter ``name``'s vector into the base Linear's weight (and bias).
+
+        With W stored (in, out) (see the module docstring):
+
+        * output scaling: :math:`W \leftarrow W \operatorname{diag}(l)`, each
+          column j times :math:`l_j`, and :math:`b \leftarrow b \odot l`;
+        * input scaling: :math:`W \leftarrow \operatorname{diag}(l)\,W`, each
+          row i times :math:`l_i`; the bias is untouched (it is added after W).
+
+        The layer then computes what the unmerged forward computed, at the
+        base's cost. ``keep_copy`` keeps W and b as they were, so that
+        :meth:`unmerge` restores them bit for bit.
+        """
         if self.merged_adapter is not None:
             raise ValueError(f"{self.merged_adapter!r} is already merged into this layer")
         mode, _ = self.modes[name]
@@ -88,9 +111,9 @@ class IA3Linear(Wrapper):
         if keep_copy:
             self._copies[name] = (W.data.copy(), None if b is None else b.data.copy())
         if mode == "in":
-            W.data = W.data * l[:, None]                                   # diag(l) W
+            W.data = W.data * l[:, None]            # (in, out) * (in, 1): diag(l) W, rows scaled
         else:
-            W.data = W.data * l[None, :]                                   # W diag(l)
+            W.data = W.data * l[None, :]            # (in, out) * (1, out): W diag(l), columns scaled
             if b is not None:
                 b.data = b.data * l
                 b._bump()
@@ -98,6 +121,16 @@ class IA3Linear(Wrapper):
         self.merged_adapter = name
 
     def unmerge(self) -> None:
+        r"""Take the merged vector out of the base weight again.
+
+        From the copy kept at merge when there is one (exact); otherwise by
+        dividing: :math:`W \leftarrow W \operatorname{diag}(l)^{-1}` and
+        :math:`b \leftarrow b \oslash l` for output scaling,
+        :math:`W \leftarrow \operatorname{diag}(l)^{-1} W` for input scaling.
+        :math:`(w\,l)/l` equals w only within float32 rounding, and an entry
+        of l trained to exactly zero cannot be divided out (its column or row
+        of W was zeroed): keep a copy when that matters.
+        """
         name = self.merged_adapter
         if name is None:
             raise ValueError("nothing is merged into this layer")
@@ -112,9 +145,9 @@ class IA3Linear(Wrapper):
             with no_grad():
                 l = self._full_vector(name).data
             if mode == "in":
-                W.data = W.data / l[:, None]
+                W.data = W.data / l[:, None]        # (in, out) / (in, 1): rows
             else:
-                W.data = W.data / l[None, :]
+                W.data = W.data / l[None, :]        # (in, out) / (1, out): columns
                 if b is not None:
                     b.data = b.data / l
         W._bump()
