@@ -93,14 +93,24 @@ class LoraLinear(Wrapper):
 
     # -- forward ---------------------------------------------------------------
     def forward(self, x):
+        r"""The base Linear plus the active adapter's low-rank branch:
+
+        .. math:: y = xW + b + \frac{\alpha}{r}\,(\operatorname{dropout}(x)\,A)\,B
+
+        Dropout acts on the branch's input only, so the base sees x as it
+        is. With DoRA, the sum is rescaled column by column (see
+        :meth:`_dora`). No adapter active, or one merged into W: the base
+        alone.
+        """
         name = self.active()
         if name is None or self.merged_adapter is not None:
             return self.base_layer(x)
         cfg = self.configs[name]
-        A = self.lora_A._parameters[name]
-        B = self.lora_B._parameters[name]
+        A = self.lora_A._parameters[name]                               # (in, r)
+        B = self.lora_B._parameters[name]                               # (r, out)
         h = self.lora_dropout._modules[name](x)                          # dropout, branch only
-        delta = ops.matmul(ops.matmul(h, A), B) * cfg.scaling          # (x A) B, never AB
+        # (..., in) @ (in, r) -> (..., r) @ (r, out) -> (..., out): (x A) B, never AB
+        delta = ops.matmul(ops.matmul(h, A), B) * cfg.scaling
         if not cfg.use_dora:
             return self.base_layer(x) + delta
         return self._dora(x, delta, A, B, cfg, self.lora_magnitude._parameters[name])
@@ -110,7 +120,7 @@ class LoraLinear(Wrapper):
         W = self.base_layer.weight
         Wp = W + ops.matmul(A, B) * cfg.scaling                         # (in, out)
         n = ops.sqrt(ops.sum(Wp * Wp, axis=0))                          # (out,)
-        y = (ops.matmul(x, W) + delta) * (m / n)
+        y = (ops.matmul(x, W) + delta) * (m / n)                        # (..., out) * (out,)
         b = self.base_layer.bias
         return y if b is None else y + b
 
@@ -123,6 +133,16 @@ class LoraLinear(Wrapper):
         return (A @ B) * cfg.scaling
 
     def merge(self, name: str, keep_copy: bool = False) -> None:
+        r"""Fold adapter ``name`` into the base weight, so inference costs what the base costs.
+
+        LoRA: :math:`W \leftarrow W + \frac{\alpha}{r} A B`, then
+        :math:`xW + b` is the unmerged forward (the bias is untouched).
+        DoRA: :math:`W \leftarrow m \odot \frac{W + \frac{\alpha}{r} A B}
+        {\lVert W + \frac{\alpha}{r} A B\rVert_c}`. DoRA always keeps a copy of
+        W: the merged columns have norm m, and the norm they had before the
+        rescaling, which undoing it would need, is gone. ``keep_copy`` keeps
+        one for LoRA too, for a bit-exact :meth:`unmerge`.
+        """
         if self.merged_adapter is not None:
             raise ValueError(f"{self.merged_adapter!r} is already merged into this layer")
         W = self.base_layer.weight
@@ -131,16 +151,22 @@ class LoraLinear(Wrapper):
             if keep_copy or cfg.use_dora:
                 self._copies[name] = W.data.copy()
             if cfg.use_dora:
-                Wp = W.data + self.delta_weight(name)
+                Wp = W.data + self.delta_weight(name)                      # (in, out)
                 xp = backend.xp(Wp)
-                n = xp.sqrt((Wp * Wp).sum(axis=0))
-                W.data = Wp * (self.lora_magnitude._parameters[name].data / n)
+                n = xp.sqrt((Wp * Wp).sum(axis=0))                          # (out,): column norms
+                W.data = Wp * (self.lora_magnitude._parameters[name].data / n)  # column j to norm m_j
             else:
                 W.data += self.delta_weight(name)
         W._bump()
         self.merged_adapter = name
 
     def unmerge(self) -> None:
+        r"""Take the merged adapter out of the base weight again.
+
+        From the copy kept at merge when there is one (always for DoRA):
+        exact. Otherwise :math:`W \leftarrow W - \frac{\alpha}{r} A B`, which gives
+        back W within float32 rounding, not bit for bit.
+        """
         name = self.merged_adapter
         if name is None:
             raise ValueError("nothing is merged into this layer")
