@@ -89,6 +89,7 @@ class SelectiveMethod(Method):
     keep_originals = True
 
     def select(self, pm) -> list[str]:  # pragma: no cover - abstract
+        """Names of the base parameters this method trains, in the base's order."""
         raise NotImplementedError
 
     def _base_params(self, pm) -> dict:
@@ -97,6 +98,12 @@ class SelectiveMethod(Method):
         return {base_name(n): p for n, p in base_parameters(pm.base_model)}
 
     def inject(self, pm) -> None:
+        """Choose the parameters (:meth:`select`) and copy their values as the base has them.
+
+        Nothing is added to the model and nothing trains yet: which parameters
+        train is set when the adapter is activated. The copies let
+        :meth:`deactivate` put the base's own values back.
+        """
         self.names = self.select(pm)
         if not self.names:
             raise ValueError(f"{type(self.config).__name__} selected no parameter of this model")
@@ -212,6 +219,20 @@ class LayerSelectMethod(SelectiveMethod):
     """Train the parameters that pass every filter of a LayerSelectConfig."""
 
     def select(self, pm):
+        """The base parameters that pass every filter the config sets (an unset one passes all).
+
+        * ``layers``: the parameter lies in one of these blocks (``h.<i>.``;
+          negative indices count from the end). Embeddings and ``ln_f`` lie
+          in no block: they pass only when ``components`` names them, so
+          ``layers=[-1], components=["attn", "ln_f"]`` trains the last
+          block's attention and the final LayerNorm.
+        * ``components``: its part of the model, read from its name
+          (``attn``, ``mlp``, ``ln``, ``embeddings``, ``ln_f``).
+        * ``param_types``: the last part of its name (``weight``, ``bias``).
+        * ``patterns``: a regular expression found anywhere in its name.
+
+        An index outside the model's blocks is an error, not an empty choice.
+        """
         cfg = self.config
         n_layer = pm.base_model.config.n_layer
         layers = None
@@ -266,6 +287,21 @@ class MaskMethod(SelectiveMethod):
         return [base_name(m) + ".weight" for m in mods]
 
     def inject(self, pm) -> None:
+        r"""Choose the entries to train in each target weight and keep their base values.
+
+        Each weight of n entries trains :math:`k = \max(1, \operatorname{round}(d\,n))`
+        of them, d the ``density``: those with the largest scores (random,
+        :math:`|w|`, or :math:`|\partial L/\partial w|` on the calibration
+        batch; ties go to the earlier position). They are kept as sorted int32
+        flat indices into the weight, ``self.indices[name]`` (k,). Loading an
+        adapter file gives the indices instead (``indices=``): they are checked
+        and taken as they are, without scoring.
+
+        Only the k base values at those entries are copied (not the whole
+        weight), which is all :meth:`deactivate` needs to put the base back.
+        The boolean ``grad_mask`` that confines training to them is set by
+        :meth:`activate`.
+        """
         self.names = self.select(pm)
         params = self._base_params(pm)
         self.params = {n: params[n] for n in self.names}
@@ -284,7 +320,7 @@ class MaskMethod(SelectiveMethod):
             self.stored = None
             self.is_active = False
             return
-        scores = self._scores(pm)
+        scores = self._scores(pm)                       # name -> (n,) host scores, flat order
         for n, p in self.params.items():
             k = max(1, int(round(self.config.density * p.size)))
             s = scores[n]
@@ -345,11 +381,13 @@ class MaskMethod(SelectiveMethod):
         return idx.astype(np.int32)
 
     def _take(self, data, n):
-        flat = data.reshape(-1)
+        """A copy of weight ``n``'s selected entries, (k,)."""
+        flat = data.reshape(-1)                                     # (in, out) -> (in*out,), a view
         return flat[backend.to_device(self.indices[n], backend.device_of(data))].copy()
 
     def _put(self, data, n, values):
-        flat = data.reshape(-1)
+        """Write (k,) ``values`` into weight ``n``'s selected entries, in place."""
+        flat = data.reshape(-1)                                     # a view: writes reach data
         flat[backend.to_device(self.indices[n], backend.device_of(data))] = values
 
     def _read(self):
@@ -365,11 +403,13 @@ class MaskMethod(SelectiveMethod):
         super().activate(pm)
         if not self.trainable:
             return
+        # a boolean mask over each weight, True at its k entries: the engine
+        # multiplies the weight's full gradient by it
         for n, p in self.params.items():
             xp = backend.xp(p.data)
-            mask = xp.zeros(p.size, dtype=bool)
+            mask = xp.zeros(p.size, dtype=bool)                     # (n,) flat, like the indices
             mask[backend.to_device(self.indices[n], p.device)] = True
-            p.grad_mask = mask.reshape(p.shape)
+            p.grad_mask = mask.reshape(p.shape)                     # (n,) -> the weight's shape
 
     def deactivate(self, pm) -> None:
         super().deactivate(pm)
