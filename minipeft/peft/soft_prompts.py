@@ -22,7 +22,9 @@ What they cost: they train very few parameters, but the gradient still has
 to flow back through *every* layer to reach the first positions (prompt
 tuning) or each layer's attention (prefix tuning), so activations are saved
 almost as in full fine-tuning; and every forward pass, at inference too,
-attends over P more positions.
+attends over P more positions. Nothing here merges into the weights, so that
+cost stays (``minipeft compare`` counts it as :math:`2 \cdot 2\,P\,C` FLOPs per
+token per layer: each query meets P more keys and mixes P more values).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class _SoftPromptMethod(Method):
         self.remove(pm)
 
     def _check_fits(self, pm, T):
+        """Refuse T real tokens that, after the P virtual ones, overrun ``n_positions``."""
         P, n = self.num_virtual_tokens, pm.config.n_positions
         if P + T > n:
             raise ValueError(
@@ -115,9 +118,17 @@ class PromptTuningMethod(_SoftPromptMethod):
     """Prompt tuning: P trainable embeddings prepended to the input."""
 
     def inject(self, pm) -> None:
+        r"""Make the P trainable embeddings E (P, C), on the PeftModel's ``prompt_encoder``.
+
+        The base is not touched. ``prompt_tuning_init`` sets E's start:
+        ``VOCAB``, the embeddings of P random vocabulary entries; ``TEXT``,
+        those of ``prompt_tuning_init_text``'s characters, repeated or cut to
+        P; otherwise ``RANDOM``, :math:`\mathcal N(0, 0.02^2)` like ``wte``. Each
+        is a copy: training E never moves ``wte``.
+        """
         cfg, base = self.config, pm.base_model
         P = self.num_virtual_tokens = cfg.num_virtual_tokens
-        self._check_fits(pm, 1)
+        self._check_fits(pm, 1)                          # at least one real token must fit
         wte = backend.asnumpy(base.wte.weight.data)                          # (V, C)
         rng = _init_rng(cfg.init_seed, "prompt_tuning")
         if cfg.prompt_tuning_init == "VOCAB":
@@ -139,6 +150,16 @@ class PromptTuningMethod(_SoftPromptMethod):
         return {"prompt_embeddings": self.encoder(pm).embedding}
 
     def forward_inputs(self, pm, idx, targets):
+        r"""The base's input with the prompt in front: ``inputs_embeds`` :math:`[E; \mathrm{wte}(idx)]`.
+
+        ``idx`` (B, T) becomes embeddings (B, P+T, C): the same P vectors E
+        before every sequence of the batch. The base adds position
+        embeddings to all P+T, so the virtual tokens take positions
+        0 .. P-1 and the real ones P .. P+T-1. ``targets`` (B, T) get P
+        ``IGNORE_INDEX`` entries in front, (B, P+T), so the loss is over the
+        real tokens only; :meth:`trim_logits` then cuts the P virtual
+        positions off the logits. With P = 0 the input passes as it is.
+        """
         P = self.num_virtual_tokens
         if P == 0:
             return {}, targets
@@ -159,10 +180,12 @@ class PromptTuningMethod(_SoftPromptMethod):
         return {"inputs_embeds": embeds}, targets
 
     def trim_logits(self, logits):
+        """The logits of the real tokens only: the first P positions are the prompt's."""
         P = self.num_virtual_tokens
         return logits if P == 0 else logits[:, P:, :]                        # (B, T, V)
 
     def generate_inputs(self, pm, idx):
+        """The prompt for ``generate``: E as ``prompt_embeds`` (1, P, C), shared by the batch."""
         P = self.num_virtual_tokens
         if P == 0:
             return {}
@@ -175,10 +198,19 @@ class PrefixTuningMethod(_SoftPromptMethod):
     """Prefix tuning: P trainable keys and values in every layer's attention."""
 
     def inject(self, pm) -> None:
+        r"""Make the trainable prefixes, on the PeftModel's ``prompt_encoder``; the base is untouched.
+
+        Without ``prefix_projection``: the prefix matrix itself, (P, L·2·C),
+        drawn from :math:`\mathcal N(0, 0.02^2)`: for each of the P virtual
+        positions, a key and a value for every layer. With it: E (P, C) and
+        an MLP C -> ``encoder_hidden_size`` -> L·2·C that produces the
+        matrix (see :class:`PromptEncoder`); training moves E and the MLP,
+        and the file keeps only what they produce.
+        """
         cfg, base = self.config, pm.base_model
         gc = base.config
         P = self.num_virtual_tokens = cfg.num_virtual_tokens
-        self._check_fits(pm, 1)
+        self._check_fits(pm, 1)                          # at least one real token must fit
         width = gc.n_layer * 2 * gc.n_embd
         dtype = base.dtype
         rng = _init_rng(cfg.init_seed, "prefix_tuning")
@@ -218,6 +250,15 @@ class PrefixTuningMethod(_SoftPromptMethod):
         return KVCache.from_prefix(pairs, append=False)
 
     def forward_inputs(self, pm, idx, targets):
+        """The base's input with the prefixes in its cache: ``kv_cache`` = :meth:`cache`.
+
+        Nothing is prepended to the sequence: ``idx`` (B, T) and ``targets``
+        pass as they are, and the logits are (B, T, V) already. In every
+        layer, attention puts the P prefix keys and values (1, nh, P, hs),
+        broadcast over the batch, before the tokens' own; the real tokens
+        take positions P .. P+T-1. Built afresh each call, so gradients reach
+        the prefixes (and through them the MLP) on every step.
+        """
         if self.num_virtual_tokens == 0:
             return {}, targets
         T = np.shape(idx)[-1] if idx is not None else 0
@@ -225,6 +266,7 @@ class PrefixTuningMethod(_SoftPromptMethod):
         return {"kv_cache": self.cache(pm)}, targets
 
     def generate_inputs(self, pm, idx):
+        """The prefixes for ``generate``: :meth:`cache`, built without a graph."""
         if self.num_virtual_tokens == 0:
             return {}
         with no_grad():
