@@ -302,15 +302,15 @@ def _plan(cfg: GPTConfig, pc) -> _Plan:
     params = base_parameters(cfg)
     plan = _Plan()
     Cw, L = cfg.n_embd, cfg.n_layer
-    if isinstance(pc, C.FullFinetuneConfig):
+    if isinstance(pc, C.FullFinetuneConfig):                 # every base parameter
         plan.trainable = set(params)
-    elif isinstance(pc, C.BitFitConfig):
+    elif isinstance(pc, C.BitFitConfig):                     # the biases (of target_modules, if set)
         names = [n for n in params if n.endswith(".bias")]
         if pc.target_modules is not None:
             mods = set(_targets(cfg, pc.target_modules))
             names = [n for n in names if n.rsplit(".", 1)[0] in mods]
         plan.trainable = set(names)
-    elif isinstance(pc, C.LayerSelectConfig):
+    elif isinstance(pc, C.LayerSelectConfig):                # LayerSelectMethod.select's filters
         layers = None
         if pc.layers is not None:
             bad = [i for i in pc.layers if not -L <= i < L]
@@ -332,12 +332,12 @@ def _plan(cfg: GPTConfig, pc) -> _Plan:
             plan.trainable.add(n)
         if not plan.trainable:
             raise ValueError("LayerSelectConfig selected no parameter of this model")
-    elif isinstance(pc, C.MaskConfig):
+    elif isinstance(pc, C.MaskConfig):                       # whole weights, k entries updated
         for m in _targets(cfg, pc.target_modules):
             n = params[m + ".weight"]
             plan.trainable.add(m + ".weight")
             plan.masked[m + ".weight"] = max(1, int(round(pc.density * n)))
-    elif isinstance(pc, C.LoraConfig):
+    elif isinstance(pc, C.LoraConfig):                       # A (in, r), B (r, out); DoRA's m (out,)
         lin = {n: (i, o) for n, i, o in _linears(cfg)}
         for m in _targets(cfg, pc.target_modules):
             fi, fo = lin[m]
@@ -346,14 +346,14 @@ def _plan(cfg: GPTConfig, pc) -> _Plan:
             plan.added[m + ".lora_B"] = pc.r * fo
             if pc.use_dora:
                 plan.added[m + ".lora_magnitude"] = fo
-    elif isinstance(pc, C.AdapterConfig):
+    elif isinstance(pc, C.AdapterConfig):                    # down (C, m) + (m,), up (m, C) + (C,)
         for m in _targets(cfg, pc.target_modules):
             plan.adapter[m] = pc
             plan.added[m + ".adapter_down"] = Cw * pc.bottleneck
             plan.added[m + ".adapter_down_bias"] = pc.bottleneck
             plan.added[m + ".adapter_up"] = pc.bottleneck * Cw
             plan.added[m + ".adapter_up_bias"] = Cw
-    elif isinstance(pc, C.IA3Config):
+    elif isinstance(pc, C.IA3Config):                        # one vector per target (see ia3.py)
         from .peft.tuner import matches
 
         lin = {n: (i, o) for n, i, o in _linears(cfg)}
@@ -365,16 +365,16 @@ def _plan(cfg: GPTConfig, pc) -> _Plan:
         for m in names:
             fi, fo = lin[m]
             if any(matches(m, f) for f in pc.feedforward_modules):
-                plan.ia3[m], size = ("in", 0), fi
-            else:
+                plan.ia3[m], size = ("in", 0), fi                    # scales the input: (in,)
+            else:                                                    # the output, less q's third
                 fixed = fo // 3 if m.endswith("c_attn") and fo % 3 == 0 and not pc.scale_queries else 0
                 plan.ia3[m], size = ("out", fixed), fo - fixed
             plan.added[m + ".ia3_l"] = size
-    elif isinstance(pc, C.PromptTuningConfig):
+    elif isinstance(pc, C.PromptTuningConfig):               # E (P, C)
         plan.prompt_tokens = pc.num_virtual_tokens
         if pc.num_virtual_tokens:
             plan.added["prompt_embeddings"] = pc.num_virtual_tokens * Cw
-    elif isinstance(pc, C.PrefixTuningConfig):
+    elif isinstance(pc, C.PrefixTuningConfig):               # (P, L*2*C), or E and the MLP making it
         P, width = pc.num_virtual_tokens, L * 2 * Cw
         plan.prefix_tokens = P
         if pc.prefix_projection:
@@ -1066,6 +1066,12 @@ class _Books:
         self.inflight.pop(bid, None)
 
     def track(self, a) -> None:
+        """Follow an array made in backward until its memory is freed.
+
+        A ``weakref.finalize`` on the buffer's owner (:func:`_owner`) takes it
+        out of ``inflight`` the moment the buffer goes, so a snapshot counts
+        exactly the gradients alive then.
+        """
         if not _is_array(a):
             return
         owner = _owner(a)
@@ -1076,7 +1082,13 @@ class _Books:
         self.finalizers.append(weakref.finalize(owner, self._freed, bid))
 
     def hook(self, event, node, in_grads, grads) -> None:
-        """Called by run_backward (``tensor.BACKWARD_HOOKS``) after each node's backward."""
+        """Called by run_backward (``tensor.BACKWARD_HOOKS``) after each node's backward.
+
+        Follows the input gradients the node's backward computed and, once
+        they were handed on (``"passed"``), the sums waiting for pending
+        nodes and the leaves' ``.grad`` they went into; then takes a
+        snapshot, so the peak inside backward is seen node by node.
+        """
         for g in in_grads:
             self.track(g)
         if event == "passed":
@@ -1112,6 +1124,13 @@ class _Books:
         return cached[1]
 
     def categories(self, in_backward=False) -> dict:
+        """Bytes of every live engine-owned buffer now, by category; each buffer once.
+
+        The buffers are added in the order of :data:`CATEGORIES`, and a
+        buffer already added is skipped: a parameter the ledger holds (a
+        frozen weight a MatMul keeps) stays a weight, a gradient adopted as
+        a leaf's ``.grad`` stays a gradient.
+        """
         seen, cats = set(), dict.fromkeys(CATEGORIES, 0)
 
         def add(cat, bid):
@@ -1119,6 +1138,8 @@ class _Books:
                 seen.add(bid)
                 cats[cat] += bid[1]
 
+        # The optimizer's arrays change only in step(): inside backward the
+        # list read at the last event outside it is still right (and cheaper).
         if not in_backward or self._held_ids is None:
             self._held_ids = self._held()
         for bid, kind in self.param_ids.items():
@@ -1133,6 +1154,8 @@ class _Books:
                 add("gradients", self._grad_id(p))
         for bid in self.batch_ids:
             add("batch", bid)
+        # The ledger's parameter arrays are noted (the report says how much it
+        # held) but were counted as weights above; the rest are activations.
         ledger = LEDGER.buffer_ids()
         self.ledger_params = max(self.ledger_params,
                                  sum(b[1] for b in ledger if b in self.param_ids))
@@ -1148,6 +1171,7 @@ class _Books:
         return cats
 
     def snapshot(self, label, in_backward=False) -> dict:
+        """Take the books at one event: fold it into the peak and each category's maximum."""
         cats = self.categories(in_backward)
         if not in_backward:      # the phase boundaries are kept; backward's events only fold in
             self.events.append((label, cats))
@@ -1159,6 +1183,7 @@ class _Books:
         return cats
 
     def event(self, label) -> dict:
+        """The categories at the phase boundary ``label`` (one of :data:`PHASES`)."""
         return next(c for lab, c in self.events if lab == label)
 
 
@@ -1284,6 +1309,9 @@ class _CupyHook:
 
 def _run_step(model, optimizer, batch, meter=None):
     """One training step under the books (and the meter): returns the books, the phases, seconds."""
+    # The batch as the model will read it (int64, contiguous, on its device),
+    # so the books count the arrays the step really uses; a step starts
+    # without gradients.
     idx, targets = batch
     device = model.device
     idx = backend.to_device(np.ascontiguousarray(backend.asnumpy(idx), dtype=np.int64), device)
@@ -1292,6 +1320,9 @@ def _run_step(model, optimizer, batch, meter=None):
     optimizer.zero_grad()
     for p in model.parameters():
         p.grad = None
+    # The meter starts first (tracemalloc must see the arrays the books will
+    # name), then the books open on what is alive. Each phase boundary below
+    # is a snapshot of both.
     if meter is not None:
         meter.start(model, optimizer)
         # the batch, made under tracing too (copies are new allocations)
@@ -1305,10 +1336,12 @@ def _run_step(model, optimizer, batch, meter=None):
     backend.synchronize()
     t0 = time.perf_counter()
     logits, loss = model(idx, targets)
-    books.outputs = [logits.data, loss.data]
+    books.outputs = [logits.data, loss.data]        # held by the caller until the step ends
     books.snapshot("end of forward")
     if meter is not None:
         phases["end of forward"] = meter.phase()
+    # Inside backward the books are called after every node (Books.hook):
+    # the gradients in flight are seen as they appear and go.
     BACKWARD_HOOKS.append(books.hook)
     try:
         loss.backward()
@@ -1379,6 +1412,8 @@ class StepReport:
         """(what, bytes, why) for every difference between two views."""
         out = []
         e = self.estimated
+        # Estimated against accounted: the first six categories are the same
+        # arrays counted two ways and must agree to the byte.
         if e is not None:
             for cat in CATEGORIES[:6]:
                 d = int(round(e.bytes[cat])) - self.accounted[cat]
@@ -1397,6 +1432,7 @@ class StepReport:
             out.append(("peak: estimated - accounted", d,
                         "the estimate adds the in-flight peak to every activation; when backward's "
                         "gradients peak, the head's and the top block's activations are already freed"))
+        # Measured against accounted between operators, where no temporary is alive.
         for phase in PHASES:
             acc = self.phases_accounted[phase]
             meas = self.phases_measured[phase][0]
@@ -1404,6 +1440,8 @@ class StepReport:
                         "every array alive between operators is in a book" if meas == acc else
                         ("the pool rounds each allocation up to 512 bytes" if self.device == "gpu"
                          else "arrays no book holds (e.g. a cache kept by a module)")))
+        # The peaks: the allocator also sees what lives only inside an operator,
+        # and Python's own objects (or, on the GPU, the pool's rounding).
         d = self.measured_peak - self.accounted_peak
         temps = ("temporaries inside operators that no book holds (LayerNorm's and attention's "
                  "scratch arrays, the optimizer's update")
@@ -1530,10 +1568,12 @@ def profile_step(model, optimizer, batch, *, measure: bool = True) -> StepReport
     finally:
         if meter is not None:
             meter.stop()
+    # The estimate for the same model, method, optimizer, batch and mode,
+    # where the model is one the closed form knows.
     cfg, pc = _model_method(model)
     kind = _optimizer_kind(optimizer)
     est, notes = None, []
-    first_step = books.event("start")["optimizer"] == 0
+    first_step = books.event("start")["optimizer"] == 0     # AdamW's moments do not exist yet
     if cfg is not None and pc is not None and kind is not None:
         dtype = {np.dtype(np.float32): "fp32", np.dtype(np.float64): "fp64"}[np.dtype(model.dtype)]
         est = estimate(cfg, pc, optimizer=kind, batch_size=B, seq_len=T, dtype=dtype,
@@ -1547,6 +1587,8 @@ def profile_step(model, optimizer, batch, *, measure: bool = True) -> StepReport
     if books.elsewhere:
         notes.append(f"{books.elsewhere:,d} bytes of the books are host arrays beside a model on "
                      f"{device} (a method's indices): the device's allocator does not see them")
+    # The report: the books' peak and where it happened, each phase's totals,
+    # and the meter's readings.
     pe_label, pe = books.peak_event
     if isinstance(pe_label, tuple):          # ("backward", "computed", "GELU")
         pe_label = f"backward: {pe_label[1]} {pe_label[2]}"
@@ -1596,7 +1638,7 @@ def rule_of_thumb(config="1b", seq_lens=(256, 512, 1024, 2048), dtype="fp32",
         x1, x2 = (estimate(cfg, "full", batch_size=b, seq_len=T, dtype=dtype) for b in (1, 2))
         act1 = x1.bytes["activations"] + x1.bytes["other"]
         act2 = x2.bytes["activations"] + x2.bytes["other"]
-        slope, icpt = act2 - act1, 2 * act1 - act2
+        slope, icpt = act2 - act1, 2 * act1 - act2          # X(B) = icpt + slope B: X(0) = 2X(1) - X(2)
         b_star = (bytes_per_param * x1.n_params - icpt) / slope
         b_int = max(1, round(b_star))
         e = estimate(cfg, "full", batch_size=b_int, seq_len=T, dtype=dtype)
@@ -1706,6 +1748,9 @@ def plot(reports, path: str) -> str:
     for r in reports:
         e = r.estimated
         bars = []
+        # The estimate's bar shows the moment its peak assumes: activations and
+        # other live arrays (forward's end) or the gradients (backward's end),
+        # whichever is larger; no optimizer state on a first step.
         if e is not None:
             at_peak = dict(e.bytes)
             if e.bytes["activations"] + e.bytes["other"] >= e.bytes["gradients"]:
@@ -1727,6 +1772,8 @@ def plot(reports, path: str) -> str:
                     bottom += h
             ticks.append(x + k * step)
             labels.append(f"{r.method}\n{name}")
+        # The measured bar has no categories, only what the allocator knows:
+        # arrays and Python objects at the start, and what the step added.
         k = len(bars)
         start_arrays, start_total = r.phases_measured["start"]
         parts = [("measured: arrays at the start", start_arrays, "#555555"),
@@ -1781,6 +1828,8 @@ def checkpointing_tradeoff(config=None, method="full", batch_size=16, seq_len=12
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, cfg.vocab_size, (batch_size, seq_len))
     targets = rng.integers(0, cfg.vocab_size, (batch_size, seq_len))
+    # Both runs build the model from the same seed and take the same batch, so
+    # their gradients must agree exactly.
     out = {}
     for ckpt in (False, True):
         c = dataclasses.replace(cfg, gradient_checkpointing=ckpt)
@@ -1789,6 +1838,7 @@ def checkpointing_tradeoff(config=None, method="full", batch_size=16, seq_len=12
         opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
         rep = profile_step(model, opt, (idx, targets))
         grads = {n: backend.asnumpy(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        # Timed apart from the profiled step (books and tracing slow it down).
         seconds = []
         for _ in range(3):
             opt.zero_grad()
