@@ -227,6 +227,11 @@ class CompareSettings:
         return dataclasses.replace(st, **overrides)
 
     def validate(self) -> None:
+        """Refuse settings that cannot run, each with a one-line reason, before any work starts.
+
+        ``compare`` calls it first, and the CLI before it makes the output
+        folder: a typo must not cost a quarter of an hour of training.
+        """
         get_task(self.task)                               # an unknown task names the known ones
         if not self.methods:
             raise ValueError("no methods to compare: name at least one (e.g. --methods lora)")
@@ -527,12 +532,21 @@ class CompareResult:
         return "\n".join(lines)
 
     def header(self) -> str:
+        """The rules the table was made under, a line each: what a reader needs to trust a row.
+
+        The task and its baselines, the one budget, how each learning rate
+        was chosen, and how every axis was measured, with this run's numbers
+        filled in; lines are wrapped at 110 characters.
+        """
         c, s = self.context, self.settings
         seeds = ",".join(str(x) for x in s["seeds"])
         zs = "n/a" if c["zero_shot"] is None else f"{c['zero_shot']:.3f}"
         val = "all" if s["val_limit"] is None else f"the first {s['val_limit']}"
         sel = "all" if s.get("select_limit") is None else f"the first {s['select_limit']}"
         grids = "; ".join(f"{m} {' '.join(_lr(x) for x in s['lr_grid'][m])}" for m in s["methods"])
+        # When every grid has several rates, every method's rate was chosen on the
+        # validation split; otherwise (--quick, a one-rate --lr) some were given
+        # as they are, and the rule says so.
         if all(len(g) > 1 for g in s["lr_grid"].values()):
             lr_rule = (f"each method's learning rate (lr) chosen from its grid ({grids}) by the score "
                        f"on {sel} of the {c['n_val_split']} validation examples after the last step "
@@ -574,6 +588,13 @@ class CompareResult:
         return "\n".join(textwrap.fill(line, 110, subsequent_indent="  ") for line in lines)
 
     def footer(self) -> str:
+        """Which differences in test score are real: the pairs beyond two standard deviations.
+
+        One line per method that beats others clearly (``lora > bitfit,
+        prompt``), then the pairs too close to call, then the methods within
+        two standard deviations of a baseline. With one seed there is no
+        standard deviation, and the footer says to run more seeds instead.
+        """
         c = self.context
         seps = separations(self.rows)
         if not seps:
@@ -601,6 +622,7 @@ class CompareResult:
 
     # -- files -------------------------------------------------------------------
     def to_json(self) -> dict:
+        """Everything, for results.json: the table's rows and what stands behind them."""
         return {"settings": self.settings, "context": self.context, "rows": self.rows,
                 "separations": separations(self.rows), "details": self.details,
                 "memory_at_peak": self.peaks}
@@ -659,6 +681,7 @@ def _lr(x: float) -> str:
 
 
 def _pm(mean, std, digits, signed=False):
+    """A cell ``mean ± sd`` (the mean alone with one seed; ``n/a`` with none)."""
     if mean is None:
         return "n/a"
     sign = "+" if signed else ""
@@ -681,13 +704,22 @@ def _flops(n):
 
 
 def _merged(before, after, fmt):
+    """A cell ``before (after merging)``; ``before`` alone for a method that cannot merge."""
     f = _flops if fmt == "flops" else (lambda v: f"{v:{fmt}}")
     return f(before) if after is None else f"{f(before)} ({f(after)})"
 
 
 def _render_png(result: CompareResult) -> bytes:
-    """Two panels: accounted memory at the peak, stacked by category, per method (the
-    measured peak as a tick); test score against the trainable fraction on a log axis."""
+    """The figure as PNG bytes (written by :meth:`CompareResult.write` with the rest).
+
+    Two panels: on the left, each method's accounted memory at the peak of a
+    training step, stacked by category in :mod:`minipeft.memory`'s colours,
+    with the measured peak as a black tick; on the right, the test score
+    (mean, with a bar of one standard deviation over seeds) against the
+    trainable fraction on a log axis, with the majority and zero-shot
+    baselines as lines. matplotlib is imported here only, and drawn on its
+    Agg canvas: no display is needed.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -697,6 +729,9 @@ def _render_png(result: CompareResult) -> bytes:
     fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)
     ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+
+    # Memory: one bar per method, its categories stacked from the bottom in
+    # CATEGORIES' order (a category a method does not have adds nothing).
     xs = np.arange(len(rows))
     bottom = np.zeros(len(rows))
     for cat in CATEGORIES:
@@ -711,9 +746,11 @@ def _render_png(result: CompareResult) -> bytes:
     ax.set_ylabel("MiB at the accounted peak of one training step")
     ax.set_title(f"memory: batch {result.settings['batch_size']} x {c['memory_seq_len']}, AdamW",
                  fontsize=9)
+    # headroom above the tallest bar for the legend
     ax.set_ylim(0, 1.45 * max(max(bottom), max(r["mem_measured_peak_mib"] for r in rows)))
     ax.legend(fontsize=6, loc="upper left", ncol=3, frameon=False)
 
+    # Quality against parameter efficiency: one point per method, named.
     for r in rows:
         x = r["trainable"] / r["total"]
         bx.errorbar([x], [r["test_mean"]], yerr=[r["test_std"] or 0.0], fmt="o", capsize=3)
@@ -730,7 +767,7 @@ def _render_png(result: CompareResult) -> bytes:
                  fontsize=9)
     bx.legend(fontsize=7, loc="lower right", frameon=False)
     fig.tight_layout()
-    buf = _stdio.BytesIO()
+    buf = _stdio.BytesIO()                  # rendered in memory: nothing is written yet
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
 
