@@ -86,6 +86,7 @@ def build_config(method: str, args) -> object:
 
 
 def _add_method_options(s: argparse.ArgumentParser) -> None:
+    """The knobs of every method (read by :func:`build_config`), shared by finetune, memory, compare."""
     g = s.add_argument_group("method knobs")
     g.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r)")

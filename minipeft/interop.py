@@ -721,6 +721,12 @@ def _natural(name: str):
 
 
 def _convert_lora(hf: dict, state: dict, base: GPT, where):
+    """A peft LoRA (or DoRA) adapter as a minipeft ``(LoraConfig, state dict)``.
+
+    peft keeps torch's (out, in) layout: A is (r, in) and B (out, r); here
+    A is (in, r) and B (r, out), so each is transposed. A setting minipeft's
+    LoRA does not have is refused rather than dropped.
+    """
     from .peft import LoraConfig
 
     for field_name, (unused, what) in _LORA_UNSUPPORTED.items():
@@ -765,6 +771,11 @@ def _convert_lora(hf: dict, state: dict, base: GPT, where):
 
 
 def _convert_ia3(hf: dict, state: dict, base: GPT, where):
+    """A peft (IA)^3 adapter as a minipeft ``(IA3Config, state dict)``: each vector flattened.
+
+    peft scales the fused ``c_attn`` output as a whole (q included), so the
+    config has ``scale_queries=True``.
+    """
     from .peft import IA3Config
 
     if hf.get("modules_to_save"):
@@ -794,6 +805,12 @@ def _convert_ia3(hf: dict, state: dict, base: GPT, where):
 
 
 def _convert_soft_prompt(hf: dict, state: dict, base: GPT, where):
+    """A peft prompt- or prefix-tuning adapter as a minipeft config and state dict.
+
+    Both store one array, ``prompt_embeddings``, in the layout minipeft
+    uses too: (P, C) for prompt tuning, (P, L·2·C) for prefix tuning (the
+    prefixes themselves, not the MLP that made them).
+    """
     from .peft import PrefixTuningConfig, PromptTuningConfig
 
     gc = base.config

@@ -621,6 +621,7 @@ class _GPTWalk:
         return base(x)
 
     def attention(self, w: _Walk, i, x, past):
+        """Block i's CausalSelfAttention: the fused op, or with a prefix cache the ops gpt.py runs."""
         cfg, B, T, P = self.cfg, self.B, self.Tq, self.P
         C, nh = cfg.n_embd, cfg.n_head
         N = B * T
@@ -643,6 +644,7 @@ class _GPTWalk:
         return w.dropout(y, cfg.dropout, f"h.{i} resid dropout")
 
     def block(self, w: _Walk, i, x, past):
+        """Block i, as gpt.py's Block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
         C, N = self.cfg.n_embd, self.B * self.Tq
         ln = f"h.{i}.ln_1"
         h = w.layer_norm(x, w.param(C, self.tr(ln + ".weight")), w.param(C, self.tr(ln + ".bias")),

@@ -288,6 +288,14 @@ class PeftModel(Module):
         return self._unload(keep_values=False)
 
     def _unload(self, keep_values: bool) -> Module:
+        """Take every adapter out of the base and hand the base back, frozen.
+
+        With ``keep_values`` the active adapter leaves its effect in the base
+        (merged weights, a selective method's trained values) and drops the
+        rest; without, it is switched off first, which puts the base's own
+        values back. Every other adapter is removed. The base comes back
+        frozen.
+        """
         for name, method in list(self.adapters.items()):
             if name == self.active_adapter and keep_values:
                 method.detach_keep(self)
