@@ -197,7 +197,7 @@ def _cmd_generate(args) -> int:
     else:
         model = load_base(device=args.device)
     prompt = args.prompt.replace("\\n", "\n")
-    ids = tok.encode(prompt)[None, :]
+    ids = tok.encode(prompt)[None, :]                 # (T,) -> (1, T): a batch of one
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, seed=args.seed)
     sys.stdout.write(prompt + tok.decode(np.asarray(out)[0, ids.shape[1]:]) + "\n")

@@ -406,7 +406,7 @@ def ms_per_token(model, prompts, n_tokens: int) -> float:
     backend.synchronize()
     t0 = time.perf_counter()
     for p in prompts:
-        model.generate(p[None, :], n_tokens, temperature=0.0)
+        model.generate(p[None, :], n_tokens, temperature=0.0)       # (1, T): batch 1
     backend.synchronize()
     return 1000 * (time.perf_counter() - t0) / (len(prompts) * n_tokens)
 

@@ -338,6 +338,7 @@ class MaskMethod(SelectiveMethod):
             rng = np.random.default_rng(self.config.seed)
             return {n: rng.random(p.size) for n, p in self.params.items()}
         if sel == "magnitude":
+            # each (n,): flat, in the order the indices count entries
             return {n: np.abs(backend.asnumpy(p.data)).reshape(-1) for n, p in self.params.items()}
         if self.calibration_batch is None:
             raise ValueError(
@@ -358,7 +359,8 @@ class MaskMethod(SelectiveMethod):
             loss.backward()
         finally:
             pm.base_model.train(was_training)
-        scores = {n: np.abs(backend.asnumpy(p.grad)).reshape(-1) for n, p in self.params.items()}
+        scores = {n: np.abs(backend.asnumpy(p.grad)).reshape(-1)        # (n,) each
+                  for n, p in self.params.items()}
         for n, p in self.params.items():
             p.requires_grad = flags[n]
             p.grad = None
