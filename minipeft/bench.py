@@ -194,6 +194,7 @@ class MinipeftStep:
     """One model, optimizer and batch; ``run()`` is one training step."""
 
     def __init__(self, case: BenchCase, method: str, device: str):
+        backend.keep_freed_memory()  # as the training loop does (both sides of the comparison)
         model = GPT(case.config, seed=0).to(device)
         # the base weights as GPT-2 names them, taken before any wrapping
         self.base_state = {k: backend.asnumpy(v).copy() for k, v in model.state_dict().items()}

@@ -219,6 +219,9 @@ def train(
     history = History()
     device = model.device
     batch_iter = iter(batches)
+    # every step allocates the same large arrays: keep freed ones for reuse
+    # rather than paying the kernel's page faults for them again
+    backend.keep_freed_memory()
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
