@@ -22,7 +22,7 @@ from peft_cases import (
     wrap,
 )
 
-from minipeft import GPT
+from minipeft import GPT, Tensor
 from minipeft.peft import LoraConfig
 from minipeft.peft.tuner import Wrapper
 
@@ -87,6 +87,32 @@ def test_unmerge_is_exact_with_keep_copy(name):
     pm.unmerge_adapter()
     pm.merge_adapter()
     assert all(np.array_equal(_base_weights(pm)[n], first[n]) for n in first)
+
+
+@pytest.mark.parametrize("keep_copy", [False, True], ids=["divide", "copy"])
+@pytest.mark.parametrize("op", ["merge", "unmerge"])
+def test_ia3_counts_each_base_array_it_changes(op, keep_copy):
+    """A graph that saved a base weight or bias before (IA)^3 (un)merges refuses backward after.
+
+    Output scaling (``c_attn``) changes the weight and the bias; input scaling
+    (``mlp.c_proj``) the weight only, so a graph that saved its bias still runs.
+    """
+    pm, _ = _trained("ia3")
+    pm.adapters["default"].keep_copy = keep_copy
+    if op == "unmerge":
+        pm.merge_adapter()
+    attn, proj = pm.base_model.h[0].attn.c_attn, pm.base_model.h[0].mlp.c_proj
+    arrays = {"c_attn.weight": attn.base_layer.weight, "c_attn.bias": attn.base_layer.bias,
+              "c_proj.weight": proj.base_layer.weight, "c_proj.bias": proj.base_layer.bias}
+    # x * t saves t for dL/dx: each graph holds one base array as it was before the op
+    xs = {k: Tensor(np.ones(t.shape, dtype=t.dtype), requires_grad=True) for k, t in arrays.items()}
+    losses = {k: (xs[k] * t).sum() for k, t in arrays.items()}
+    getattr(pm, f"{op}_adapter")()
+    for k in ("c_attn.weight", "c_attn.bias", "c_proj.weight"):
+        with pytest.raises(RuntimeError, match=rf"Mul\.backward: input 1.*`IA3Linear\.{op}`"):
+            losses[k].backward()
+    losses["c_proj.bias"].backward()              # untouched: its gradient is still right
+    np.testing.assert_array_equal(host(xs["c_proj.bias"].grad), host(arrays["c_proj.bias"]))
 
 
 def test_merged_lora_weight_is_w_plus_scaled_ab():

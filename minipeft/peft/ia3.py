@@ -108,16 +108,19 @@ class IA3Linear(Wrapper):
         with no_grad():
             l = self._full_vector(name).data
         W, b = self.base_layer.weight, self.base_layer.bias
+        scales_bias = mode == "out" and b is not None   # input scaling leaves the bias alone
         if keep_copy:
-            self._copies[name] = (W.data.copy(), None if b is None else b.data.copy())
+            self._copies[name] = (W.data.copy(), b.data.copy() if scales_bias else None)
         if mode == "in":
             W.data = W.data * l[:, None]            # (in, out) * (in, 1): diag(l) W, rows scaled
         else:
             W.data = W.data * l[None, :]            # (in, out) * (1, out): W diag(l), columns scaled
-            if b is not None:
-                b.data = b.data * l
-                b._bump()
-        W._bump()
+        # a graph that saved W (or b) before the merge would now be stale: count each change,
+        # so its backward raises instead of giving a gradient of the old weights
+        W._bump("IA3Linear.merge")
+        if scales_bias:
+            b.data = b.data * l
+            b._bump("IA3Linear.merge")
         self.merged_adapter = name
 
     def unmerge(self) -> None:
@@ -134,23 +137,27 @@ class IA3Linear(Wrapper):
         name = self.merged_adapter
         if name is None:
             raise ValueError("nothing is merged into this layer")
+        mode, _ = self.modes[name]
         W, b = self.base_layer.weight, self.base_layer.bias
+        scales_bias = mode == "out" and b is not None   # what merge changed, and only that
         if name in self._copies:
             w0, b0 = self._copies.pop(name)
             W.data = w0
-            if b0 is not None:
+            if scales_bias:
                 b.data = b0
         else:
-            mode, _ = self.modes[name]
             with no_grad():
                 l = self._full_vector(name).data
             if mode == "in":
                 W.data = W.data / l[:, None]        # (in, out) / (in, 1): rows
             else:
                 W.data = W.data / l[None, :]        # (in, out) / (1, out): columns
-                if b is not None:
-                    b.data = b.data / l
-        W._bump()
+            if scales_bias:
+                b.data = b.data / l
+        # as in merge: each array that changed is counted, so a graph built before fails loudly
+        W._bump("IA3Linear.unmerge")
+        if scales_bias:
+            b._bump("IA3Linear.unmerge")
         self.merged_adapter = None
 
 
