@@ -99,7 +99,7 @@ def _need(module: str):
 # without any script. Two things it leaves to the reader's browser are patched
 # here: letters in double-struck, script, fraktur or bold variants become the
 # Unicode letters themselves (MathML Core ignores ``mathvariant`` except
-# "normal", so an unpatched \mathbb R would show as a plain R), and a failed
+# "normal", so an unpatched ``\mathbb R`` would show as a plain R), and a failed
 # conversion shows the TeX as code instead of breaking the page.
 
 _MATHVARIANT_BASE = {

@@ -12,7 +12,10 @@ rendered from its executed copy when ``$MINIPEFT_EXECUTED_DIR`` holds one
 * the maths rendered: MathML ``<math>`` elements, well-formed, and no raw
   ``$...$``, ``:math:`` or ``.. math::`` left in the prose of
   ``minipeft/autograd/ops.py``'s page; no formula left as TeX anywhere;
-* no script or stylesheet from the network on any page.
+* no script or stylesheet from the network on any page;
+* in a real browser (headless Chromium, skipped where there is none): every
+  formula on the ops page drawn as MathML, the prose beside the code, no raw
+  TeX shown, and a screenshot taken.
 
 Without building anything: the concept map's references all resolve (each
 ``file::name`` by ``ast``, each test in its file, each lesson on disk), the
@@ -222,9 +225,87 @@ def test_the_maths_is_mathml_on_the_ops_page(site):
     assert 'class="tex"' not in text
 
 
+# The same page in a real browser: headless Chromium (from the system
+# packages) opens it in a frame of a small probe page whose script measures
+# what was drawn and writes it into the DOM, which ``--dump-dom`` prints.
+# A browser that draws MathML gives ``<math>`` the display type "math"; one
+# that does not shows its text inline. A screenshot is kept beside the probe.
+_BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+_PROBE = """<!doctype html><html><body><pre id="out">pending</pre>
+<iframe id="f" src="PAGE" width="1400" height="900"></iframe>
+<script>
+document.getElementById("f").onload = function () {
+  const d = this.contentDocument, w = this.contentWindow;
+  const maths = Array.from(d.querySelectorAll("math"));
+  const drawn = maths.filter(m => w.getComputedStyle(m).display.includes("math")
+                               && m.getBoundingClientRect().width > 0);
+  const docs = d.querySelector(".docs").getBoundingClientRect();
+  const code = d.querySelector(".code").getBoundingClientRect();
+  const prose = Array.from(d.querySelectorAll(".docs")).map(e => e.innerText).join("\\n");
+  document.getElementById("out").textContent = JSON.stringify({
+    maths: maths.length, drawn: drawn.length, prose: prose,
+    docs_right: docs.right, code_left: code.left});
+};
+</script></body></html>"""
+
+
+def _browser():
+    import shutil  # noqa: PLC0415
+
+    for name in _BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _headless(browser, *args, timeout=120):
+    import subprocess  # noqa: PLC0415
+
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--allow-file-access-from-files", "--virtual-time-budget=10000", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium on this machine (apt install chromium)")
+def test_a_real_browser_draws_the_maths_beside_the_code(site, tmp_path):
+    browser = _browser()
+    page = site.out / docs.source_page("minipeft/autograd/ops.py")
+    probe = tmp_path / "probe.html"
+    probe.write_text(_PROBE.replace("PAGE", page.as_uri()), encoding="utf-8")
+    proc = _headless(browser, "--dump-dom", probe.as_uri())
+    found = re.search(r'<pre id="out">(.*?)</pre>', proc.stdout, flags=re.S)
+    assert found and found.group(1) != "pending", (
+        f"the probe never reported (exit {proc.returncode}): {proc.stderr[-1500:]}")
+    import html  # noqa: PLC0415
+
+    seen = json.loads(html.unescape(found.group(1)))
+    assert seen["maths"] >= 20
+    assert seen["drawn"] == seen["maths"], f"{seen['maths'] - seen['drawn']} formulas not drawn as MathML"
+    assert seen["docs_right"] <= seen["code_left"], "the prose is not beside the code"
+    assert not re.search(r"\$[^$\s][^$]*\$", seen["prose"]), "raw $...$ shown to the reader"
+    assert "\\frac" not in seen["prose"] and ":math:" not in seen["prose"]
+    # the screenshot: a reader's first view of the page
+    shot = tmp_path / "ops.png"
+    _headless(browser, f"--screenshot={shot}", "--window-size=1400,900", page.as_uri())
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_no_formula_was_left_as_tex(site):
     assert site.math_failures == []
     assert site.math_converted > 200
+
+
+def test_no_tex_command_is_shown_as_text_on_any_source_page(site):
+    # a docstring that writes maths without :math: or $...$ shows its TeX raw
+    shown = {}
+    for page in sorted((site.out / "source").rglob("*.html")):
+        prose = "".join(prose_columns(page.read_text(encoding="utf-8")))
+        prose = re.sub(r"<math\b.*?</math>|<code>.*?</code>|<pre>.*?</pre>", "", prose, flags=re.S)
+        hits = sorted(set(re.findall(r"\\[a-zA-Z]+", prose)))
+        if hits:
+            shown[page.relative_to(site.out).as_posix()] = hits
+    assert not shown, f"TeX shown as text (wrap it in :math:`...` or $...$): {shown}"
 
 
 def test_nothing_is_fetched_from_the_network(site):

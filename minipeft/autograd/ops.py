@@ -207,7 +207,7 @@ class Neg(Function):
 
 
 class PowScalar(Function):
-    r"""y = x^p for a constant p;  dy/dx = p x^{p-1}.
+    r""":math:`y = x^p` for a constant p; :math:`dy/dx = p\,x^{p-1}`.
 
     Small integer powers are spelled as products: on float32 ``x**3`` has run
     from 2 to 100 times slower than ``x*x*x`` on the machines this was tuned on.
@@ -251,7 +251,8 @@ def _ipow(x, p):
 
 
 class Pow(Function):
-    r"""y = a^b elementwise;  dy/da = b a^{b-1},  dy/db = a^b \ln a  (a > 0)."""
+    r""":math:`y = a^b` elementwise; :math:`\partial y/\partial a = b\,a^{b-1}`,
+    :math:`\partial y/\partial b = a^b \ln a` (a > 0)."""
 
     @staticmethod
     def forward(ctx, a, b):
@@ -279,7 +280,7 @@ class Pow(Function):
 
 
 class Exp(Function):
-    r"""y = e^x;  dy/dx = e^x = y (saves the output)."""
+    r""":math:`y = e^x`; :math:`dy/dx = e^x = y` (saves the output)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -294,7 +295,7 @@ class Exp(Function):
 
 
 class Log(Function):
-    r"""y = \ln x;  dy/dx = 1/x."""
+    r""":math:`y = \ln x`; :math:`dy/dx = 1/x`."""
 
     @staticmethod
     def forward(ctx, x):
@@ -308,7 +309,7 @@ class Log(Function):
 
 
 class Sqrt(Function):
-    r"""y = \sqrt{x};  dy/dx = 1 / (2 \sqrt{x}) = 0.5 / y."""
+    r""":math:`y = \sqrt{x}`; :math:`dy/dx = 1 / (2 \sqrt{x}) = 0.5 / y`."""
 
     @staticmethod
     def forward(ctx, x):
@@ -323,7 +324,7 @@ class Sqrt(Function):
 
 
 class Tanh(Function):
-    r"""y = \tanh x;  dy/dx = 1 - y^2."""
+    r""":math:`y = \tanh x`; :math:`dy/dx = 1 - y^2`."""
 
     @staticmethod
     def forward(ctx, x):
@@ -338,7 +339,7 @@ class Tanh(Function):
 
 
 class Sigmoid(Function):
-    r"""y = 1 / (1 + e^{-x});  dy/dx = y (1 - y)."""
+    r""":math:`y = 1 / (1 + e^{-x})`; :math:`dy/dx = y (1 - y)`."""
 
     @staticmethod
     def forward(ctx, x):
@@ -355,7 +356,7 @@ class Sigmoid(Function):
 
 
 class ReLU(Function):
-    r"""y = max(x, 0);  dy/dx = [x > 0] (saves a one-byte-per-element mask)."""
+    r""":math:`y = \max(x, 0)`; :math:`dy/dx = [x > 0]` (saves a one-byte-per-element mask)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -625,7 +626,7 @@ def _expand_like(g, shape, axes, keepdims):
 
 
 class Sum(Function):
-    r"""y = \sum_{axes} x;  dy/dx_i = 1: the gradient is broadcast back.
+    r""":math:`y = \sum_{\text{axes}} x`; :math:`dy/dx_i = 1`: the gradient is broadcast back.
 
     The gradient is returned as a read-only broadcast *view* of g, not a
     copy: whoever adds it somewhere reads it once, and the engine copies it
@@ -646,7 +647,8 @@ class Sum(Function):
 
 
 class Mean(Function):
-    r"""y = \frac1n \sum_{axes} x;  dy/dx_i = 1/n (a broadcast view of g/n, as in Sum)."""
+    r""":math:`y = \frac1n \sum_{\text{axes}} x`; :math:`dy/dx_i = 1/n` (a broadcast view of
+    g/n, as in Sum)."""
 
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
@@ -666,7 +668,7 @@ class Mean(Function):
 
 
 class Max(Function):
-    r"""y = \max_{axes} x;  dy/dx_i = [x_i = y] / (number of maxima).
+    r""":math:`y = \max_{\text{axes}} x`; :math:`dy/dx_i = [x_i = y]` / (number of maxima).
 
     Ties share the gradient equally (a subgradient); a one-byte mask of the
     arg-max positions is saved, not x.
@@ -818,7 +820,8 @@ class Concatenate(Function):
 
 
 class Softmax(Function):
-    r"""y = softmax(x) along an axis:  y_i = e^{x_i - m} / \sum_j e^{x_j - m}, m = max x.
+    r"""y = softmax(x) along an axis: :math:`y_i = e^{x_i - m} / \sum_j e^{x_j - m}`,
+    :math:`m = \max_j x_j`.
 
     Jacobian-vector product: :math:`\partial L/\partial x = y \odot (g - \sum_j g_j y_j)`.
     """
@@ -1238,7 +1241,7 @@ class CrossEntropy(Function):
 
 
 class Dropout(Function):
-    r"""y = x \odot m / (1-p) with a given random keep-mask m;  dy/dx = m/(1-p).
+    r""":math:`y = x \odot m / (1-p)` with a given random keep-mask m; :math:`dy/dx = m/(1-p)`.
 
     The mask is an argument, not drawn here, so a caller can keep it and
     replay the same mask (gradient checkpointing recomputes a block's
