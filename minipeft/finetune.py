@@ -11,23 +11,31 @@ One function does the whole job the ``minipeft finetune`` command runs:
 
 The saved folder holds ``adapter_config.json`` and
 ``adapter_model.safetensors`` (see :meth:`PeftModel.save_pretrained`) plus
-``finetune.json``: the task, the settings and the scores.
+``finetune.json``: the task, the settings (with the learning rate the run
+really used) and the scores.
+
+Bad settings are refused before anything is loaded or trained, with a
+message that names the setting and what it may be.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
 
 from . import io
 from .base import load_base
+from .compare import best_known_lr
 from .data.tasks import get_task
 from .evaluation import evaluate
 from .optim import AdamW, LRSchedule
 from .peft import PeftModel, get_peft_model
+from .peft.config import PeftConfig
 from .train import train
 
 FINETUNE_INFO = "finetune.json"
@@ -35,23 +43,65 @@ FINETUNE_INFO = "finetune.json"
 
 @dataclass
 class FinetuneSettings:
-    """The training budget and optimiser settings of one fine-tuning run."""
+    """The training budget and optimiser settings of one fine-tuning run.
+
+    ``lr=None`` (the default) means the method's best known rate on the
+    shipped base (:func:`minipeft.compare.best_known_lr`: a soft prompt wants
+    a far larger step than full fine-tuning); :func:`finetune` resolves it
+    from the config and records the rate it used. ``eval_limit`` scores only
+    the first N test examples; ``None`` scores the whole test split.
+    """
 
     steps: int = 300
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float | None = None         # None: the method's best known rate
     warmup: int = 20
     weight_decay: float = 0.0
-    clip: float = 1.0
+    clip: float | None = 1.0        # None: no gradient clipping
     seed: int = 0
     eval_limit: int | None = None   # score only the first N test examples
 
     def validate(self):
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        """Raise ValueError naming the first setting out of range, and what it may be."""
+        _check_int("steps", self.steps, 1, "optimizer updates")
+        _check_int("batch_size", self.batch_size, 1, "examples per step")
+        _check_int("warmup", self.warmup, 0, "steps of linear warmup")
+        _check_int("seed", self.seed, 0, "the data order's random seed")
+        if self.lr is not None:
+            _check_real("lr", self.lr, "a positive finite number, or None for the method's "
+                                       "best known rate", positive=True)
+        _check_real("weight_decay", self.weight_decay, "a finite number >= 0")
+        if self.clip is not None:
+            _check_real("clip", self.clip, "a positive finite gradient norm, or None for no "
+                                           "clipping", positive=True)
+        if self.eval_limit is not None:
+            _check_int("eval_limit", self.eval_limit, 1,
+                       "the number of test examples to score; None scores the whole test split")
+
+
+def _check_int(name, value, least, what):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least} ({what}), got {value!r}")
+
+
+def _check_real(name, value, allowed, positive=False):
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value) and (value > 0 if positive else value >= 0))
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def resolved_lr(settings: FinetuneSettings, method: str) -> float:
+    """The learning rate a run uses: ``settings.lr``, or the method's best known rate if None."""
+    return best_known_lr(method) if settings.lr is None else float(settings.lr)
+
+
+def majority_score(task, split: str = "test", limit: int | None = None) -> float:
+    """The majority answer's score on ``split`` (its first ``limit`` examples)."""
+    if limit is None:
+        return task.majority_baseline(split)
+    answers = task.answers(split)[:limit]
+    return sum(task.majority_answer == a for a in answers) / len(answers)
 
 
 @dataclass
@@ -75,7 +125,8 @@ class FinetuneResult:
         lines = [
             f"{self.method} on {self.task}: {self.trainable:,d} of {self.total:,d} parameters "
             f"trained ({100 * self.trainable / self.total:.4f}%), {self.settings['steps']} steps "
-            f"in {self.seconds:.1f} s, final training loss {self.final_loss:.4f}",
+            f"at lr {self.settings['lr']:g} in {self.seconds:.1f} s, "
+            f"final training loss {self.final_loss:.4f}",
             f"test {self.metric} ({self.n_test} examples): {self.score:.4f}   "
             f"majority baseline {self.majority:.4f}   base zero-shot {zs}",
         ]
@@ -87,20 +138,42 @@ class FinetuneResult:
 def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | None = None, *,
              device: str = "cpu", out: str | None = None, progress: bool = True,
              zero_shot: bool = True, base=None) -> FinetuneResult:
-    """Fine-tune the shipped base with ``config`` on a task (see the module docstring)."""
-    st = settings or FinetuneSettings()
+    """Fine-tune the shipped base with ``config`` on a task (see the module docstring).
+
+    ``settings.lr=None`` trains at the method's best known rate; the rate used
+    is in ``result.settings["lr"]`` and in the saved ``finetune.json``.
+    """
+    # bad input is refused here, before the base is loaded or anything is trained
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"finetune needs a PEFT config (e.g. LoraConfig()), got {config!r}; "
+                        "minipeft.compare.default_configs() has one per method")
+    st = settings if settings is not None else FinetuneSettings()
+    if not isinstance(st, FinetuneSettings):
+        raise TypeError(f"settings must be a FinetuneSettings (e.g. FinetuneSettings(steps=100)), "
+                        f"got {type(st).__name__}")
     st.validate()
+    st = dataclasses.replace(st, lr=resolved_lr(st, config.method))   # the caller's is untouched
     task = get_task(task_name)
+    if out is not None and not str(out).strip():
+        # "" would mean the current folder, and replace any adapter saved there
+        raise ValueError("out is empty: name the folder to save the adapter in, or pass None "
+                         "not to save it")
     if out is not None:
         io.ensure_writable_dir(out)         # a folder that cannot be written fails before training
     model = base if base is not None else load_base(device=device)
-    n_test = len(task.examples("test")) if st.eval_limit is None else st.eval_limit
+    n_all = len(task.examples("test"))
+    n_test = n_all if st.eval_limit is None else min(st.eval_limit, n_all)
     # the zero-shot baseline is scored before wrapping: the bare base, on the same examples
     zs = evaluate(model, task, "test", limit=st.eval_limit) if zero_shot else None
 
     # 1. wrap; 2. train only what the method trains (the optimizer never sees the rest)
     pm = get_peft_model(model, config)
-    opt = AdamW(pm.trainable_parameters(), lr=st.lr, weight_decay=st.weight_decay)
+    params = pm.trainable_parameters()
+    if sum(p.size for p in params) == 0:
+        raise ValueError(f"{type(config).__name__} trains no parameters of this model, so there "
+                         "is nothing to fine-tune: give it something to train (a soft prompt "
+                         "needs num_virtual_tokens >= 1)")
+    opt = AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
     schedule = LRSchedule(st.lr, st.steps, min(st.warmup, st.steps), min_lr=st.lr * 0.1)
     batches = task.batches("train", st.batch_size, seed=st.seed, epochs=None)
     t0 = time.perf_counter()
@@ -112,8 +185,7 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
     trainable, total = pm.get_nb_trainable_parameters()
     result = FinetuneResult(
         method=config.method, task=task.name, metric=task.metric, score=score,
-        majority=task.majority_baseline("test") if st.eval_limit is None else
-        sum(task.majority_answer == a for a in task.answers("test")[:n_test]) / n_test,
+        majority=majority_score(task, "test", st.eval_limit),
         zero_shot=zs, trainable=trainable, total=total, n_test=n_test, seconds=seconds,
         final_loss=history.last_loss, settings=dataclasses.asdict(st), out=out,
     )
@@ -133,5 +205,12 @@ def load_finetuned(directory: str, device: str = "cpu"):
     meta = {}
     if os.path.isfile(info_path):
         with open(info_path, encoding="utf-8") as f:
-            meta = json.load(f)
+            try:
+                meta = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{info_path} is not valid JSON ({exc}): the adapter beside it "
+                                 f"is intact; remove or repair {FINETUNE_INFO} to load it") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{info_path} should hold a JSON object (written by finetune), "
+                             f"got {type(meta).__name__}")
     return model, meta
