@@ -322,7 +322,7 @@ def _cmd_memory(args) -> int:
         print()
         print(M.format_fit_table(M.fit_table(batch_size=args.batch_size, seq_len=args.seq_len)))
         print()
-    reports, summary = [], []
+    reports = []                          # the profiled steps, one per method
     for method in methods:
         pc = build_config(method, args)       # an unknown method is refused here
         T = args.seq_len
@@ -360,12 +360,11 @@ def _cmd_memory(args) -> int:
         print(rep.table())
         print()
         reports.append(rep)
-        summary.append(rep)
     # With several methods, one line each: the three views of the peak side by side.
-    if len(summary) > 1:
+    if len(reports) > 1:
         print(f"{'method':<8} {'trained':>10} {'grads+state':>12} {'activations':>12} "
               f"{'peak est.':>10} {'peak acc.':>10} {'peak meas.':>11}   (MiB)")
-        for r in summary:
+        for r in reports:
             a, e = r.accounted, r.estimated
             print(f"{r.method:<8} {e.n_trained:>10,d} {(a['gradients'] + a['optimizer']) / M.MiB:>12.3f} "
                   f"{a['activations'] / M.MiB:>12.2f} {e.peak / M.MiB:>10.2f} "
