@@ -15,12 +15,15 @@
 Each subcommand is a thin layer over the package's functions
 (:mod:`minipeft.finetune`, :mod:`minipeft.memory`, :mod:`minipeft.compare`,
 :mod:`minipeft.interop`, :mod:`minipeft.docs`); errors from bad input are
-printed as one line (``minipeft: error: ...``) with exit code 2.
+printed as one line (``minipeft: error: ...``) with exit code 2. An option
+value out of range (``--lr 0``, ``--eval-limit 0``) is refused by the parser
+itself, naming the option and what it takes, also with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -50,18 +53,86 @@ def _default_lr_help() -> str:
     return f"learning rate (default: the method's best known on the shipped base: {rates})"
 
 
+# ---------------------------------------------------------------------------
+# Option values: refused by the parser, with the option's name and what it takes
+# ---------------------------------------------------------------------------
+#
+# An option whose default is "not given" (``--lr``, ``--eval-limit``) must not
+# treat 0 as "not given": ``args.lr or default`` would train at the default
+# when asked for 0. So a value out of range is refused here (argparse prints
+# ``argument --lr: ...`` and exits with 2), and a default applies only when
+# the option is absent (``is None``).
+
+
+def _positive_int(text: str) -> int:
+    """An integer >= 1 (a step count, a batch size, a number of examples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {text}")
+    return value
+
+
+def _positive_lr(text: str) -> float:
+    """A learning rate: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive finite number (e.g. 1e-2), got {text!r}; leave --lr out to "
+            "use the method's best known rate")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """A sampling temperature: a finite number >= 0 (0 is greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0 (0: greedy, always the likeliest token), got {text!r}")
+    return value
+
+
+def _names(option: str, text: str | None) -> list[str] | None:
+    """A comma-separated list of names; None when the option was not given."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise ValueError(f"{option} takes names separated by commas, with none empty; got {text!r}")
+    return items
+
+
+def _block_indices(text: str | None) -> list[int] | None:
+    """``--layers``: comma-separated block indices (negative from the end); None when not given."""
+    if text is None:
+        return None
+    try:
+        return [int(i) for i in text.split(",")]     # int("") fails too: no empty entries
+    except ValueError:
+        raise ValueError(f"--layers takes block indices separated by commas (negative count "
+                         f"from the end), e.g. -2,-1; got {text!r}") from None
+
+
 def build_config(method: str, args) -> object:
-    """The PEFT config for ``method`` from the command-line knobs."""
+    """The PEFT config for ``method`` from the command-line knobs (a knob left out: its default)."""
     from .peft import config as C
 
-    targets = args.target_modules.split(",") if getattr(args, "target_modules", None) else None
+    targets = _names("--target-modules", getattr(args, "target_modules", None))
     if method == "full":
         return C.FullFinetuneConfig()
     if method == "bitfit":
         return C.BitFitConfig(target_modules=targets)
     if method == "layers":
-        layers = [int(i) for i in args.layers.split(",")] if args.layers else None
-        comps = args.components.split(",") if args.components else None
+        layers = _block_indices(args.layers)
+        comps = _names("--components", args.components)
         if layers is None and comps is None:
             layers = [-1]
         return C.LayerSelectConfig(layers=layers, components=comps)
@@ -69,7 +140,8 @@ def build_config(method: str, args) -> object:
         return C.MaskConfig(density=args.density, selection=args.selection,
                             **({"target_modules": targets} if targets else {}))
     if method == "lora":
-        return C.LoraConfig(r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha else args.r,
+        alpha = args.r if args.lora_alpha is None else args.lora_alpha   # 0 is refused, not r
+        return C.LoraConfig(r=args.r, lora_alpha=alpha,
                             lora_dropout=args.lora_dropout, use_dora=args.dora,
                             **({"target_modules": targets} if targets else {}))
     if method == "adapter":
@@ -141,8 +213,12 @@ def _cmd_info(args) -> int:
 def _cmd_pretrain(args) -> int:
     from .base import BASE_PATH, REQUIRED_MARGIN, PretrainRecipe, pretrain, save_base
 
+    if args.out is not None and not args.out.strip():
+        # not the shipped base: an empty --out (an unset shell variable) must not replace it
+        raise ValueError("--out is empty: name the file to write, or leave --out out to remake "
+                         "the shipped base")
     recipe = PretrainRecipe(steps=args.steps, seed=args.seed)
-    out = args.out or BASE_PATH
+    out = BASE_PATH if args.out is None else args.out
     from . import io
 
     io.ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
@@ -159,8 +235,9 @@ def _cmd_finetune(args) -> int:
     from .finetune import FinetuneSettings, finetune
 
     cfg = build_config(args.method, args)
+    # lr None (--lr not given): finetune trains at the method's best known rate, default_lr
     settings = FinetuneSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr or default_lr(args.method),
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, eval_limit=args.eval_limit,
     )
     result = finetune(cfg, args.task, settings, device=args.device, out=args.out,
@@ -170,16 +247,25 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .data.tasks import get_task
+    from .data.tasks import TASKS, get_task
     from .evaluation import evaluate
-    from .finetune import load_finetuned
+    from .finetune import FINETUNE_INFO, load_finetuned, majority_score
 
+    if args.task is not None:
+        get_task(args.task)                   # an unknown task is refused before loading
     model, meta = load_finetuned(args.adapter, device=args.device)
-    task = get_task(args.task or meta.get("task", "sentiment"))
+    name = args.task if args.task is not None else meta.get("task")
+    if name is None:
+        # an adapter made elsewhere (minipeft import) does not say what it was trained on
+        raise ValueError(f"{args.adapter} has no {FINETUNE_INFO} saying which task it was "
+                         f"trained on: name one with --task ({', '.join(TASKS)})")
+    task = get_task(name)
     score = evaluate(model, task, args.split, limit=args.limit)
-    n = len(task.examples(args.split)) if args.limit is None else args.limit
+    n_all = len(task.examples(args.split))
+    n = n_all if args.limit is None else min(args.limit, n_all)
+    # the baseline over the same examples as the score
     print(f"{task.name} {args.split} ({n} examples) {task.metric}: {score:.4f} "
-          f"(majority baseline {task.majority_baseline(args.split):.4f})")
+          f"(majority baseline {majority_score(task, args.split, args.limit):.4f})")
     return 0
 
 
@@ -190,14 +276,17 @@ def _cmd_generate(args) -> int:
     from .data.tokenizer import CharTokenizer
 
     tok = CharTokenizer()
-    if args.adapter:
+    prompt = args.prompt.replace("\\n", "\n")
+    if not prompt:
+        raise ValueError("--prompt is empty: give at least one character to continue, "
+                         "e.g. --prompt 'the red fox '")
+    ids = tok.encode(prompt)[None, :]                 # (T,) -> (1, T): a batch of one
+    if args.adapter is not None:
         from .finetune import load_finetuned
 
         model, _ = load_finetuned(args.adapter, device=args.device)
     else:
         model = load_base(device=args.device)
-    prompt = args.prompt.replace("\\n", "\n")
-    ids = tok.encode(prompt)[None, :]                 # (T,) -> (1, T): a batch of one
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, seed=args.seed)
     sys.stdout.write(prompt + tok.decode(np.asarray(out)[0, ids.shape[1]:]) + "\n")
@@ -590,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("pretrain", help="make the base model from the synthetic corpus")
-    s.add_argument("--steps", type=int, default=3000)
+    s.add_argument("--steps", type=_positive_int, default=3000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=None, help="where to write it (default: the shipped base)")
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
@@ -600,11 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finetune", help="fine-tune the shipped base on a task")
     s.add_argument("--method", choices=METHODS, default="lora")
     s.add_argument("--task", default="sentiment")
-    s.add_argument("--steps", type=int, default=300)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--lr", type=float, default=None, help=_default_lr_help())
+    s.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    s.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="examples per step (default 16)")
+    s.add_argument("--lr", type=_positive_lr, default=None, help=_default_lr_help())
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--eval-limit", type=int, default=None,
+    s.add_argument("--eval-limit", type=_positive_int, default=None,
                    help="score only the first N test examples (default: all)")
     s.add_argument("--out", default=None, help="folder for the adapter (or checkpoint)")
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
@@ -616,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", required=True)
     s.add_argument("--task", default=None, help="default: the task it was trained on")
     s.add_argument("--split", default="test", choices=["train", "val", "test"])
-    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--limit", type=_positive_int, default=None,
+                   help="score only the first N examples of the split (default: all)")
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
     s.set_defaults(func=_cmd_eval)
 
@@ -624,8 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="the red fox ")
     s.add_argument("--adapter", default=None)
     s.add_argument("--max-new-tokens", type=int, default=80)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--temperature", type=_temperature, default=0.8,
+                   help="sampling temperature (default 0.8; 0: greedy)")
+    s.add_argument("--top-k", type=_positive_int, default=None,
+                   help="sample among the K likeliest tokens only (default: all)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
     s.set_defaults(func=_cmd_generate)

@@ -40,13 +40,113 @@ def test_finetune_save_eval_generate_round_trip(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["finetune", "--task", "poetry", "--steps", "1", "--quiet"], "known tasks"),
     (["eval", "--adapter", "/nonexistent/adapter"], "not found"),
-    (["finetune", "--steps", "0", "--quiet"], "steps must be >= 1"),
+    (["eval", "--adapter", "/nonexistent/adapter", "--task", "poetry"], "known tasks"),
     (["finetune", "--method", "lora", "--r", "0", "--steps", "1", "--quiet"], "r must be a positive"),
+    # 0 is refused, not read as "not given" (it used to become r)
+    (["finetune", "--method", "lora", "--lora-alpha", "0", "--steps", "1", "--quiet"],
+     "lora_alpha must be positive"),
+    (["finetune", "--method", "layers", "--layers", "a,b", "--steps", "1", "--quiet"],
+     "--layers takes block indices separated by commas"),
+    (["finetune", "--method", "layers", "--layers", "", "--steps", "1", "--quiet"],
+     "--layers takes block indices"),
+    (["finetune", "--method", "lora", "--target-modules", "", "--steps", "1", "--quiet"],
+     "--target-modules takes names separated by commas"),
+    (["finetune", "--method", "prompt", "--virtual-tokens", "0", "--steps", "1", "--eval-limit", "1",
+      "--quiet"], "trains no parameters"),
+    (["generate", "--prompt", ""], "--prompt is empty"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("minipeft: error:") and message in err
+
+
+@pytest.mark.parametrize("argv, option, allowed", [
+    (["finetune", "--lr", "0"], "--lr", "must be a positive finite number"),
+    (["finetune", "--lr=-1e-3"], "--lr", "must be a positive finite number"),
+    (["finetune", "--lr", "nan"], "--lr", "leave --lr out to use the method's best known rate"),
+    (["finetune", "--lr", "inf"], "--lr", "must be a positive finite number"),
+    (["finetune", "--eval-limit", "0"], "--eval-limit", "must be a positive integer"),
+    (["finetune", "--eval-limit", "-3"], "--eval-limit", "must be a positive integer"),
+    (["finetune", "--steps", "0"], "--steps", "must be a positive integer"),
+    (["finetune", "--batch-size", "0"], "--batch-size", "must be a positive integer"),
+    (["eval", "--adapter", "x", "--limit", "0"], "--limit", "must be a positive integer"),
+    (["generate", "--temperature", "nan"], "--temperature", "must be a finite number >= 0"),
+    (["generate", "--temperature", "-1"], "--temperature", "must be a finite number >= 0"),
+    (["generate", "--top-k", "0"], "--top-k", "must be a positive integer"),
+    (["pretrain", "--steps", "0"], "--steps", "must be a positive integer"),
+])
+def test_option_values_out_of_range_are_refused_by_the_parser(argv, option, allowed, capsys,
+                                                               monkeypatch):
+    import minipeft.finetune as F
+
+    # refused while parsing: nothing is trained, nothing is written
+    monkeypatch.setattr(F, "finetune", lambda *a, **k: pytest.fail("ran with a bad option"))
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--quiet"] if argv[0] in ("finetune", "pretrain") else argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and allowed in " ".join(err.split())
+
+
+def test_finetune_without_lr_trains_at_the_methods_best_known_rate(tmp_path, capsys):
+    from minipeft.compare import best_known_lr
+
+    out = tmp_path / "ia3"
+    assert main(["finetune", "--method", "ia3", "--steps", "1", "--eval-limit", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    assert f"at lr {best_known_lr('ia3'):g}" in capsys.readouterr().out
+    info = json.loads((out / "finetune.json").read_text())
+    assert info["settings"]["lr"] == best_known_lr("ia3")
+    assert main(["finetune", "--method", "ia3", "--steps", "1", "--eval-limit", "2", "--lr", "0.002",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "finetune.json").read_text())["settings"]["lr"] == 0.002
+
+
+def test_eval_needs_a_task_when_the_adapter_does_not_name_one(tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert main(["finetune", "--steps", "1", "--eval-limit", "2", "--out", str(out), "--quiet"]) == 0
+    (out / "finetune.json").unlink()             # as an adapter converted by `minipeft import`
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--limit", "2"]) == 2
+    assert "has no finetune.json saying which task it was trained on: name one with --task" \
+        in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(out), "--limit", "2", "--task", "addition"]) == 0
+    assert "addition test (2 examples)" in capsys.readouterr().out
+
+
+def test_eval_reports_the_examples_scored_and_their_majority(tmp_path, capsys):
+    from minipeft.data.tasks import get_task
+
+    out = tmp_path / "lora"
+    assert main(["finetune", "--steps", "1", "--eval-limit", "2", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    task = get_task("sentiment")
+    n = len(task.examples("val"))
+    assert main(["eval", "--adapter", str(out), "--split", "val", "--limit", str(n + 50)]) == 0
+    text = capsys.readouterr().out
+    assert f"({n} examples)" in text
+    assert f"(majority baseline {task.majority_baseline('val'):.4f})" in text
+    # a limited run: the baseline is taken over the same first examples as the score
+    answers = task.answers("val")[:3]
+    majority = sum(a == task.majority_answer for a in answers) / 3
+    assert main(["eval", "--adapter", str(out), "--split", "val", "--limit", "3"]) == 0
+    assert f"(majority baseline {majority:.4f})" in capsys.readouterr().out
+
+
+def test_an_empty_out_never_replaces_saved_work(tmp_path, capsys, monkeypatch):
+    import minipeft.base as B
+
+    # pretrain: "" is not "the shipped base" (an unset shell variable must not overwrite it)
+    monkeypatch.setattr(B, "BASE_PATH", str(tmp_path / "base.safetensors"))
+    monkeypatch.setattr(B, "pretrain", lambda *a, **k: pytest.fail("pretrained with --out ''"))
+    assert main(["pretrain", "--out", "", "--steps", "1", "--quiet"]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    # finetune: "" is not the current folder (where an adapter may already be saved)
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--out", "", "--steps", "1", "--eval-limit", "1", "--quiet"]) == 2
+    assert "out is empty" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 def test_unknown_method_is_refused_by_the_parser(capsys):
