@@ -347,7 +347,8 @@ def _cmd_import(args) -> int:
     cfg = pm.peft_config[pm.active_adapter]
     n = pm.adapters[pm.active_adapter].trainable_count(pm)
     print(f"imported a {cfg.peft_type} adapter ({n:,d} parameters) from {args.adapter}; "
-          f"wrote a minipeft adapter folder to {args.out} (minipeft eval/generate --adapter read it)")
+          f"wrote a minipeft adapter folder to {args.out} (minipeft generate --adapter reads it; "
+          "minipeft eval --adapter too, given the task it was trained on with --task)")
     return 0
 
 
