@@ -12,6 +12,9 @@ only the few lines each of them would otherwise copy:
   computes or asserts, only how much of it.
 * :func:`answer_loss`: the quantity fine-tuning minimises, measured on
   held-out examples (cross-entropy on the answer characters only).
+* :func:`step_flops`: the FLOPs of every matrix product one training step
+  forms, forward and backward: a count, where a step's milliseconds are a
+  measurement of one machine.
 
 It imports nothing heavy at import time, so ``import minipeft`` and the test
 suite never need the ``lessons`` extra.
@@ -20,6 +23,8 @@ suite never need the ``lessons`` extra.
 from __future__ import annotations
 
 import os
+
+import numpy as np
 
 #: The command that installs what the notebooks need beyond the package.
 INSTALL_COMMAND = "pip install -e '.[lessons]'"
@@ -85,3 +90,31 @@ def answer_loss(model, task, split: str = "val", n_examples: int = 200,
                          f"({batch_size}): every batch is weighted alike")
     batches = task.batches(split, batch_size, shuffle=False)
     return evaluate_loss(model, batches, n_examples // batch_size)
+
+
+def step_flops(model, batch) -> dict:
+    r"""FLOPs of the matrix products one forward and backward pass on ``batch`` forms.
+
+    Every product the engine forms is logged (:data:`minipeft.autograd.ops.matmul_log`,
+    ``(batch, m, k, n)``, :math:`2\,b\,m\,k\,n` FLOPs each). Returns
+    ``{"forward": ..., "backward": ..., "tokens": ...}``: the forward pass
+    with the loss, then backward, and the number of tokens in ``batch``. A
+    frozen weight's :math:`x^\top G` is never formed, so the backward count
+    is where freezing shows; it depends on the method and the shapes only,
+    never on the machine or the weights' values. The gradients are cleared
+    afterwards and no optimizer step is taken: the model is left as it was.
+    """
+    from . import backend
+    from .autograd import ops
+
+    idx, targets = (backend.to_device(np.asarray(a), model.device) for a in batch)
+    ops.matmul_log = []
+    try:
+        _, loss = model(idx, targets)
+        forward = sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log)
+        loss.backward()
+        backward = sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log) - forward
+    finally:
+        ops.matmul_log = None
+        model.zero_grad()
+    return {"forward": int(forward), "backward": int(backward), "tokens": int(np.size(batch[0]))}
