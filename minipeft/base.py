@@ -39,16 +39,29 @@ BASE_PATH = os.path.join(os.path.dirname(__file__), "assets", "base.safetensors"
 REQUIRED_MARGIN = 0.30
 
 
+#: the longest warmup a recipe gets by default (a shorter run warms up for a tenth of its steps)
+DEFAULT_WARMUP = 100
+
+
 @dataclass
 class PretrainRecipe:
-    """Every knob of the base's pretraining (stored in the checkpoint's metadata)."""
+    """Every knob of the base's pretraining (stored in the checkpoint's metadata).
+
+    ``warmup=None`` (the default) means :data:`DEFAULT_WARMUP` (100) steps, or a
+    tenth of the run when that is shorter, so that ``minipeft pretrain --steps
+    50`` warms up for 5 steps instead of asking for more warmup than there are
+    steps. Runs of 1,000 steps or more, the shipped base's 3,000 among them,
+    warm up for exactly 100. :meth:`resolved` fills it in; :func:`pretrain`
+    trains with, and records, the resolved recipe. A warmup given explicitly is
+    used as it is.
+    """
 
     steps: int = 3000
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup: int = 100
+    warmup: int | None = None       # None: min(100, steps // 10)
     weight_decay: float = 0.1
     beta2: float = 0.95
     clip: float = 1.0
@@ -56,6 +69,16 @@ class PretrainRecipe:
     eval_every: int = 250
     #: validation batches for the final loss (None: the whole validation text)
     val_batches: int | None = None
+
+    def resolved(self) -> PretrainRecipe:
+        """This recipe with ``warmup`` filled in (see the class docstring); checks it fits the run."""
+        if self.warmup is None:
+            return dataclasses.replace(self, warmup=min(DEFAULT_WARMUP, self.steps // 10))
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}: "
+                             "give a shorter warmup, or warmup=None for a tenth of the run "
+                             f"(at most {DEFAULT_WARMUP} steps)")
+        return self
 
 
 def validation_loss(model: GPT, val_ids, batches: int | None = None, batch_size: int = 16,
@@ -70,9 +93,10 @@ def pretrain(recipe: PretrainRecipe | None = None, *, device: str = "cpu", progr
     """Train the reference GPT on the corpus; returns (model, report dict).
 
     The report holds the validation cross-entropy, the bigram model's on the
-    same text, the margin between them, and the training history.
+    same text, the margin between them, the recipe as trained (its warmup
+    resolved: :meth:`PretrainRecipe.resolved`) and the training history.
     """
-    rc = recipe or PretrainRecipe()
+    rc = (recipe or PretrainRecipe()).resolved()
     tok = CharTokenizer()
     train_text, val_text = pretraining_text("train"), pretraining_text("val")
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 
 import numpy as np
 import pytest
 
-from minipeft.base import BASE_PATH, PretrainRecipe, base_info, load_base, pretrain
+from minipeft.base import (
+    BASE_PATH,
+    DEFAULT_WARMUP,
+    PretrainRecipe,
+    base_info,
+    load_base,
+    pretrain,
+)
 from minipeft.cli import main
+from minipeft.optim import LRSchedule
 
 
 def test_info_describes_the_shipped_base(capsys):
@@ -172,6 +182,45 @@ def test_short_pretrain_is_deterministic_and_learns():
     losses = r1["history"]["losses"]
     assert losses[-1] < losses[0] - 0.5
     assert r1["val_loss"] == r2["val_loss"]
+
+
+def test_default_recipe_is_the_one_the_shipped_base_was_made_with():
+    # the shipped base records the recipe it was trained with; the defaults, resolved,
+    # must give exactly that recipe, so exactly the same warmup and cosine schedule
+    recorded = base_info()["recipe"]
+    resolved = dataclasses.asdict(PretrainRecipe().resolved())
+    assert {k: resolved[k] for k in recorded} == recorded
+    assert resolved["warmup"] == recorded["warmup"] == DEFAULT_WARMUP == 100
+    ours = LRSchedule(resolved["lr"], resolved["steps"], resolved["warmup"], resolved["min_lr"])
+    made = LRSchedule(recorded["lr"], recorded["steps"], recorded["warmup"], recorded["min_lr"])
+    assert [ours(i) for i in range(recorded["steps"])] == [made(i) for i in range(recorded["steps"])]
+
+
+@pytest.mark.parametrize("steps, warmup", [(1, 0), (9, 0), (10, 1), (50, 5), (99, 9),
+                                           (500, 50), (999, 99), (1000, 100), (3000, 100)])
+def test_default_warmup_is_a_tenth_of_a_short_run(steps, warmup):
+    assert PretrainRecipe(steps=steps).resolved().warmup == warmup
+    # a warmup given explicitly is kept as it is
+    assert PretrainRecipe(steps=steps, warmup=steps).resolved().warmup == steps
+
+
+def test_a_warmup_longer_than_the_run_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match=r"warmup must be in \[0, steps=50\], got 100.*warmup=None"):
+        PretrainRecipe(steps=50, warmup=100).resolved()
+
+
+def test_pretrain_command_with_fewer_steps_than_the_default_warmup(tmp_path, monkeypatch, capsys):
+    # `minipeft pretrain --steps 20` once failed: the warmup was 100 steps whatever the run.
+    # (Only the final validation is shortened here, to keep the test quick.)
+    import minipeft.base as B
+
+    monkeypatch.setattr(B, "PretrainRecipe", functools.partial(PretrainRecipe, val_batches=2))
+    out = tmp_path / "base.safetensors"
+    assert main(["pretrain", "--steps", "20", "--out", str(out), "--quiet"]) == 0
+    assert "validation cross-entropy" in capsys.readouterr().out
+    recipe = base_info(str(out))["recipe"]
+    assert (recipe["steps"], recipe["warmup"]) == (20, 2)       # recorded as trained
+    load_base(str(out))
 
 
 def test_shipped_base_beats_the_bigram_by_thirty_percent():
