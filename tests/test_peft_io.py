@@ -195,6 +195,150 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
         PeftModel.from_pretrained(small_base(), tmp_path)
 
 
+# ---------------------------------------------------------------------------
+# The two files of an adapter change together
+# ---------------------------------------------------------------------------
+
+
+def _files(folder):
+    """{name: bytes} of every file in ``folder``, hidden helper files included."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def _fail_when_replacing(monkeypatch, target, exc):
+    """Make ``os.replace`` raise ``exc`` when it would put a file at ``target``."""
+    real = os.replace
+
+    def replace(src, dst):
+        if os.path.abspath(dst) == os.path.abspath(target):
+            raise exc
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"),
+                                 KeyboardInterrupt("interrupted between the two files")])
+def test_a_save_that_fails_between_the_files_leaves_the_previous_adapter(exc, tmp_path,
+                                                                         monkeypatch):
+    idx = tokens()
+    first = _trained("lora", steps=1)
+    first.save_pretrained(tmp_path)
+    before, out_first = _files(tmp_path), logits_of(first, idx)
+    second = _trained("lora", steps=3)
+    # the new weights are already in place when replacing the config fails
+    _fail_when_replacing(monkeypatch, tmp_path / ADAPTER_CONFIG, exc)
+    with pytest.raises(type(exc)):
+        second.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    # the previous adapter, byte for byte, and nothing left over
+    assert _files(tmp_path) == before
+    assert np.array_equal(logits_of(PeftModel.from_pretrained(small_base(), tmp_path), idx),
+                          out_first)
+    # and the next save goes through
+    second.save_pretrained(tmp_path)
+    assert np.array_equal(logits_of(PeftModel.from_pretrained(small_base(), tmp_path), idx),
+                          logits_of(second, idx))
+    assert sorted(os.listdir(tmp_path)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+
+
+def test_a_first_save_that_fails_between_the_files_leaves_no_adapter(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    _fail_when_replacing(monkeypatch, tmp_path / ADAPTER_CONFIG, OSError(5, "I/O error"))
+    with pytest.raises(OSError):
+        _trained("lora", steps=1).save_pretrained(tmp_path)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_a_save_killed_between_the_files_is_refused_and_either_adapter_recovered(tmp_path):
+    # a real crash runs no clean-up: a child process saves adapter B over adapter A and
+    # dies (os._exit) just before the config is renamed into place
+    import shutil
+    import subprocess
+    import sys
+
+    from minipeft.peft.model import read_adapter
+
+    folder, b_dir = tmp_path / "adapter", tmp_path / "b"
+    _trained("lora", steps=1).save_pretrained(folder)
+    _trained("lora", steps=3).save_pretrained(b_dir)
+    a_meta, a_state = read_adapter(folder)
+    b_meta, b_state = read_adapter(b_dir)
+    child = f"""
+import os, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from peft_cases import small_base
+from minipeft.peft import PeftModel
+
+pm = PeftModel.from_pretrained(small_base(), {str(b_dir)!r})
+real = os.replace
+def replace(src, dst):
+    if os.path.basename(dst) == {ADAPTER_CONFIG!r}:
+        os._exit(3)
+    real(src, dst)
+os.replace = replace
+pm.save_pretrained({str(folder)!r})
+"""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    assert subprocess.run([sys.executable, "-c", child], env=env).returncode == 3
+    # new weights beside the old config: refused, saying what happened and the way out
+    with pytest.raises(ValueError) as info:
+        PeftModel.from_pretrained(small_base(), folder)
+    message = " ".join(str(info.value).split())
+    assert "do not belong together" in message and "stopped between" in message
+    assert "save the adapter again" in message.lower()
+    staged = [n for n in os.listdir(folder) if n.startswith(f".{ADAPTER_CONFIG}.")]
+    kept = [n for n in os.listdir(folder) if n.startswith(f".{ADAPTER_WEIGHTS}.")]
+    assert len(staged) == len(kept) == 1
+    assert staged[0] in message and kept[0] in message
+    # following the message recovers either adapter exactly
+    for spare, name, meta, state in ((staged[0], ADAPTER_CONFIG, b_meta, b_state),
+                                     (kept[0], ADAPTER_WEIGHTS, a_meta, a_state)):
+        copy = tmp_path / f"recovered-{name}"
+        shutil.copytree(folder, copy)
+        os.replace(copy / spare, copy / name)
+        got_meta, got_state = read_adapter(copy)
+        assert got_meta == meta
+        assert got_state.keys() == state.keys()
+        assert all(np.array_equal(got_state[k], state[k]) for k in state)
+
+
+def test_weights_from_another_adapter_are_refused(tmp_path):
+    import shutil
+
+    _trained("lora", steps=1).save_pretrained(tmp_path / "a")
+    _trained("lora", steps=3).save_pretrained(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / ADAPTER_WEIGHTS, tmp_path / "a" / ADAPTER_WEIGHTS)
+    with pytest.raises(ValueError, match="do not belong together"):
+        PeftModel.from_pretrained(small_base(), tmp_path / "a")
+
+
+def test_damaged_weights_are_refused(tmp_path):
+    _trained("lora", steps=1).save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_WEIGHTS
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40                      # one bit of the last array's last number
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is damaged"):
+        PeftModel.from_pretrained(small_base(), tmp_path)
+
+
+def test_an_adapter_saved_without_digests_still_loads(tmp_path):
+    # folders written before the digest existed (or by hand) hold none, and load as before
+    from minipeft import io
+
+    idx = tokens()
+    pm = _trained("lora")
+    pm.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert meta.pop("weights_sha256")
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    state, _ = io.load_tensors(tmp_path / ADAPTER_WEIGHTS)
+    io.save_tensors(state, tmp_path / ADAPTER_WEIGHTS, metadata={"format": "minipeft-adapter-1"})
+    loaded = PeftModel.from_pretrained(small_base(), tmp_path)
+    assert np.array_equal(logits_of(loaded, idx), logits_of(pm, idx))
+
+
 @pytest.mark.parametrize("name", ["lora", "bitfit", "mask_random", "prefix_projection",
                                   "ia3", "layers"])
 def test_load_adapter_adds_a_second_adapter_that_switches_exactly(name, tmp_path):

@@ -20,9 +20,13 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import warnings
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from .. import backend
 from ..nn.module import Module
@@ -34,6 +38,8 @@ METHOD_CLASSES: dict[str, type[Method]] = {}
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: the key, in both files of an adapter, of the digest of its weights (they must agree)
+WEIGHTS_DIGEST = "weights_sha256"
 
 
 def register_method(peft_type: str):
@@ -55,9 +61,14 @@ def fingerprint(model: Module) -> str:
     base agree. An adapter file stores this; loading onto a base with
     another fingerprint is refused.
     """
+    return _digest((base_name(n), p.data) for n, p in _base_params(model))
+
+
+def _digest(named_arrays) -> str:
+    """sha256 of ``(name, array)`` pairs: names, shapes, dtypes and values, in name order."""
     h = hashlib.sha256()
-    for name, p in sorted((base_name(n), p) for n, p in _base_params(model)):
-        arr = np.ascontiguousarray(backend.asnumpy(p.data))
+    for name, a in sorted(named_arrays, key=lambda item: item[0]):
+        arr = np.ascontiguousarray(backend.asnumpy(a))
         h.update(f"{name}|{arr.shape}|{arr.dtype}|".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -319,8 +330,17 @@ class PeftModel(Module):
     def save_pretrained(self, directory: str, adapter_name: str | None = None) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (only the adapter).
 
-        Each file is written atomically; an existing adapter in ``directory``
-        is replaced only once the new files are complete.
+        The two files are one adapter, so they change together. Both are
+        written in full, under temporary names in ``directory``, before
+        either replaces anything; then the weights replace the old weights
+        and the config the old config. If a step fails before the new config
+        is in place, the old weights are put back (or the new ones removed,
+        where there were none): the folder holds the previous adapter exactly
+        as it was, and the error is raised. Only a crash between the two
+        renames (a killed process, a power cut) can leave new weights beside
+        an old config; both files record the same digest of the weights
+        (``weights_sha256``), so loading refuses such a pair and says how to
+        recover either adapter (see :func:`read_adapter`).
         """
         from .. import io
 
@@ -329,17 +349,21 @@ class PeftModel(Module):
             raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(self.adapters)}")
         method = self.adapters[name]
         io.ensure_writable_dir(directory)
-        state = {k: backend.asnumpy(v) for k, v in method.state_dict(self).items()}
+        state = {k: np.ascontiguousarray(backend.asnumpy(v))
+                 for k, v in method.state_dict(self).items()}
+        digest = _digest(state.items())
         meta = {
             "config": self.peft_config[name].to_dict(),
             "base_fingerprint": self.base_fingerprint,
             "base_config": _config_dict(self.base_model),
             "trainable_count": int(method.trainable_count(self)),
             "format": "minipeft-adapter-1",
+            WEIGHTS_DIGEST: digest,
         }
-        io.save_tensors(state, os.path.join(directory, ADAPTER_WEIGHTS),
-                        metadata={"format": "minipeft-adapter-1"})
-        io.atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), meta)
+        weights = safetensors.numpy.save(
+            state, metadata={"format": "minipeft-adapter-1", WEIGHTS_DIGEST: digest})
+        config = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        _replace_pair(directory, weights, config)
 
     def load_adapter(self, directory: str, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:
@@ -392,8 +416,118 @@ def _loading_kwargs(config, state) -> dict:
     return METHOD_CLASSES[config.peft_type].loading_kwargs(state)
 
 
+def _replace_pair(directory, weights: bytes, config: bytes) -> None:
+    """Put new weights and a new config in ``directory`` together, or leave it as it was.
+
+    1. Both files are written completely, flushed to disk, under names no
+       reader opens (``.adapter_model.safetensors.<token>.new``, ...).
+    2. The old weights get a second name (``...<token>.old``, a hard link: no
+       copy), so that they can be put back.
+    3. The new weights replace the old, then the new config the old (each
+       ``os.replace``, atomic).
+    4. On any failure in 3, the old weights go back (or the new ones are
+       removed, where there were none), and the error is raised. The helper
+       files are removed in every case but one: when even putting the old
+       weights back fails, they are kept, and the error names them.
+    """
+    from .. import io
+
+    folder = os.fspath(directory)
+    token = secrets.token_hex(4)
+    w_path, c_path = os.path.join(folder, ADAPTER_WEIGHTS), os.path.join(folder, ADAPTER_CONFIG)
+    staged_w = os.path.join(folder, f".{ADAPTER_WEIGHTS}.{token}.new")
+    staged_c = os.path.join(folder, f".{ADAPTER_CONFIG}.{token}.new")
+    kept = os.path.join(folder, f".{ADAPTER_WEIGHTS}.{token}.old")
+    keep_old = False
+    try:
+        for staged, final, data in ((staged_w, w_path, weights), (staged_c, c_path, config)):
+            io.atomic_write_bytes(staged, data)
+            if os.path.exists(final):       # keep the mode of the file it replaces
+                os.chmod(staged, os.stat(final).st_mode & 0o777)
+        had_weights = os.path.exists(w_path)
+        if had_weights:
+            try:
+                os.link(w_path, kept)
+            except OSError:                 # a filesystem without hard links
+                shutil.copy2(w_path, kept)
+        try:
+            os.replace(staged_w, w_path)
+            os.replace(staged_c, c_path)
+        except BaseException as exc:
+            try:
+                if had_weights:
+                    os.replace(kept, w_path)
+                elif os.path.exists(w_path):
+                    os.unlink(w_path)
+            except OSError as undo:
+                keep_old = True
+                raise OSError(
+                    f"saving the adapter in {folder} failed ({exc!r}), and so did putting the "
+                    f"previous weights back ({undo}): they are kept as {kept}; rename it to "
+                    f"{ADAPTER_WEIGHTS} to have the previous adapter again, or save again"
+                ) from exc
+            raise
+    finally:
+        for path in (staged_w, staged_c) if keep_old else (staged_w, staged_c, kept):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    # persist the renames themselves (the folder's entries); best effort, POSIX only
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _recorded_digest(path, weights: bool) -> str | None:
+    """The ``weights_sha256`` a weights file (or a config file) records, if any."""
+    try:
+        if weights:
+            with safetensors.safe_open(path, framework="np") as f:
+                return (f.metadata() or {}).get(WEIGHTS_DIGEST)
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        return meta.get(WEIGHTS_DIGEST) if isinstance(meta, dict) else None
+    except Exception:       # a damaged leftover tells nothing
+        return None
+
+
+def _mismatch_message(directory, cfg_digest, w_digest) -> str:
+    """What happened to a folder whose config and weights do not belong together, and the way out."""
+    expects = f"expects {str(cfg_digest)[:12]}..." if cfg_digest else "records no digest"
+    lines = [
+        f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} in {directory} do not belong together (the "
+        f"weights' digest is {w_digest[:12]}..., the config {expects}): a save_pretrained into "
+        "this folder was stopped between writing the two files (a killed process, a power "
+        "cut), or one file was copied in from another adapter.",
+    ]
+    # what a stopped save leaves behind: the new config, the old weights (see _replace_pair)
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith(f".{ADAPTER_CONFIG}.") and name.endswith(".new") \
+                and _recorded_digest(path, weights=False) == w_digest:
+            lines.append(f"The config that belongs to these weights (the adapter being saved) is "
+                         f"{path}: rename it to {ADAPTER_CONFIG} to load that adapter.")
+        elif name.startswith(f".{ADAPTER_WEIGHTS}.") and name.endswith(".old") \
+                and cfg_digest and _recorded_digest(path, weights=True) == cfg_digest:
+            lines.append(f"The weights that belong to this config (the previous adapter) are "
+                         f"{path}: rename it to {ADAPTER_WEIGHTS} to load that adapter.")
+    lines.append("Or save the adapter again from the model (PeftModel.save_pretrained, or run "
+                 "minipeft finetune with --out again).")
+    return " ".join(lines)
+
+
 def read_adapter(directory: str) -> tuple[dict, dict]:
-    """(metadata, arrays) of an adapter folder, with clear errors for what is missing."""
+    """(metadata, arrays) of an adapter folder, with clear errors for what is missing.
+
+    A weights file written by :meth:`PeftModel.save_pretrained` records the
+    digest of its arrays (``weights_sha256``), and so does the config saved
+    with it: a pair whose digests differ is refused (a save stopped between
+    its two renames), and so are weights whose arrays no longer give their
+    own digest (damaged). Files written without a digest (by hand, or by an
+    older version) are read as they are.
+    """
     from .. import io
 
     cfg_path = os.path.join(directory, ADAPTER_CONFIG)
@@ -412,7 +546,17 @@ def read_adapter(directory: str) -> tuple[dict, dict]:
     for key in ("config", "base_fingerprint"):
         if key not in meta:
             raise ValueError(f"{cfg_path} is not a minipeft adapter config (no {key!r})")
-    state, _ = io.load_tensors(w_path)
+    state, w_meta = io.load_tensors(w_path)
+    w_digest = w_meta.get(WEIGHTS_DIGEST)
+    if w_digest is not None:
+        if meta.get(WEIGHTS_DIGEST) != w_digest:
+            raise ValueError(_mismatch_message(directory, meta.get(WEIGHTS_DIGEST), w_digest))
+        if _digest(state.items()) != w_digest:
+            raise ValueError(
+                f"{w_path} is damaged: its arrays no longer give the digest recorded when they "
+                f"were saved ({w_digest[:12]}...). Save the adapter again from the model, or, "
+                f"if you changed the weights on purpose, write them without the "
+                f"{WEIGHTS_DIGEST!r} metadata entry.")
     return meta, state
 
 
