@@ -599,7 +599,7 @@ def _cmd_compare(args) -> int:
     if unknown:
         raise ValueError(f"--lr names unknown method {unknown[0]!r}")
     if args.threads is not None and args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: the BLAS library's choice), got {args.threads}")
+        raise ValueError(f"--threads must be >= 0 (0: the engine's default), got {args.threads}")
     overrides = {k: v for k, v in {
         "steps": args.steps, "batch_size": args.batch_size, "seeds": seeds,
         "target": args.target, "eval_every": args.eval_every, "val_limit": args.val_limit,
@@ -644,8 +644,8 @@ def _add_compare_parser(sub) -> None:
     s.add_argument("--test-limit", type=int, default=None,
                    help="score only the first N test examples (default all; --quick 32)")
     s.add_argument("--threads", type=int, default=None,
-                   help="BLAS threads while it runs (default 1: this model is too small to gain "
-                        "from more; 0: the library's choice); needs threadpoolctl")
+                   help="CPU threads while it runs (default 1: this model is too small to gain "
+                        "from more; 0: the engine's default, as many as NumPy's BLAS has)")
     s.add_argument("--out", default=os.path.join("runs", "compare"),
                    help="folder for results.csv, results.json, results.png (default runs/compare)")
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
@@ -737,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", action="store_true",
                    help="print where minipeft's time goes, per op, forward and backward")
     s.add_argument("--threads", type=int, default=None,
-                   help="threads for NumPy's BLAS and PyTorch (default: as many as NumPy's "
-                        "BLAS uses); minipeft's elementwise work: MINIPEFT_NUM_THREADS")
+                   help="threads for minipeft and for PyTorch (default: MINIPEFT_NUM_THREADS, "
+                        "else as many as NumPy's BLAS uses)")
     s.add_argument("--keep-blas-env", action="store_true",
                    help="time under OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE if set, instead of "
                         "re-running without them")

@@ -214,7 +214,7 @@ class CompareSettings:
     gen_prompts: int = 4
     gen_tokens: int = 32
     device: str = "cpu"
-    # BLAS threads while it runs (None: leave the library's choice); see blas_threads
+    # CPU threads while it runs (None: the engine's default); see blas_threads
     threads: int | None = 1
     quick: bool = False
 
@@ -263,7 +263,7 @@ class CompareSettings:
         if self.target is not None and not 0.0 < self.target <= 1.0:
             raise ValueError(f"target must be in (0, 1], got {self.target}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 (or None: the BLAS library's choice), "
+            raise ValueError(f"threads must be >= 1 (or None: the engine's default), "
                              f"got {self.threads}")
         if self.device not in ("cpu", "gpu", "strict"):
             raise ValueError(f"device must be cpu, gpu or strict, got {self.device!r}")
@@ -271,24 +271,21 @@ class CompareSettings:
 
 @contextlib.contextmanager
 def blas_threads(n: int | None):
-    """Run the block with NumPy's BLAS limited to ``n`` threads; yields what was used, in words.
+    """Run the block on ``n`` CPU threads in all (the engine's, each product's
+    parts on one BLAS thread; see :func:`~minipeft.autograd.function.using_threads`);
+    yields what was used, in words.
 
     One thread is the default because this model is tiny: its matrix
     products are too small for threads to pay much, and when the cores are
-    shared (a laptop doing other work, a CI runner) OpenBLAS's spinning
-    threads make every product several times slower. One thread also makes
-    the timing columns steadier. Needs threadpoolctl; without it the
-    library's own choice stands (and the table says so).
+    shared (a laptop doing other work, a CI runner) threads that wait for
+    each other make every product several times slower. One thread also
+    makes the timing columns steadier.
     """
     if n is None:
-        yield "the BLAS library's choice"
+        yield "the engine's default"
         return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield "the BLAS library's choice (threadpoolctl is not installed)"
-        return
-    with threadpool_limits(limits=int(n), user_api="blas"):
+    from .autograd.function import using_threads  # noqa: PLC0415
+    with using_threads(int(n)):
         yield f"{int(n)}"
 
 
@@ -582,7 +579,7 @@ class CompareResult:
             f"forgetting: change in pretraining validation loss over {s['forget_batches']} x 16 "
             f"windows of {s['forget_seq_len']} characters (base {c['base_val_loss']:.4f} nats/char), "
             f"adapter on (full fine-tuning: its new weights) and detached (disable_adapter)",
-            f"device {c['device']}, BLAS threads: {c['blas_threads']}; timings are for comparing "
+            f"device {c['device']}, CPU threads: {c['blas_threads']}; timings are for comparing "
             f"rows of one run, not runs",
         ]
         return "\n".join(textwrap.fill(line, 110, subsequent_indent="  ") for line in lines)

@@ -594,6 +594,82 @@ def test_ops_split_over_threads_equal_one_block(monkeypatch):
         np.testing.assert_array_equal(a, c)
 
 
+@pytest.mark.parametrize("a_shape, b_shape, axis", [
+    ((6, 40, 30), (6, 30, 50), 0),          # a stack: by batch entry
+    ((6, 2, 40, 30), (30, 50), 0),          # b broadcast along the batch
+    ((1, 3, 40, 30), (5, 3, 30, 50), 0),    # a broadcast (batch 1) against b's 5
+    ((64, 300), (300, 70), -2),             # rows of the output
+    ((3, 300), (300, 700), -1),             # too few rows: columns
+])
+def test_a_split_product_equals_numpys(monkeypatch, a_shape, b_shape, axis):
+    """Each part is BLAS's product on a slice; together, NumPy's product (float64)."""
+    from minipeft.autograd import function
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+    want = np.matmul(a, b)
+    parts = []
+    real = function.in_parts
+
+    def spy(fn, length):
+        parts.append(length)
+        return real(fn, length)
+
+    monkeypatch.setattr(ops, "in_parts", spy)
+    monkeypatch.setattr(ops, "_SPLIT_FLOPS", 0)
+    try:
+        function.set_num_threads(3)
+        got = ops._split_matmul(a, b)
+        out = np.full(want.shape[:-1] + (want.shape[-1] + 3,), np.nan)[..., :want.shape[-1]]
+        ops._split_matmul(a, b, out=out)                 # into a strided view
+    finally:
+        function.set_num_threads(None)
+    assert parts == [want.shape[axis]] * 2
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-13)
+
+
+def test_parts_cover_the_range_once_and_raise_what_a_part_raises():
+    from minipeft.autograd import function
+    try:
+        function.set_num_threads(3)
+        for length in (1, 2, 3, 10):
+            seen = []
+            function.in_parts(lambda lo, hi, seen=seen: seen.append((lo, hi)), length)
+            assert sorted(i for lo, hi in seen for i in range(lo, hi)) == list(range(length))
+            assert len(seen) == min(3, length)
+
+        def fail(lo, hi):
+            if lo > 0:
+                raise ZeroDivisionError("a part failed")
+
+        with pytest.raises(ZeroDivisionError, match="a part failed"):
+            function.in_parts(fail, 6)
+    finally:
+        function.set_num_threads(None)
+
+
+def test_engine_threads_hold_blas_to_one_and_give_it_back():
+    """With more than one engine thread, OpenBLAS is held to one (its idle threads
+    would spin on the cores the engine uses); with one, BLAS gets its count back."""
+    from minipeft.autograd import function
+    if function.blas_threads() is None:
+        pytest.skip("NumPy's BLAS is not OpenBLAS: nothing to hold")
+    x = np.ones((512, 512), np.float32)
+    try:
+        function.set_num_threads(2)
+        ops._split_matmul(x, x)
+        assert function.blas_threads() == 1
+        with function.blas_own_threads(2):
+            assert function.blas_threads() == 2
+        assert function.blas_threads() == 1
+        function.set_num_threads(1)
+        assert function.blas_threads() == function._blas["initial"]     # what BLAS first had
+    finally:
+        function.set_num_threads(None)
+    with pytest.raises(ValueError, match="at least 1"):
+        function.set_num_threads(0)
+
+
 # ---------------------------------------------------------------------------
 # A gradient no one else holds is overwritten in place, with the same result
 # ---------------------------------------------------------------------------

@@ -88,11 +88,24 @@ def no_grad():
 # :func:`in_blocks`; each element is computed exactly as in one call, so the
 # result does not depend on the number of threads.
 #
-# Whether threads pay depends on the machine: these passes are bound by memory
-# bandwidth more than by arithmetic, and on the 2-core machine this was tuned on
-# one core nearly saturates it (a float32 multiply ran 1.18x faster on two
-# threads, tanh 0.64x, and the medium training step 0.99x). So the default is
-# one thread; set_num_threads(n) or MINIPEFT_NUM_THREADS=n asks for more.
+# Matrix products are split the same way (:func:`in_parts`, used by
+# ``ops._matmul``): by rows of the output, or by batch entries for a stack
+# of products, one part per thread. The engine then holds NumPy's BLAS to
+# one thread. Left alone, OpenBLAS's own threads spin for a while after each
+# product waiting for the next one, and a spinning thread takes the core
+# from the engine's elementwise threads: on the 2-core machine this was
+# tuned on, two engine threads ran tanh 0.64x as fast as one while BLAS's
+# threads were spinning; with BLAS held to one thread, the medium training
+# step ran 0.90x the time of BLAS's threads for products and one thread for
+# the rest (interleaved runs, idle machine). A row-split product on two
+# threads ran at the same rate as OpenBLAS's two-thread product (277 against
+# 280 GFLOP/s on a (2048, 384) x (384, 1536) product).
+#
+# The default is one engine thread per thread NumPy's BLAS had when minipeft
+# first looked (so ``OPENBLAS_NUM_THREADS=1`` means one here too);
+# ``set_num_threads(n)`` or ``MINIPEFT_NUM_THREADS=n`` says otherwise. With
+# one thread the engine leaves BLAS alone and it uses its own threads as
+# usual.
 #
 # Each thread also walks its rows in small pieces: a chain of eight passes
 # over a 12 MB array streams it through memory eight times, while eight
@@ -103,31 +116,140 @@ def no_grad():
 _PIECE = 1 << 16              # elements in one piece (256 KB of float32)
 _threads = {"n": None, "pool": None}
 
+# OpenBLAS's thread count, through its own C functions in the library NumPy
+# loaded (names differ between NumPy's bundled copy and a system one)
+_BLAS_THREAD_FUNCS = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                      ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+                      ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                      ("openblas_get_num_threads", "openblas_set_num_threads"))
+_blas = {"looked": False, "get": None, "set": None, "initial": None, "held_from": None}
+
+
+def _find_openblas() -> None:
+    """Find OpenBLAS's get/set thread-count functions (once); none where NumPy uses another BLAS."""
+    import ctypes  # noqa: PLC0415 - only here
+    import glob  # noqa: PLC0415
+
+    _blas["looked"] = True
+    # the process's global symbols first, then the copy NumPy's wheel bundles
+    libs = [None, *sorted(glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs",
+                                                 "*openblas*")))]
+    for lib in libs:
+        try:
+            handle = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for get_name, set_name in _BLAS_THREAD_FUNCS:
+            get, set_ = getattr(handle, get_name, None), getattr(handle, set_name, None)
+            if get is not None and set_ is not None:
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                _blas["get"], _blas["set"] = get, set_
+                _blas["initial"] = int(get())
+                return
+
+
+def blas_threads() -> int | None:
+    """Threads NumPy's OpenBLAS uses now (None when there is no OpenBLAS to ask)."""
+    if not _blas["looked"]:
+        _find_openblas()
+    return None if _blas["get"] is None else int(_blas["get"]())
+
+
+@contextlib.contextmanager
+def blas_own_threads(n: int | None = None):
+    """Inside, NumPy's BLAS runs on ``n`` threads of its own (default: as many as
+    it had when minipeft first looked); after, what it had before. For
+    measuring BLAS alone (``minipeft bench``'s matmul floor)."""
+    if blas_threads() is None:
+        yield
+        return
+    before = blas_threads()
+    _blas["set"](int(n or _blas["initial"]))
+    try:
+        yield
+    finally:
+        _blas["set"](before)
+
+
+@contextlib.contextmanager
+def using_threads(n: int):
+    """Inside, the CPU work of a step uses ``n`` threads in all: the engine's ``n``
+    (each product's parts on one BLAS thread), or with ``n = 1`` one thread and
+    BLAS held to one too. After, the thread counts from before."""
+    if isinstance(n, bool) or int(n) != n or int(n) < 1:
+        raise ValueError(f"using_threads: need a whole number of threads, at least 1, got {n!r}")
+    previous = _threads["n"]
+    set_num_threads(int(n))
+    try:
+        with blas_own_threads(1) if int(n) == 1 else contextlib.nullcontext():
+            yield
+    finally:
+        set_num_threads(previous)
+
 
 def _default_threads() -> int:
     value = os.environ.get("MINIPEFT_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else 1
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    blas_threads()
+    return _blas["initial"] or 1
 
 
 def get_num_threads() -> int:
-    """Threads that large elementwise work on the CPU is split across."""
+    """Threads the engine splits large products and elementwise work across on the CPU."""
     if _threads["n"] is None:
         _threads["n"] = _default_threads()
     return _threads["n"]
 
 
 def set_num_threads(n: int | None) -> None:
-    """Use ``n`` threads for large elementwise work on the CPU (None: the default,
-    ``MINIPEFT_NUM_THREADS`` or 1).
+    """Use ``n`` threads for large products and elementwise work on the CPU (None:
+    the default, ``MINIPEFT_NUM_THREADS`` or as many as NumPy's BLAS had).
 
-    (NumPy's BLAS has its own setting: ``threadpoolctl.threadpool_limits``.)
+    With more than one, the engine holds NumPy's BLAS to one thread while it
+    runs; with one, BLAS gets back the thread count it had before.
     """
-    if n is not None and int(n) < 1:
-        raise ValueError(f"set_num_threads: need at least 1 thread, got {n}")
+    if n is not None and (isinstance(n, bool) or int(n) != n or int(n) < 1):
+        raise ValueError(f"set_num_threads: need a whole number of threads, at least 1, got {n!r}")
     _threads["n"] = None if n is None else int(n)
     if _threads["pool"] is not None:
         _threads["pool"].shutdown(wait=True)
         _threads["pool"] = None
+    if get_num_threads() == 1 and _blas["held_from"] is not None:
+        _blas["set"](_blas["held_from"])
+        _blas["held_from"] = None
+
+
+def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The engine's n - 1 helper threads (the calling thread is the n-th), and
+    BLAS held to one thread while they exist."""
+    if blas_threads() not in (None, 1):
+        if _blas["held_from"] is None:
+            _blas["held_from"] = blas_threads()
+        _blas["set"](1)
+    pool = _threads["pool"]
+    if pool is None:
+        pool = _threads["pool"] = concurrent.futures.ThreadPoolExecutor(
+            max_workers=n - 1, thread_name_prefix="minipeft")
+    return pool
+
+
+def in_parts(fn, length: int) -> None:
+    """Run ``fn(lo, hi)`` over ``range(length)`` cut into one part per thread,
+    the parts at once (``fn`` must touch only what belongs to its part)."""
+    n = min(get_num_threads(), length)
+    if n < 2:
+        fn(0, length)
+        return
+    pool = _pool(get_num_threads())
+    cuts = [length * i // n for i in range(n + 1)]
+    futures = [pool.submit(fn, cuts[i], cuts[i + 1]) for i in range(1, n)]
+    try:
+        fn(cuts[0], cuts[1])            # this thread takes the first part
+    finally:
+        for f in futures:
+            f.result()                  # waits; re-raises an error from a part
 
 
 def in_blocks(fn, *arrays, piece: int | None = None) -> None:
@@ -155,14 +277,13 @@ def in_blocks(fn, *arrays, piece: int | None = None) -> None:
     cuts = [rows * i // n for i in range(n + 1)]
     futures = []
     if n > 1:
-        pool = _threads["pool"]
-        if pool is None:
-            pool = _threads["pool"] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=get_num_threads() - 1, thread_name_prefix="minipeft")
+        pool = _pool(get_num_threads())
         futures = [pool.submit(run, cuts[i], cuts[i + 1]) for i in range(1, n)]
-    run(cuts[0], cuts[1])               # this thread takes the first block
-    for f in futures:
-        f.result()                      # waits; re-raises an error from a block
+    try:
+        run(cuts[0], cuts[1])           # this thread takes the first block
+    finally:
+        for f in futures:
+            f.result()                  # waits; re-raises an error from a block
 
 
 # ---------------------------------------------------------------------------
