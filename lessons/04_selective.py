@@ -47,8 +47,7 @@ from minipeft import lessons
 from minipeft.autograd import LEDGER, ops
 from minipeft.base import load_base
 from minipeft.data import get_task
-from minipeft.evaluation import evaluate
-from minipeft.optim import AdamW, LRSchedule
+from minipeft.optim import AdamW
 from minipeft.peft import (
     BitFitConfig,
     FullFinetuneConfig,
@@ -57,7 +56,6 @@ from minipeft.peft import (
     get_peft_model,
 )
 from minipeft.peft.selective import break_even_density, mask_state_bytes
-from minipeft.train import train
 
 plt = lessons.setup()
 
@@ -99,8 +97,8 @@ for name, cfg in selections.items():
 # * the optimizer's state (`AdamW.state_bytes()`: two moments per trained
 #   entry, plus a mask's index);
 # * the activation ledger's bytes after the forward pass;
-# * the FLOPs of every matrix product the engine formed (`ops.matmul_log`),
-#   forward and backward;
+# * the FLOPs of every matrix product the engine formed
+#   (`lessons.count_flops()`), forward and backward;
 # * the wall-clock time of the step, on this machine (shown, never asserted).
 
 # %%
@@ -120,15 +118,12 @@ def one_step(pm, opt, idx, targets):
     """A training step, measured: counters, gradient bytes, ledger, FLOPs."""
     ops.counters.clear()
     before = LEDGER.nbytes()
-    ops.matmul_log = []
-    try:
+    with lessons.count_flops() as flops:
         _, loss = pm(idx, targets)
         saved = LEDGER.nbytes() - before
-        forward_flops = sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log)
+        forward_flops = flops.total
         loss.backward()
-        backward_flops = sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log) - forward_flops
-    finally:
-        ops.matmul_log = None
+    backward_flops = flops.total - forward_flops
     grads = sum(p.grad.nbytes for p in pm.parameters() if p.grad is not None)
     opt.step()
     opt.zero_grad()
@@ -252,6 +247,9 @@ plt.show()
 # Each selection trains on `reverse` for the same number of steps (its own
 # learning rate: small sets of parameters need larger steps), then answers
 # the test words. Zero-shot the base reverses none of them (lesson 1).
+# `lessons.finetune_and_score` is what `minipeft finetune` runs
+# (`minipeft.finetune.finetune`), kept in memory instead of saved, plus the
+# held-out answer loss.
 
 # %%
 runs = {
@@ -265,14 +263,9 @@ n_test = lessons.pick(500, 100)
 zero_shot_loss = lessons.answer_loss(load_base(), task)
 histories, scores, val_losses = {}, {}, {}
 for name, (cfg, lr) in runs.items():
-    pm = get_peft_model(load_base(), cfg)
-    opt = AdamW(pm.trainable_parameters(), lr=lr, weight_decay=0.0)
-    histories[name] = train(pm, opt, task.batches("train", 16, seed=0, epochs=None), steps,
-                            schedule=LRSchedule(lr, steps, min(20, steps // 5), min_lr=lr / 10),
-                            clip=1.0, progress=False)
-    val_losses[name] = lessons.answer_loss(pm, task)
-    scores[name] = evaluate(pm, task, "test", limit=n_test)
-    print(f"{name:18s} {pm.get_nb_trainable_parameters()[0]:>8,d} trained  "
+    run = lessons.finetune_and_score(cfg, task, lr, steps, n_test)
+    histories[name], val_losses[name], scores[name] = run.history, run.answer_loss, run.score
+    print(f"{name:18s} {run.trainable:>8,d} trained  "
           f"answer loss {zero_shot_loss:.2f} -> {val_losses[name]:.3f}   "
           f"exact match {scores[name]:.3f} on {n_test} test words")
 

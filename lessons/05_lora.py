@@ -37,13 +37,9 @@
 import numpy as np
 
 from minipeft import lessons
-from minipeft.autograd import ops
 from minipeft.base import load_base
 from minipeft.data import get_task
-from minipeft.evaluation import evaluate
-from minipeft.optim import AdamW, LRSchedule
 from minipeft.peft import FullFinetuneConfig, LoraConfig, get_peft_model
-from minipeft.train import train
 
 plt = lessons.setup()
 
@@ -78,27 +74,19 @@ print("LoRA at initialisation equals the base, bit for bit:", identical_at_init)
 # %% [markdown]
 # ## 2. Training it, and the rank of what it learned
 #
-# Only $A$ and $B$ go to the optimizer. After training, the update of each
-# layer, $\Delta W = \frac{\alpha}{r}AB$ (`delta_weight`), is a full
-# 128 × 384 matrix, but its singular values stop after $r$ of them.
+# Only $A$ and $B$ go to the optimizer. `lessons.finetune_and_score` trains
+# the way `minipeft finetune` does (`minipeft.finetune.finetune`: wrap,
+# AdamW over what trains, warmup and cosine decay), keeps the model in
+# memory, and scores it. After training, the update of each layer,
+# $\Delta W = \frac{\alpha}{r}AB$ (`delta_weight`), is a full 128 × 384
+# matrix, but its singular values stop after $r$ of them.
 
 # %%
 steps = lessons.pick(200, 25)
 n_test = lessons.pick(500, 100)
-
-
-def finetune_on_reverse(config, lr, steps=steps):
-    """The package's pieces: wrap, AdamW over what trains, the training loop."""
-    model = get_peft_model(load_base(), config)
-    opt = AdamW(model.trainable_parameters(), lr=lr, weight_decay=0.0)
-    history = train(model, opt, task.batches("train", 16, seed=0, epochs=None), steps,
-                    schedule=LRSchedule(lr, steps, min(20, steps // 5), min_lr=lr / 10),
-                    clip=1.0, progress=False)
-    return model, history
-
-
 zero_shot_loss = lessons.answer_loss(base, task)
-lora8, history8 = finetune_on_reverse(LoraConfig(r=8, target_modules=["c_attn"]), 3e-3)
+lora8 = lessons.finetune_and_score(LoraConfig(r=8, target_modules=["c_attn"]), task, 3e-3,
+                                   steps, n_test).model
 delta = lora8.base_model.h[0].attn.c_attn.delta_weight("default")
 singular = np.linalg.svd(np.asarray(delta, dtype=np.float64), compute_uv=False)
 print(f"Delta W of h.0.attn.c_attn: shape {delta.shape}, rank {np.linalg.matrix_rank(delta)}")
@@ -124,14 +112,13 @@ plt.show()
 ranks = lessons.pick([1, 2, 4, 8, 16, 32, 64], [1, 4, 16])
 sweep = {}
 for r in ranks:
-    model, _ = finetune_on_reverse(LoraConfig(r=r, lora_alpha=r, target_modules=["c_attn"]), 3e-3)
-    sweep[r] = {"trainable": model.get_nb_trainable_parameters()[0],
-                "answer loss": lessons.answer_loss(model, task),
-                "exact match": evaluate(model, task, "test", limit=n_test)}
+    run = lessons.finetune_and_score(LoraConfig(r=r, lora_alpha=r, target_modules=["c_attn"]),
+                                     task, 3e-3, steps, n_test)
+    sweep[r] = {"trainable": run.trainable, "answer loss": run.answer_loss,
+                "exact match": run.score}
     print(f"r = {r:3d}: {sweep[r]['trainable']:>7,d} trainable, answer loss "
           f"{sweep[r]['answer loss']:.3f}, exact match {sweep[r]['exact match']:.3f}")
-full_model, _ = finetune_on_reverse(FullFinetuneConfig(), 1e-3)
-full_score = evaluate(full_model, task, "test", limit=n_test)
+full_score = lessons.finetune_and_score(FullFinetuneConfig(), task, 1e-3, steps, n_test).score
 print(f"full fine-tuning: 822,016 trainable, exact match {full_score:.3f}")
 
 fig, ax = plt.subplots()
@@ -153,26 +140,17 @@ plt.show()
 # $2r\,(in + out)$ FLOPs per target per token (`extra_flops_per_token`).
 # `merge_adapter()` adds $\frac{\alpha}{r}AB$ into $W$ once; the branch
 # then stops running. We count the FLOPs of every matrix product the engine
-# forms in one forward pass (`ops.matmul_log`) for the base, the unmerged
-# and the merged model.
+# forms in one forward pass (`lessons.forward_flops`) for the base, the
+# unmerged and the merged model.
 
 # %%
-def forward_flops(model, idx):
-    ops.matmul_log = []
-    try:
-        logits = model(idx)
-        return sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log), logits.numpy()
-    finally:
-        ops.matmul_log = None
-
-
 n_tokens = idx.size
-flops_base, _ = forward_flops(base, idx)
+flops_base = lessons.forward_flops(base, idx)
 extra_unmerged = lora8.active_method.extra_flops_per_token(lora8)
-flops_unmerged, logits_unmerged = forward_flops(lora8, idx)
+flops_unmerged, logits_unmerged = lessons.forward_flops(lora8, idx), lora8(idx).numpy()
 lora8.merge_adapter()
 extra_merged = lora8.active_method.extra_flops_per_token(lora8)
-flops_merged, logits_merged = forward_flops(lora8, idx)
+flops_merged, logits_merged = lessons.forward_flops(lora8, idx), lora8(idx).numpy()
 gap = np.abs(logits_merged - logits_unmerged).max()
 print(f"extra FLOPs per token: unmerged {extra_unmerged:,d}, merged {extra_merged}")
 print(f"forward FLOPs for {n_tokens} tokens: base {flops_base:,d}, unmerged {flops_unmerged:,d} "

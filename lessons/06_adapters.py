@@ -38,13 +38,9 @@ import time
 import numpy as np
 
 from minipeft import lessons
-from minipeft.autograd import ops
 from minipeft.base import load_base
 from minipeft.data import get_task
-from minipeft.evaluation import evaluate
-from minipeft.optim import AdamW, LRSchedule
 from minipeft.peft import AdapterConfig, LoraConfig, get_peft_model
-from minipeft.train import train
 
 plt = lessons.setup()
 
@@ -79,7 +75,8 @@ print("both equal the base at initialisation:", all(p["identity"] for p in place
 # %% [markdown]
 # ## 2. Learning the task
 #
-# Both placements train on `reverse` with the same steps and learning rate.
+# Both placements train on `reverse` with the same steps and learning rate,
+# the way `minipeft finetune` trains (`lessons.finetune_and_score`).
 
 # %%
 steps = lessons.pick(200, 30)
@@ -87,13 +84,11 @@ n_test = lessons.pick(500, 100)
 zero_shot_loss = lessons.answer_loss(base, task)
 histories, results = {}, {}
 for placement in ("houlsby", "pfeiffer"):
-    pm = get_peft_model(load_base(), AdapterConfig(bottleneck=m, placement=placement))
-    opt = AdamW(pm.trainable_parameters(), lr=3e-3, weight_decay=0.0)
-    histories[placement] = train(pm, opt, task.batches("train", 16, seed=0, epochs=None), steps,
-                                 schedule=LRSchedule(3e-3, steps, min(20, steps // 5), min_lr=3e-4),
-                                 clip=1.0, progress=False)
-    results[placement] = {"model": pm, "answer loss": lessons.answer_loss(pm, task),
-                          "exact match": evaluate(pm, task, "test", limit=n_test)}
+    run = lessons.finetune_and_score(AdapterConfig(bottleneck=m, placement=placement), task,
+                                     3e-3, steps, n_test)
+    histories[placement] = run.history
+    results[placement] = {"model": run.model, "answer loss": run.answer_loss,
+                          "exact match": run.score}
     print(f"{placement}: answer loss {zero_shot_loss:.2f} -> {results[placement]['answer loss']:.3f}, "
           f"exact match {results[placement]['exact match']:.3f}")
 
@@ -114,29 +109,20 @@ plt.show()
 # base can absorb it. Every token pays for its two products, $2 \cdot 2Cm$
 # FLOPs per adapter (`extra_flops_per_token`), forever. LoRA's branch, by
 # contrast, is linear and merges into $W$ (lesson 5). We count the FLOPs of
-# every matrix product in one forward pass (`ops.matmul_log`).
+# every matrix product in one forward pass (`lessons.forward_flops`).
 
 # %%
-def forward_flops(model, idx):
-    ops.matmul_log = []
-    try:
-        model(idx)
-        return sum(2 * b * mm * k * n for b, mm, k, n in ops.matmul_log)
-    finally:
-        ops.matmul_log = None
-
-
 n_tokens = idx.size
-flops = {"base": forward_flops(base, idx)}
+flops = {"base": lessons.forward_flops(base, idx)}
 extra = {}
 for placement in ("houlsby", "pfeiffer"):
     pm = results[placement]["model"]
-    flops[placement] = forward_flops(pm, idx)
+    flops[placement] = lessons.forward_flops(pm, idx)
     extra[placement] = pm.active_method.extra_flops_per_token(pm)
 lora = get_peft_model(load_base(), LoraConfig(r=8))
-flops["LoRA r=8, unmerged"] = forward_flops(lora, idx)
+flops["LoRA r=8, unmerged"] = lessons.forward_flops(lora, idx)
 lora.merge_adapter()
-flops["LoRA r=8, merged"] = forward_flops(lora, idx)
+flops["LoRA r=8, merged"] = lessons.forward_flops(lora, idx)
 for name, f in flops.items():
     print(f"{name:20s} {f / n_tokens:>12,.0f} FLOPs per token  (+{(f - flops['base']) / n_tokens:,.0f})")
 

@@ -37,12 +37,10 @@
 # %%
 import numpy as np
 
-from minipeft import lessons, no_grad
+from minipeft import lessons
 from minipeft.autograd import LEDGER, ops
 from minipeft.base import load_base
 from minipeft.data import get_task
-from minipeft.evaluation import evaluate
-from minipeft.optim import AdamW, LRSchedule
 from minipeft.peft import (
     FullFinetuneConfig,
     LayerSelectConfig,
@@ -51,7 +49,6 @@ from minipeft.peft import (
     PromptTuningConfig,
     get_peft_model,
 )
-from minipeft.train import train
 
 plt = lessons.setup()
 
@@ -145,7 +142,8 @@ plt.show()
 #
 # Soft prompts need large steps. We train prompt tuning twice, from rows of
 # the vocabulary's embeddings (the default) and from the embeddings of a
-# text that says what to do, and prefix tuning with its MLP, on `reverse`.
+# text that says what to do, and prefix tuning with its MLP, on `reverse`,
+# the way `minipeft finetune` trains (`lessons.finetune_and_score`).
 
 # %%
 steps = lessons.pick(300, 30)
@@ -160,13 +158,9 @@ runs = {
 }
 histories, results = {}, {}
 for name, (cfg, lr) in runs.items():
-    pm = get_peft_model(load_base(), cfg)
-    opt = AdamW(pm.trainable_parameters(), lr=lr, weight_decay=0.0)
-    histories[name] = train(pm, opt, task.batches("train", 16, seed=0, epochs=None), steps,
-                            schedule=LRSchedule(lr, steps, min(20, steps // 5), min_lr=lr / 10),
-                            clip=1.0, progress=False)
-    results[name] = {"model": pm, "answer loss": lessons.answer_loss(pm, task),
-                     "exact match": evaluate(pm, task, "test", limit=n_test)}
+    run = lessons.finetune_and_score(cfg, task, lr, steps, n_test)
+    histories[name] = run.history
+    results[name] = {"model": run.model, "answer loss": run.answer_loss, "exact match": run.score}
     print(f"{name:26s} answer loss {zero_shot_loss:.2f} -> {results[name]['answer loss']:.3f}, "
           f"exact match {results[name]['exact match']:.3f}")
 
@@ -196,20 +190,11 @@ plt.show()
 # over $T$ tokens costs what the base pays for $P + T$. Prefix tuning adds
 # no positions to the Linears, only $P$ more keys and values to every
 # attention: $2 \cdot 2PC$ FLOPs per token per layer (scores and weighted
-# sum). We count the FLOPs of every matrix product (`ops.matmul_log`), and
-# sweep $P$.
+# sum). We count the FLOPs of every matrix product (`lessons.forward_flops`),
+# and sweep $P$.
 
 # %%
-def forward_flops(model, idx):
-    ops.matmul_log = []
-    try:
-        with no_grad():
-            model(idx)
-        return sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log)
-    finally:
-        ops.matmul_log = None
-
-
+forward_flops = lessons.forward_flops
 x = idx                                        # (8, T) prompts of the validation split
 T = x.shape[1]
 longer = np.concatenate([np.zeros((x.shape[0], P), dtype=x.dtype), x], axis=1)  # (8, P+T)

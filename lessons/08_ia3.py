@@ -35,11 +35,8 @@
 import numpy as np
 
 from minipeft import lessons
-from minipeft.autograd import ops
 from minipeft.base import load_base
 from minipeft.data import get_task
-from minipeft.evaluation import evaluate
-from minipeft.optim import AdamW, LRSchedule
 from minipeft.peft import (
     AdapterConfig,
     BitFitConfig,
@@ -49,7 +46,6 @@ from minipeft.peft import (
     PromptTuningConfig,
     get_peft_model,
 )
-from minipeft.train import train
 
 plt = lessons.setup()
 
@@ -123,19 +119,15 @@ plt.show()
 #
 # Training moves each vector away from one. Like the other methods with very
 # few parameters, (IA)³ takes larger steps: a learning rate of 3e-2 here,
-# ten times LoRA's.
+# ten times LoRA's. It trains the way `minipeft finetune` does
+# (`lessons.finetune_and_score`).
 
 # %%
 steps = lessons.pick(200, 30)
 n_test = lessons.pick(500, 100)
 zero_shot_loss = lessons.answer_loss(base, task)
-ia3 = get_peft_model(load_base(), IA3Config())
-opt = AdamW(ia3.trainable_parameters(), lr=3e-2, weight_decay=0.0)
-history = train(ia3, opt, task.batches("train", 16, seed=0, epochs=None), steps,
-                schedule=LRSchedule(3e-2, steps, min(20, steps // 5), min_lr=3e-3),
-                clip=1.0, progress=False)
-ia3_loss = lessons.answer_loss(ia3, task)
-ia3_score = evaluate(ia3, task, "test", limit=n_test)
+run = lessons.finetune_and_score(IA3Config(), task, 3e-2, steps, n_test)
+ia3, ia3_loss, ia3_score = run.model, run.answer_loss, run.score
 print(f"(IA)^3 on reverse, {steps} steps: answer loss {zero_shot_loss:.2f} -> {ia3_loss:.3f}, "
       f"exact match {ia3_score:.3f}")
 
@@ -163,24 +155,16 @@ plt.show()
 # Both kinds of scaling fold into a weight: scaling an output is
 # $(xW + b) \odot l = x\,(W\,\mathrm{diag}\,l) + b \odot l$, scaling an input is
 # $(x \odot l)\,W = x\,(\mathrm{diag}(l)\,W)$. Unmerged, (IA)³ costs one
-# multiply per scaled feature per token; merged, nothing.
+# multiply per scaled feature per token; merged, nothing. We count the FLOPs
+# of every matrix product in one forward pass (`lessons.forward_flops`).
 
 # %%
-def forward_flops(model, idx):
-    ops.matmul_log = []
-    try:
-        logits = model(idx)
-        return sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log), logits.numpy()
-    finally:
-        ops.matmul_log = None
-
-
 extra_unmerged = ia3.active_method.extra_flops_per_token(ia3)
-_, logits_unmerged = forward_flops(ia3, idx)
+logits_unmerged = ia3(idx).numpy()
 ia3.merge_adapter()
 extra_merged = ia3.active_method.extra_flops_per_token(ia3)
-flops_merged, logits_merged = forward_flops(ia3, idx)
-flops_base, _ = forward_flops(base, idx)
+flops_merged, logits_merged = lessons.forward_flops(ia3, idx), ia3(idx).numpy()
+flops_base = lessons.forward_flops(base, idx)
 gap = np.abs(logits_merged - logits_unmerged).max()
 print(f"extra FLOPs per token: unmerged {extra_unmerged:,d}, merged {extra_merged}")
 print(f"matrix-product FLOPs merged {flops_merged:,d} vs base {flops_base:,d}")

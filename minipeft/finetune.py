@@ -142,6 +142,10 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
 
     ``settings.lr=None`` trains at the method's best known rate; the rate used
     is in ``result.settings["lr"]`` and in the saved ``finetune.json``.
+    ``out=None`` saves nothing. Besides its fields, the result carries what
+    stays in memory and is not written to ``finetune.json``: ``result.model``,
+    the trained :class:`PeftModel`, and ``result.history``, the training
+    :class:`~minipeft.train.History` (the loss of every step).
     """
     # bad input is refused here, before the base is loaded or anything is trained
     if not isinstance(config, PeftConfig):
@@ -194,7 +198,7 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
         pm.save_pretrained(out)
         io.atomic_write_json(os.path.join(out, FINETUNE_INFO),
                              {**dataclasses.asdict(result), "config": config.to_dict()})
-    result.model = pm
+    result.model, result.history = pm, history
     return result
 
 

@@ -12,8 +12,13 @@ only the few lines each of them would otherwise copy:
   computes or asserts, only how much of it.
 * :func:`answer_loss`: the quantity fine-tuning minimises, measured on
   held-out examples (cross-entropy on the answer characters only).
-* :func:`step_flops`: the FLOPs of every matrix product one training step
-  forms, forward and backward: a count, where a step's milliseconds are a
+* :func:`finetune_and_score`: train a PEFT config on a task the way
+  ``minipeft finetune`` does (:func:`minipeft.finetune.finetune`), keep it in
+  memory, and score it: the training history, the held-out answer loss and
+  the test metric, which is what a lesson plots and asserts.
+* :func:`count_flops`, :func:`forward_flops` and :func:`step_flops`: the
+  FLOPs of every matrix product a forward pass, or a training step forward
+  and backward, forms: a count, where a step's milliseconds are a
   measurement of one machine.
 
 It imports nothing heavy at import time, so ``import minipeft`` and the test
@@ -22,7 +27,9 @@ suite never need the ``lessons`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,11 +99,100 @@ def answer_loss(model, task, split: str = "val", n_examples: int = 200,
     return evaluate_loss(model, batches, n_examples // batch_size)
 
 
+@dataclass
+class Finetuned:
+    """What :func:`finetune_and_score` returns: the trained model and what a lesson reads of it."""
+
+    model: object           #: the PeftModel, adapter still attached (unmerged)
+    history: object         #: the training :class:`~minipeft.train.History` (losses by step)
+    answer_loss: float      #: held-out answer loss (:func:`answer_loss`, validation split)
+    score: float            #: the task's metric on the first ``n_test`` test examples
+    trainable: int          #: trained parameters (a masked weight counts its selected entries)
+
+
+def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
+                       batch_size: int = 16) -> Finetuned:
+    r"""Fine-tune the shipped base with ``config`` on ``task``, as ``minipeft finetune`` does.
+
+    This is :func:`minipeft.finetune.finetune` (wrap, AdamW over what trains
+    with no weight decay, warmup and cosine decay to ``lr / 10``, gradient
+    clipping at 1, batches of the training split in the order of seed 0),
+    with nothing saved to disk and no zero-shot score, followed by
+    :func:`answer_loss` on the validation split. ``lr`` is the lesson's own
+    rate (each lesson says why it picked it). The warmup is 20 steps, or a
+    fifth of a shorter run (the fast setting), so that a run of a few dozen
+    steps still spends most of them at the full rate. ``n_test`` test
+    examples are scored (greedy answers, the task's metric).
+    """
+    from .finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr,
+                                warmup=min(20, steps // 5), eval_limit=n_test)
+    result = finetune(config, task.name, settings, out=None, progress=False, zero_shot=False)
+    return Finetuned(model=result.model, history=result.history,
+                     answer_loss=answer_loss(result.model, task), score=result.score,
+                     trainable=result.trainable)
+
+
+class FlopCount:
+    """The matrix-product FLOPs logged so far inside :func:`count_flops` (``.total``)."""
+
+    def __init__(self, log: list):
+        self._log = log
+
+    @property
+    def total(self) -> int:
+        r""":math:`\sum 2\,b\,m\,k\,n` over every product logged so far."""
+        return int(sum(2 * b * m * k * n for b, m, k, n in self._log))
+
+
+@contextlib.contextmanager
+def count_flops():
+    r"""Count the FLOPs of every matrix product formed inside the ``with`` block.
+
+    The engine logs each product it forms while
+    :data:`minipeft.autograd.ops.matmul_log` is a list, as ``(batch, m, k,
+    n)``: :math:`2\,b\,m\,k\,n` FLOPs. Read ``.total`` of what this yields at
+    any point (after the forward pass, after backward); the log is switched
+    off again on leaving the block, even on an error::
+
+        with lessons.count_flops() as flops:
+            _, loss = model(idx, targets)
+            forward = flops.total
+            loss.backward()
+        backward = flops.total - forward
+    """
+    from .autograd import ops
+
+    log = []
+    previous, ops.matmul_log = ops.matmul_log, log
+    try:
+        yield FlopCount(log)
+    finally:
+        ops.matmul_log = previous
+
+
+def forward_flops(model, idx) -> int:
+    r"""FLOPs of the matrix products of one forward pass of ``model`` on ``idx`` (no loss).
+
+    Run without gradients (:func:`minipeft.no_grad`): a forward pass forms
+    the same products either way. This is the inference cost a lesson sets
+    beside a method's ``extra_flops_per_token``: ``forward_flops(peft, idx)
+    - forward_flops(base, idx)`` is exactly that times ``idx.size`` for a
+    method that adds work to every token, and 0 for a merged one.
+    """
+    from . import backend, no_grad
+
+    idx = backend.to_device(np.asarray(idx), model.device)
+    with no_grad(), count_flops() as flops:
+        model(idx)
+    return flops.total
+
+
 def step_flops(model, batch) -> dict:
     r"""FLOPs of the matrix products one forward and backward pass on ``batch`` forms.
 
-    Every product the engine forms is logged (:data:`minipeft.autograd.ops.matmul_log`,
-    ``(batch, m, k, n)``, :math:`2\,b\,m\,k\,n` FLOPs each). Returns
+    Every product the engine forms is counted (:func:`count_flops`). Returns
     ``{"forward": ..., "backward": ..., "tokens": ...}``: the forward pass
     with the loss, then backward, and the number of tokens in ``batch``. A
     frozen weight's :math:`x^\top G` is never formed, so the backward count
@@ -105,16 +201,14 @@ def step_flops(model, batch) -> dict:
     afterwards and no optimizer step is taken: the model is left as it was.
     """
     from . import backend
-    from .autograd import ops
 
     idx, targets = (backend.to_device(np.asarray(a), model.device) for a in batch)
-    ops.matmul_log = []
     try:
-        _, loss = model(idx, targets)
-        forward = sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log)
-        loss.backward()
-        backward = sum(2 * b * m * k * n for b, m, k, n in ops.matmul_log) - forward
+        with count_flops() as flops:
+            _, loss = model(idx, targets)
+            forward = flops.total
+            loss.backward()
+        backward = flops.total - forward
     finally:
-        ops.matmul_log = None
         model.zero_grad()
-    return {"forward": int(forward), "backward": int(backward), "tokens": int(np.size(batch[0]))}
+    return {"forward": forward, "backward": backward, "tokens": int(np.size(batch[0]))}

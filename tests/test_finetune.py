@@ -7,6 +7,7 @@ covers with real budgets.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -84,6 +85,16 @@ def test_lr_defaults_to_the_methods_best_known_rate_and_is_recorded(config, tmp_
     assert saved["settings"]["lr"] == best_known_lr(config.method)
     given = finetune(config, "sentiment", quick(lr=1e-3), progress=False, zero_shot=False)
     assert given.settings["lr"] == 1e-3
+
+
+def test_a_run_without_out_saves_nothing_and_keeps_model_and_history(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = finetune(LoraConfig(), "sentiment", quick(steps=3), progress=False, zero_shot=False)
+    assert os.listdir(tmp_path) == [] and result.out is None
+    assert result.model.get_nb_trainable_parameters()[0] == result.trainable
+    assert len(result.history.losses) == 3 and result.history.last_loss == result.final_loss
+    # neither is part of what finetune.json would record
+    assert "model" not in dataclasses.asdict(result) and "history" not in dataclasses.asdict(result)
 
 
 def test_eval_limit_beyond_the_test_split_scores_the_whole_split():

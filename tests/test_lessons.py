@@ -116,6 +116,65 @@ def test_solutions_parse():
 
 
 # ---------------------------------------------------------------------------
+# What the notebooks share (minipeft/lessons.py)
+# ---------------------------------------------------------------------------
+
+
+def test_finetune_and_score_is_the_training_loop_the_lessons_wrote_out():
+    # lessons 4 to 8 once wrote this loop themselves; the helper must train the very
+    # same model (bit for bit), so their numbers did not move when they switched to it
+    import numpy as np
+
+    from minipeft import lessons
+    from minipeft.base import load_base
+    from minipeft.data import get_task
+    from minipeft.evaluation import evaluate
+    from minipeft.optim import AdamW, LRSchedule
+    from minipeft.peft import LoraConfig, get_peft_model
+    from minipeft.train import train
+
+    task, lr, steps, n_test = get_task("reverse"), 3e-3, 6, 4
+    config = LoraConfig(r=4, target_modules=["c_attn"])
+    pm = get_peft_model(load_base(), config)
+    opt = AdamW(pm.trainable_parameters(), lr=lr, weight_decay=0.0)
+    history = train(pm, opt, task.batches("train", 16, seed=0, epochs=None), steps,
+                    schedule=LRSchedule(lr, steps, min(20, steps // 5), min_lr=lr / 10),
+                    clip=1.0, progress=False)
+    run = lessons.finetune_and_score(config, task, lr, steps, n_test)
+    assert run.history.losses == history.losses and run.history.lrs == history.lrs
+    ours = dict(run.model.named_parameters())
+    for name, p in pm.named_parameters():
+        assert np.array_equal(ours[name].numpy(), p.numpy()), name
+    assert run.answer_loss == lessons.answer_loss(pm, task)
+    assert run.score == evaluate(pm, task, "test", limit=n_test)
+    assert run.trainable == pm.get_nb_trainable_parameters()[0] == 4 * 4 * (128 + 384)
+
+
+def test_the_flop_counters_agree_and_switch_the_log_off():
+    import numpy as np
+
+    from minipeft import lessons
+    from minipeft.autograd import ops
+    from minipeft.base import load_base
+    from minipeft.data import get_task
+    from minipeft.peft import LoraConfig, get_peft_model
+
+    idx, targets = next(get_task("reverse").batches("val", 4, shuffle=False))
+    base, lora = load_base(), get_peft_model(load_base(), LoraConfig(r=8))
+    # one forward pass, with or without the loss, forms the same products
+    assert lessons.forward_flops(base, idx) == lessons.step_flops(base, (idx, targets))["forward"]
+    extra = lora.active_method.extra_flops_per_token(lora)
+    assert lessons.forward_flops(lora, idx) - lessons.forward_flops(base, idx) == extra * idx.size
+    with lessons.count_flops() as flops:
+        base(np.asarray(idx))
+        assert flops.total == lessons.forward_flops(base, idx) > 0
+    assert ops.matmul_log is None
+    with pytest.raises(RuntimeError), lessons.count_flops():
+        raise RuntimeError("a cell fails halfway")
+    assert ops.matmul_log is None
+
+
+# ---------------------------------------------------------------------------
 # Without the lessons extra
 # ---------------------------------------------------------------------------
 
