@@ -38,8 +38,8 @@ from .autograd.tensor import Tensor
 from .nn.module import Module
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_json", "ensure_writable_dir", "load_checkpoint",
-    "load_into", "load_tensors", "save_checkpoint", "save_tensors",
+    "atomic_write_bytes", "atomic_write_json", "ensure_writable_dir", "fsync_folder",
+    "load_checkpoint", "load_into", "load_tensors", "save_checkpoint", "save_tensors",
 ]
 
 
@@ -104,7 +104,15 @@ def _atomic_target(path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    # Persist the rename itself (the folder's entry); best effort, POSIX only.
+    fsync_folder(folder)            # persist the rename itself (the folder's entry)
+
+
+def fsync_folder(folder) -> None:
+    """Flush a folder's entries to disk, so that a rename into it survives a crash.
+
+    Best effort, POSIX only: where a folder cannot be opened or synced
+    (Windows), it does nothing.
+    """
     with contextlib.suppress(OSError, AttributeError):
         dir_fd = os.open(folder, os.O_RDONLY)
         try:

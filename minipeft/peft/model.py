@@ -471,13 +471,7 @@ def _replace_pair(directory, weights: bytes, config: bytes) -> None:
         for path in (staged_w, staged_c) if keep_old else (staged_w, staged_c, kept):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    # persist the renames themselves (the folder's entries); best effort, POSIX only
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    io.fsync_folder(folder)         # the renames themselves survive a crash
 
 
 def _recorded_digest(path, weights: bool) -> str | None:
