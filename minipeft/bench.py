@@ -23,6 +23,16 @@ by one with ``time.perf_counter``. Per row it prints:
   Both losses on the batch are printed first, so a mismatch would show. The
   two steps are timed interleaved (minipeft, PyTorch, minipeft, ...), so both
   see the same machine, and the ratio is the median of the per-pair ratios.
+  The steps run in alternating blocks of ``BLOCK`` (minipeft's block, then
+  PyTorch's, ...), each block after one untimed step: both sides' thread
+  pools spin for a while after their work waiting for more (OpenBLAS's
+  threads, PyTorch's OpenMP team), and a step timed right after the other
+  side's would share its cores with them. Strict A B A B timing made
+  whichever side ran second pay: before minipeft held BLAS to one thread,
+  OpenBLAS's spinning made PyTorch's tiny step about 1.5x slower. A pause
+  before each step instead is no cure either: it lets idle cores sleep, and
+  waking them costs a threaded step more than it would ever pay in training,
+  where steps run back to back.
 
 ``--profile`` adds, per row, where minipeft's time goes: every op's forward
 and backward (see :func:`~minipeft.autograd.function.profile_ops`), the
@@ -89,6 +99,10 @@ CASES = {
 }
 METHODS = ("full", "lora")
 DEFAULT_CASES = ("tiny", "medium")
+
+#: timed steps in a row for one side before the other side's turn (each block
+#: after one untimed step)
+BLOCK = 5
 
 # The optimizer settings both sides use.
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
@@ -420,10 +434,14 @@ def bench_row(case: BenchCase, method: str, device: str, steps: int, warmup: int
         if ref is not None:
             ref.run()
     mine, theirs = [], []
-    for _ in range(steps):           # interleaved: A B A B ...
-        mine.append(_timed(ours.run))
-        if ref is not None:
-            theirs.append(_timed(ref.run))
+    while len(mine) < steps:         # alternating blocks: A A A A A, B B B B B, ...
+        n = min(BLOCK, steps - len(mine))
+        for side, times in ((ours, mine), (ref, theirs)):
+            if side is None:
+                continue
+            if ref is not None:
+                side.run()           # untimed: the other side's threads settle meanwhile
+            times.extend(_timed(side.run) for _ in range(n))
     row.update(_spread(mine))
     row["tokens_per_s"] = case.tokens / (row["median_ms"] / 1000)
     row["efficiency"] = row["floor_ms"] / row["median_ms"]
