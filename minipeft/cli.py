@@ -75,29 +75,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_lr(text: str) -> float:
-    """A learning rate: a finite number > 0."""
+def _finite(text: str, ok, must: str) -> float:
+    """A finite number for which ``ok(value)`` holds; else argparse's error, saying what it ``must`` be."""
     try:
         value = float(text)
     except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive finite number (e.g. 1e-2), got {text!r}; leave --lr out to "
-            "use the method's best known rate")
+        value = math.nan
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {must}, got {text!r}")
     return value
+
+
+def _positive_lr(text: str) -> float:
+    """A learning rate: a finite number > 0."""
+    return _finite(text, lambda v: v > 0, "a positive finite number (e.g. 1e-2); leave --lr out "
+                                          "to use the method's best known rate")
 
 
 def _temperature(text: str) -> float:
     """A sampling temperature: a finite number >= 0 (0 is greedy)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number >= 0 (0: greedy, always the likeliest token), got {text!r}")
-    return value
+    return _finite(text, lambda v: v >= 0,
+                   "a finite number >= 0 (0: greedy, always the likeliest token)")
 
 
 def _names(option: str, text: str | None) -> list[str] | None:

@@ -235,10 +235,11 @@ def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
     return pool
 
 
-def in_parts(fn, length: int) -> None:
-    """Run ``fn(lo, hi)`` over ``range(length)`` cut into one part per thread,
-    the parts at once (``fn`` must touch only what belongs to its part)."""
-    n = min(get_num_threads(), length)
+def in_parts(fn, length: int, most: int | None = None) -> None:
+    """Run ``fn(lo, hi)`` over ``range(length)`` cut into one part per thread (and
+    at most ``most`` parts), the parts at once (``fn`` must touch only what
+    belongs to its part)."""
+    n = min(get_num_threads(), length, length if most is None else most)
     if n < 2:
         fn(0, length)
         return
@@ -268,22 +269,12 @@ def in_blocks(fn, *arrays, piece: int | None = None) -> None:
         fn(*arrays)
         return
     step = max(1, piece // (a0.size // rows))               # rows in one piece
-    n = min(get_num_threads(), -(-rows // step))            # threads with work
 
     def run(lo, hi):
         for i in range(lo, hi, step):
             fn(*(a[i:min(i + step, hi)] for a in arrays))
 
-    cuts = [rows * i // n for i in range(n + 1)]
-    futures = []
-    if n > 1:
-        pool = _pool(get_num_threads())
-        futures = [pool.submit(run, cuts[i], cuts[i + 1]) for i in range(1, n)]
-    try:
-        run(cuts[0], cuts[1])           # this thread takes the first block
-    finally:
-        for f in futures:
-            f.result()                  # waits; re-raises an error from a block
+    in_parts(run, rows, most=-(-rows // step))              # no thread without a piece
 
 
 # ---------------------------------------------------------------------------
