@@ -65,7 +65,7 @@ import numpy as np
 
 from . import backend
 from .autograd import ops
-from .autograd.function import blas_own_threads, get_num_threads, profile_ops, set_num_threads
+from .autograd.function import blas_own_threads, get_num_threads, profile_ops, set_num_threads, split_matmul
 from .nn.gpt import GPT, GPTConfig
 from .optim import AdamW
 from .peft import LoraConfig, get_peft_model
@@ -272,7 +272,7 @@ def best_matmul_rate(shapes, device: str, reps: int = 5, cache: dict | None = No
             # the better of the engine's split product (one BLAS thread per
             # part) and BLAS's own threads on the whole: the floor is the best
             # this machine does, whoever does it
-            best = fastest(ops._split_matmul)
+            best = fastest(split_matmul)
             with blas_own_threads(threads):
                 best = min(best, fastest(np.matmul))
         else:

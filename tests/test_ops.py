@@ -614,13 +614,13 @@ def test_a_split_product_equals_numpys(monkeypatch, a_shape, b_shape, axis):
         parts.append(length)
         return real(fn, length)
 
-    monkeypatch.setattr(ops, "in_parts", spy)
-    monkeypatch.setattr(ops, "_SPLIT_FLOPS", 0)
+    monkeypatch.setattr(function, "in_parts", spy)
+    monkeypatch.setattr(function, "_SPLIT_FLOPS", 0)
     try:
         function.set_num_threads(3)
-        got = ops._split_matmul(a, b)
+        got = function.split_matmul(a, b)
         out = np.full(want.shape[:-1] + (want.shape[-1] + 3,), np.nan)[..., :want.shape[-1]]
-        ops._split_matmul(a, b, out=out)                 # into a strided view
+        function.split_matmul(a, b, out=out)                 # into a strided view
     finally:
         function.set_num_threads(None)
     assert parts == [want.shape[axis]] * 2
@@ -657,7 +657,7 @@ def test_engine_threads_hold_blas_to_one_and_give_it_back():
     x = np.ones((512, 512), np.float32)
     try:
         function.set_num_threads(2)
-        ops._split_matmul(x, x)
+        function.split_matmul(x, x)
         assert function.blas_threads() == 1
         with function.blas_own_threads(2):
             assert function.blas_threads() == 2

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import math
 import os
 import threading
 import time
@@ -88,9 +89,11 @@ def no_grad():
 # :func:`in_blocks`; each element is computed exactly as in one call, so the
 # result does not depend on the number of threads.
 #
-# Matrix products are split the same way (:func:`in_parts`, used by
-# ``ops._matmul``): by rows of the output, or by batch entries for a stack
-# of products, one part per thread. The engine then holds NumPy's BLAS to
+# Matrix products are split the same way (:func:`split_matmul`, which
+# ``ops._matmul`` calls on NumPy arrays): by rows of the output, or by
+# batch entries for a stack of products, one part per thread (each part is
+# BLAS's product on a slice: the same numbers, summed in the same order,
+# as one call on one thread). The engine then holds NumPy's BLAS to
 # one thread. Left alone, OpenBLAS's own threads spin for a while after each
 # product waiting for the next one, and a spinning thread takes the core
 # from the engine's elementwise threads: on the 2-core machine this was
@@ -251,6 +254,45 @@ def in_parts(fn, length: int, most: int | None = None) -> None:
     finally:
         for f in futures:
             f.result()                  # waits; re-raises an error from a part
+
+
+#: products below this many FLOPs run whole: a thread hand-off costs tens of
+#: microseconds, a product of 2 MFLOP about ten on one core
+_SPLIT_FLOPS = 2_000_000
+
+
+def split_matmul(a, b, out=None):
+    """NumPy's ``a @ b`` cut into one part per engine thread (see
+    :func:`in_parts`): by batch entry for a stack of
+    products, else by rows of the output, else by its columns. Each part is
+    the same BLAS product on a slice, so the result equals one call's up to the
+    order BLAS sums in."""
+    n = get_num_threads()
+    if n < 2 or a.ndim < 2 or b.ndim < 2:
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+    batch = tuple(np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])))
+    shape = (*batch, a.shape[-2], b.shape[-1])
+    if 2 * math.prod(shape) * a.shape[-1] < _SPLIT_FLOPS:
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+    if out is None:
+        out = np.empty(shape, dtype=np.result_type(a, b))
+    if batch and batch[0] >= n:
+        # (B, ..., m, k) @ (B, ..., k, n): batch entries lo..hi-1; an operand
+        # broadcast along the batch (fewer dimensions, or 1 there) goes whole
+        def lead(t, lo, hi):
+            return t[lo:hi] if t.ndim == len(shape) and t.shape[0] != 1 else t
+
+        def part(lo, hi):
+            np.matmul(lead(a, lo, hi), lead(b, lo, hi), out=out[lo:hi])
+    elif shape[-2] >= 2 * n:
+        def part(lo, hi):                                   # rows lo..hi-1 of a and of out
+            np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :])
+    else:
+        def part(lo, hi):                                   # columns lo..hi-1 of b and of out
+            np.matmul(a, b[..., lo:hi], out=out[..., lo:hi])
+    axis = 0 if batch and batch[0] >= n else (-2 if shape[-2] >= 2 * n else -1)
+    in_parts(part, shape[axis])
+    return out
 
 
 def in_blocks(fn, *arrays, piece: int | None = None) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import backend
 from . import function as _function
-from .function import Function, get_num_threads, in_blocks, in_parts
+from .function import Function, in_blocks, split_matmul
 from .tensor import Tensor
 
 # How many matrix products each backward formed, by kind. Tests read it to
@@ -56,51 +56,12 @@ def _matmul(xp, a, b, out=None):
     prof = _function._profile
     if prof is not None:
         t0 = time.perf_counter()
-    y = _split_matmul(a, b, out) if xp is np else (
+    y = split_matmul(a, b, out) if xp is np else (
         xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out))
     if prof is not None:
         backend.synchronize(y)
         prof.matmul[prof.current] += time.perf_counter() - t0
     return y
-
-
-#: products below this many FLOPs run whole: a thread hand-off costs tens of
-#: microseconds, a product of 2 MFLOP about ten on one core
-_SPLIT_FLOPS = 2_000_000
-
-
-def _split_matmul(a, b, out=None):
-    """NumPy's ``a @ b`` cut into one part per engine thread (see
-    :func:`~minipeft.autograd.function.in_parts`): by batch entry for a stack of
-    products, else by rows of the output, else by its columns. Each part is
-    the same BLAS product on a slice, so the result equals one call's up to the
-    order BLAS sums in."""
-    n = get_num_threads()
-    if n < 2 or a.ndim < 2 or b.ndim < 2:
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
-    batch = tuple(np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])))
-    shape = (*batch, a.shape[-2], b.shape[-1])
-    if 2 * math.prod(shape) * a.shape[-1] < _SPLIT_FLOPS:
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
-    if out is None:
-        out = np.empty(shape, dtype=np.result_type(a, b))
-    if batch and batch[0] >= n:
-        # (B, ..., m, k) @ (B, ..., k, n): batch entries lo..hi-1; an operand
-        # broadcast along the batch (fewer dimensions, or 1 there) goes whole
-        def lead(t, lo, hi):
-            return t[lo:hi] if t.ndim == len(shape) and t.shape[0] != 1 else t
-
-        def part(lo, hi):
-            np.matmul(lead(a, lo, hi), lead(b, lo, hi), out=out[lo:hi])
-    elif shape[-2] >= 2 * n:
-        def part(lo, hi):                                   # rows lo..hi-1 of a and of out
-            np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :])
-    else:
-        def part(lo, hi):                                   # columns lo..hi-1 of b and of out
-            np.matmul(a, b[..., lo:hi], out=out[..., lo:hi])
-    axis = 0 if batch and batch[0] >= n else (-2 if shape[-2] >= 2 * n else -1)
-    in_parts(part, shape[axis])
-    return out
 
 
 def unbroadcast(grad, shape):
