@@ -92,8 +92,8 @@ def no_grad():
 # Matrix products are split the same way (:func:`split_matmul`, which
 # ``ops._matmul`` calls on NumPy arrays): by rows of the output, or by
 # batch entries for a stack of products, one part per thread (each part is
-# BLAS's product on a slice: the same numbers, summed in the same order,
-# as one call on one thread). The engine then holds NumPy's BLAS to
+# BLAS's product on a slice; the tests find the model's outputs and
+# gradients bit-identical to one thread's). The engine then holds NumPy's BLAS to
 # one thread. Left alone, OpenBLAS's own threads spin for a while after each
 # product waiting for the next one, and a spinning thread takes the core
 # from the engine's elementwise threads: on the 2-core machine this was
