@@ -214,7 +214,7 @@ class CompareSettings:
     gen_prompts: int = 4
     gen_tokens: int = 32
     device: str = "cpu"
-    # CPU threads while it runs (None: the engine's default); see blas_threads
+    # CPU threads while it runs (None: the engine's default); see cpu_threads
     threads: int | None = 1
     quick: bool = False
 
@@ -270,7 +270,7 @@ class CompareSettings:
 
 
 @contextlib.contextmanager
-def blas_threads(n: int | None):
+def cpu_threads(n: int | None):
     """Run the block on ``n`` CPU threads in all (the engine's, each product's
     parts on one BLAS thread; see :func:`~minipeft.autograd.function.using_threads`);
     yields what was used, in words.
@@ -823,7 +823,7 @@ def compare(settings: CompareSettings | None = None, configs: dict | None = None
                desc="compare")
     with contextlib.ExitStack() as stack:
         stack.callback(bar.close)
-        threads = stack.enter_context(blas_threads(st.threads if st.device != "gpu" else None))
+        threads = stack.enter_context(cpu_threads(st.threads if st.device != "gpu" else None))
         bar.set_description_str("baselines")
         zero_shot = evaluate(base, task, "test", limit=n_test)
         base_loss = forgetting_loss(base, val_ids, st)

@@ -78,7 +78,7 @@ def no_grad():
 
 
 # ---------------------------------------------------------------------------
-# Elementwise work on every core
+# Work on every core: elementwise blocks and split products
 # ---------------------------------------------------------------------------
 #
 # NumPy's BLAS runs a matrix product on every core, but a ufunc (exp, +=, ...)
@@ -224,9 +224,9 @@ def set_num_threads(n: int | None) -> None:
         _blas["held_from"] = None
 
 
-def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
-    """The engine's n - 1 helper threads (the calling thread is the n-th), and
-    BLAS held to one thread while they exist."""
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The engine's helper threads, one fewer than :func:`get_num_threads` (the
+    calling thread is the last), and BLAS held to one thread while they exist."""
     if blas_threads() not in (None, 1):
         if _blas["held_from"] is None:
             _blas["held_from"] = blas_threads()
@@ -234,7 +234,7 @@ def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
     pool = _threads["pool"]
     if pool is None:
         pool = _threads["pool"] = concurrent.futures.ThreadPoolExecutor(
-            max_workers=n - 1, thread_name_prefix="minipeft")
+            max_workers=get_num_threads() - 1, thread_name_prefix="minipeft")
     return pool
 
 
@@ -246,7 +246,7 @@ def in_parts(fn, length: int, most: int | None = None) -> None:
     if n < 2:
         fn(0, length)
         return
-    pool = _pool(get_num_threads())
+    pool = _pool()
     cuts = [length * i // n for i in range(n + 1)]
     futures = [pool.submit(fn, cuts[i], cuts[i + 1]) for i in range(1, n)]
     try:
@@ -263,17 +263,16 @@ _SPLIT_FLOPS = 2_000_000
 
 def split_matmul(a, b, out=None):
     """NumPy's ``a @ b`` cut into one part per engine thread (see
-    :func:`in_parts`): by batch entry for a stack of
-    products, else by rows of the output, else by its columns. Each part is
-    the same BLAS product on a slice, so the result equals one call's up to the
-    order BLAS sums in."""
+    :func:`in_parts`): by batch entry for a stack of products, else by rows of
+    the output, else by its columns. Each part is the same BLAS product on a
+    slice, so the result equals one call's up to the order BLAS sums in."""
     n = get_num_threads()
     if n < 2 or a.ndim < 2 or b.ndim < 2:
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+        return np.matmul(a, b, out=out)
     batch = tuple(np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])))
     shape = (*batch, a.shape[-2], b.shape[-1])
     if 2 * math.prod(shape) * a.shape[-1] < _SPLIT_FLOPS:
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+        return np.matmul(a, b, out=out)
     if out is None:
         out = np.empty(shape, dtype=np.result_type(a, b))
     if batch and batch[0] >= n:
@@ -284,13 +283,15 @@ def split_matmul(a, b, out=None):
 
         def part(lo, hi):
             np.matmul(lead(a, lo, hi), lead(b, lo, hi), out=out[lo:hi])
+        axis = 0
     elif shape[-2] >= 2 * n:
         def part(lo, hi):                                   # rows lo..hi-1 of a and of out
             np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :])
+        axis = -2
     else:
         def part(lo, hi):                                   # columns lo..hi-1 of b and of out
             np.matmul(a, b[..., lo:hi], out=out[..., lo:hi])
-    axis = 0 if batch and batch[0] >= n else (-2 if shape[-2] >= 2 * n else -1)
+        axis = -1
     in_parts(part, shape[axis])
     return out
 
