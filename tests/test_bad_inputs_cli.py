@@ -253,3 +253,58 @@ def test_a_bad_option_from_a_real_process_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "argument --lr: must be a positive finite number (e.g. 1e-2); leave --lr out to use "
         "the method's best known rate, got '-1e-3'")
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+    ({"temperature": "0.8"}, "temperature must be a finite number >= 0"),
+    ({"top_k": 0}, "top_k must be a positive integer or None"),
+    ({"top_k": 2.5}, "top_k must be a positive integer or None"),
+    ({"top_k": True}, "top_k must be a positive integer or None"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 0"),
+    ({"max_new_tokens": float("nan")}, "max_new_tokens must be an integer >= 0"),
+    ({"max_new_tokens": 200}, "ask for at most 124 new tokens (max_new_tokens; --max-new-tokens"),
+    ({"stop_token": 96}, "stop_token must be a token id in [0, 96)"),
+])
+def test_generate_refuses_bad_settings_through_the_api(kwargs, fragment):
+    import numpy as np
+
+    from minipeft.nn.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(n_layer=1, n_embd=8, n_head=2, n_positions=128, vocab_size=96), seed=0)
+    call = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError) as exc:
+        model.generate(np.zeros((1, 4), dtype=np.int64), call.pop("max_new_tokens"), **call)
+    assert fragment in str(exc.value)
+
+
+def test_memory_compares_the_estimate_with_the_memory_available(tripwires, capsys, monkeypatch):
+    import minipeft.cli as cli
+    from minipeft import memory as M
+
+    est = M.estimate("reference", cli.build_config("lora", cli.build_parser().parse_args(
+        ["memory"])), batch_size=64, seq_len=128)
+    # less than one step needs: refused, with both numbers
+    monkeypatch.setattr(cli, "available_memory", lambda: int(est.peak) - 1)
+    assert main(["memory", "--batch-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert f"would need about {est.peak:,.0f} bytes" in err
+    assert f"this machine has {int(est.peak) - 1:,d} bytes available" in err
+    # enough, or unknown (no /proc/meminfo): the step runs (here, into the tripwire)
+    for free in (int(est.peak) + 1, None):
+        monkeypatch.setattr(cli, "available_memory", lambda free=free: free)
+        with pytest.raises(WorkStarted, match="profile_step"):
+            main(["memory", "--batch-size", "64"])
+
+
+def test_available_memory_reads_meminfo():
+    from minipeft.cli import available_memory
+
+    free = available_memory()
+    if os.path.isfile("/proc/meminfo"):
+        assert isinstance(free, int) and free > 0
+    else:
+        assert free is None
