@@ -743,8 +743,8 @@ def _cmd_memory(args) -> int:
                        "estimated only")
         plans.append((method, pc, T, est, note, why_not))
     if args.png is not None and all(p[5] for p in plans):
-        raise ValueError("--png draws profiled steps, and none would be profiled "
-                         f"({plans[0][5]}): leave --png out, or run a step")
+        raise ValueError(f"--png draws profiled steps, and none was profiled ({plans[0][5]}): "
+                         "leave --png out, or run a step")
     # A step that cannot fit in this machine's memory is refused with the bytes it would
     # need (the estimator's peak; the measured peak is a little higher) and those there are.
     free = available_memory()
@@ -808,18 +808,17 @@ def _add_memory_parser(sub) -> None:
     from .memory import DTYPES, PRESETS
     from .peft.config import METHODS
 
-    s.add_argument("--method", default="lora", choices=[*METHODS, "all"],
-                   help="a method, or all of them (default lora)")
-    s.add_argument("--config", default="reference", choices=list(PRESETS),
-                   help="model size (default reference; larger than ~20M parameters: estimated "
-                        "only)")
-    s.add_argument("--batch-size", type=_positive_int, default=16,
-                   help="examples per step (default 16)")
-    s.add_argument("--seq-len", type=_positive_int, default=128,
+    s.add_argument("--method", default="lora",
+                   help=f"a method ({', '.join(METHODS)}) or all of them (default lora)")
+    s.add_argument("--config", default="reference",
+                   help=f"model size: {', '.join(PRESETS)} (default reference; larger than ~20M "
+                        "parameters: estimated only)")
+    s.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
+    s.add_argument("--seq-len", type=int, default=128,
                    help="tokens per example (default 128, the reference context)")
-    s.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                   help="fp32 (what the engine runs, the default); mixed, int8, int4 and fp64 "
-                        "are estimated only")
+    s.add_argument("--dtype", default="fp32",
+                   help=f"{', '.join(DTYPES)}: fp32 is what the engine runs (the default); the "
+                        "others are estimated only")
     s.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"],
                    help="the optimizer whose state is counted (default adamw)")
     s.add_argument("--gradient-checkpointing", action="store_true",
@@ -935,6 +934,8 @@ def _cmd_compare(args) -> int:
     unknown = sorted(set(grids) - set(base.lr_grid))
     if unknown:
         raise ValueError(f"--lr names unknown method {unknown[0]!r}")
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: the engine's default), got {args.threads}")
     if args.threads is not None and args.threads > usable_cores():
         raise ValueError(f"--threads {args.threads} is more than the {usable_cores()} cores this "
                          f"process may use: give at most {usable_cores()} (or 0 for the "
@@ -949,7 +950,6 @@ def _cmd_compare(args) -> int:
     settings = dataclasses.replace(base, task=args.task, methods=methods, lr_grid=grids,
                                    device=args.device, **overrides)
     settings.validate()                       # bad input fails before the output folder is made
-    check_out_folder("--out", args.out)
     io.ensure_writable_dir(args.out)          # and an unwritable folder before any training
     result = compare(settings, configs, progress=not args.quiet)
     print(result.table())
@@ -970,20 +970,20 @@ def _add_compare_parser(sub) -> None:
     s.add_argument("--quick", action="store_true",
                    help="a smoke test: one lr per method (the best known), one seed, 8 steps, "
                         "small evaluation subsets (about a minute)")
-    s.add_argument("--steps", type=_positive_int, default=None,
+    s.add_argument("--steps", type=int, default=None,
                    help="the one budget: optimizer steps for every method (default 150; --quick 8)")
-    s.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (default 16)")
+    s.add_argument("--batch-size", type=int, default=None, help="examples per step (default 16)")
     s.add_argument("--lr", action="append", default=None, metavar="METHOD=LR[,LR...]",
                    help="a method's learning-rate grid (repeatable), e.g. --lr lora=3e-3,1e-2")
-    s.add_argument("--target", type=_unit_closed, default=None,
+    s.add_argument("--target", type=float, default=None,
                    help="validation score to reach (default: halfway from majority to perfect)")
-    s.add_argument("--eval-every", type=_positive_int, default=None,
+    s.add_argument("--eval-every", type=int, default=None,
                    help="steps between validation checks (default 25; --quick 8)")
-    s.add_argument("--val-limit", type=_positive_int, default=None,
+    s.add_argument("--val-limit", type=int, default=None,
                    help="validation examples per check (default 64; --quick 16)")
-    s.add_argument("--test-limit", type=_positive_int, default=None,
+    s.add_argument("--test-limit", type=int, default=None,
                    help="score only the first N test examples (default all; --quick 32)")
-    s.add_argument("--threads", type=_nonneg_int, default=None,
+    s.add_argument("--threads", type=int, default=None,
                    help="CPU threads while it runs (default 1: this model is too small to gain "
                         "from more; 0: the engine's default, as many as NumPy's BLAS has)")
     s.add_argument("--out", default=os.path.join("runs", "compare"),
