@@ -10,22 +10,56 @@
     minipeft compare                   every method on one task: the five-axis trade-off table
     minipeft export --format hf        the base or an adapter as a Hugging Face folder
     minipeft import --adapter DIR      a Hugging Face peft adapter as a minipeft adapter
-    minipeft docs --out docs/_build    the docs: guide, annotated source, lessons (HTML)
+    minipeft docs --out DIR            the docs: guide, annotated source, lessons (HTML)
 
 Each subcommand is a thin layer over the package's functions
 (:mod:`minipeft.finetune`, :mod:`minipeft.memory`, :mod:`minipeft.compare`,
-:mod:`minipeft.interop`, :mod:`minipeft.docs`); errors from bad input are
-printed as one line (``minipeft: error: ...``) with exit code 2. An option
-value out of range (``--lr 0``, ``--eval-limit 0``) is refused by the parser
-itself, naming the option and what it takes, also with exit code 2.
+:mod:`minipeft.interop`, :mod:`minipeft.docs`). Bad input is refused before
+any work starts (no base is loaded, nothing trains, nothing is written), in
+one line that names the option and what to do:
+
+* an option value out of range (``--lr -1e-3``, ``--eval-limit 0``,
+  ``--lora-alpha nan``) is refused by the parser itself: ``minipeft
+  finetune: error: argument --lr: ...`` (argparse's form), exit code 2;
+* everything checked after parsing (an option the method does not use, a
+  missing adapter folder, an output path that cannot be written, a step that
+  would not fit in memory) is one line ``minipeft: error: ...``, exit code 2.
+
+What :func:`main` does with an exception a job raises is in its docstring.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import re
 import sys
+
+# ---------------------------------------------------------------------------
+# The parser: negative numbers are values, not options
+# ---------------------------------------------------------------------------
+#
+# argparse decides whether ``-1e-3`` after ``--lr`` is a value or another option
+# with a pattern that knows only ``-1`` and ``-.5``: ``--lr -1e-3``, ``--lr -inf``
+# and ``--layers -2,-1`` used to fail with "expected one argument". No option of
+# this command starts with a digit, a dot or "inf"/"nan", so every such word is a
+# value: it reaches the option's type, which refuses it by name ("must be
+# positive") or accepts it (``--layers -2,-1``).
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reads ``-1e-3``, ``-inf``, ``-nan`` and ``-2,-1`` as values.
+
+    Its subparsers are made from the same class (argparse's default), so the
+    rule holds for every subcommand.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
 
 # ---------------------------------------------------------------------------
 # Method knobs: the CLI options each method reads (and how they map to configs)
@@ -61,18 +95,30 @@ def _default_lr_help() -> str:
 # treat 0 as "not given": ``args.lr or default`` would train at the default
 # when asked for 0. So a value out of range is refused here (argparse prints
 # ``argument --lr: ...`` and exits with 2), and a default applies only when
-# the option is absent (``is None``).
+# the option is absent (``is None``). Floats are finite or refused: NaN passes
+# every comparison test (``nan <= 0`` is False), so it is refused by name.
+
+
+def _integer(text: str, least: int) -> int:
+    """An integer >= ``least``; else argparse's error, saying what it must be."""
+    must = "a positive integer (1 or more)" if least == 1 else f"an integer >= {least}"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {must}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
     """An integer >= 1 (a step count, a batch size, a number of examples)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {text}")
-    return value
+    return _integer(text, 1)
+
+
+def _nonneg_int(text: str) -> int:
+    """An integer >= 0 (a seed, a number of warm-up steps or virtual tokens)."""
+    return _integer(text, 0)
 
 
 def _finite(text: str, ok, must: str) -> float:
@@ -92,6 +138,21 @@ def _positive_lr(text: str) -> float:
                                           "to use the method's best known rate")
 
 
+def _positive_float(text: str) -> float:
+    """A finite number > 0 (LoRA's alpha)."""
+    return _finite(text, lambda v: v > 0, "a positive finite number")
+
+
+def _unit_open(text: str) -> float:
+    """A finite number in [0, 1) (a dropout probability)."""
+    return _finite(text, lambda v: 0 <= v < 1, "a finite number in [0, 1)")
+
+
+def _unit_closed(text: str) -> float:
+    """A finite number in (0, 1] (a fraction of entries, a score to reach)."""
+    return _finite(text, lambda v: 0 < v <= 1, "a finite number in (0, 1]")
+
+
 def _temperature(text: str) -> float:
     """A sampling temperature: a finite number >= 0 (0 is greedy)."""
     return _finite(text, lambda v: v >= 0,
@@ -108,75 +169,257 @@ def _names(option: str, text: str | None) -> list[str] | None:
     return items
 
 
-def _block_indices(text: str | None) -> list[int] | None:
+def _block_indices(option: str, text: str | None) -> list[int] | None:
     """``--layers``: comma-separated block indices (negative from the end); None when not given."""
     if text is None:
         return None
     try:
         return [int(i) for i in text.split(",")]     # int("") fails too: no empty entries
     except ValueError:
-        raise ValueError(f"--layers takes block indices separated by commas (negative count "
+        raise ValueError(f"{option} takes block indices separated by commas (negative count "
                          f"from the end), e.g. -2,-1; got {text!r}") from None
 
 
-def build_config(method: str, args) -> object:
-    """The PEFT config for ``method`` from the command-line knobs (a knob left out: its default)."""
-    from .peft import config as C
+@dataclasses.dataclass(frozen=True)
+class _Knob:
+    """One method option: its flag, the config field it sets, and how argparse reads it.
 
-    targets = _names("--target-modules", getattr(args, "target_modules", None))
-    if method == "full":
-        return C.FullFinetuneConfig()
-    if method == "bitfit":
-        return C.BitFitConfig(target_modules=targets)
-    if method == "layers":
-        layers = _block_indices(args.layers)
-        comps = _names("--components", args.components)
-        if layers is None and comps is None:
-            layers = [-1]
-        return C.LayerSelectConfig(layers=layers, components=comps)
-    if method == "mask":
-        return C.MaskConfig(density=args.density, selection=args.selection,
-                            **({"target_modules": targets} if targets else {}))
-    if method == "lora":
-        alpha = args.r if args.lora_alpha is None else args.lora_alpha   # 0 is refused, not r
-        return C.LoraConfig(r=args.r, lora_alpha=alpha,
-                            lora_dropout=args.lora_dropout, use_dora=args.dora,
-                            **({"target_modules": targets} if targets else {}))
-    if method == "adapter":
-        return C.AdapterConfig(bottleneck=args.bottleneck, placement=args.placement)
-    if method == "prompt":
-        return C.PromptTuningConfig(num_virtual_tokens=args.virtual_tokens)
-    if method == "prefix":
-        return C.PrefixTuningConfig(num_virtual_tokens=args.virtual_tokens,
-                                    prefix_projection=args.prefix_projection)
-    if method == "ia3":
-        return C.IA3Config(scale_queries=args.scale_queries,
-                           **({"target_modules": targets} if targets else {}))
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(C.METHODS)}")
+    Which methods an option applies to is not listed here: it is every method
+    whose config class has ``field`` (:func:`methods_using`), so a new field
+    or a new method changes the CLI's checks and help by itself.
+    """
+
+    flag: str
+    field: str
+    help: str
+    type: object = None            # argparse type; None with action for a flag
+    action: str | None = None
+    choices: tuple | None = None
+    convert: object = None         # text -> the config's value (lists of names, indices)
+    default_text: str | None = None  # the default, when it is not the config's own
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+_KNOBS = (
+    _Knob("--r", "r", "LoRA rank", type=_positive_int),
+    _Knob("--lora-alpha", "lora_alpha", "LoRA alpha, the numerator of the scaling alpha/r",
+          type=_positive_float, default_text="the value of --r"),
+    _Knob("--lora-dropout", "lora_dropout", "dropout on the LoRA branch's input",
+          type=_unit_open),
+    _Knob("--dora", "use_dora", "LoRA with DoRA's magnitude", action="store_true"),
+    _Knob("--target-modules", "target_modules",
+          "comma-separated module names (peft's rule: equal or ends with .NAME)",
+          convert=lambda t: _names("--target-modules", t)),
+    _Knob("--bottleneck", "bottleneck", "adapter width", type=_positive_int),
+    _Knob("--placement", "placement", "adapters after attention and the MLP (houlsby) or "
+          "after the MLP only (pfeiffer)", choices=("houlsby", "pfeiffer")),
+    _Knob("--virtual-tokens", "num_virtual_tokens", "P virtual tokens", type=_nonneg_int),
+    _Knob("--prefix-projection", "prefix_projection",
+          "produce the prefixes with an MLP while training", action="store_true"),
+    _Knob("--scale-queries", "scale_queries",
+          "scale q too (the fused c_attn as a whole, peft's count)", action="store_true"),
+    _Knob("--density", "density", "element masks: the fraction of entries trained",
+          type=_unit_closed),
+    _Knob("--selection", "selection", "how element masks pick their entries",
+          choices=("random", "magnitude", "gradient")),
+    _Knob("--layers", "layers", "block indices, e.g. -2,-1",
+          convert=lambda t: _block_indices("--layers", t),
+          default_text="-1, the last block, unless --components is given"),
+    _Knob("--components", "components", "any of attn,mlp,ln,embeddings,ln_f",
+          convert=lambda t: _names("--components", t)),
+)
+
+
+def _fields(method: str) -> dict:
+    """The config fields of ``method``: name -> dataclasses.Field."""
+    from .peft.config import config_class
+
+    return {f.name: f for f in dataclasses.fields(config_class(method))}
+
+
+def methods_using(field: str) -> list[str]:
+    """The methods whose config has ``field`` (the methods an option setting it applies to)."""
+    from .peft.config import METHODS
+
+    return [m for m in METHODS if field in _fields(m)]
+
+
+def _field_default(method: str, field: str) -> str:
+    f = _fields(method)[field]
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if value is None:
+        return "all" if field == "target_modules" else "none"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _knob_help(knob: _Knob) -> str:
+    """``help (lora; default 8)``: the methods and defaults read from the config classes."""
+    users = methods_using(knob.field)
+    if knob.action == "store_true":
+        return f"{knob.help} ({', '.join(users)})"
+    if knob.default_text is not None:
+        default = knob.default_text
+    else:
+        defaults = {m: _field_default(m, knob.field) for m in users}
+        if len(set(defaults.values())) == 1:
+            default = next(iter(defaults.values()))
+        else:
+            default = "; ".join(f"{m} {d}" for m, d in defaults.items())
+    return f"{knob.help} ({', '.join(users)}; default {default})"
+
+
+def check_knobs_apply(methods, args) -> None:
+    """Refuse a method option that none of ``methods`` reads, naming the methods that do."""
+    for knob in _KNOBS:
+        if getattr(args, knob.dest, None) is None:
+            continue
+        users = methods_using(knob.field)
+        if any(m in users for m in methods):
+            continue
+        if len(methods) == 1:
+            raise ValueError(f"{knob.flag} applies to {', '.join(users)}, not to {methods[0]}: "
+                             f"leave it out, or choose --method {' or '.join(users)}")
+        raise ValueError(f"{knob.flag} applies to {', '.join(users)}, and --methods does not "
+                         f"include it: leave {knob.flag} out, or add {' or '.join(users)} "
+                         "to --methods")
+
+
+def build_config(method: str, args) -> object:
+    """The PEFT config for ``method`` from the command-line knobs it reads (a knob left out: its default).
+
+    Knobs of other methods are skipped here; :func:`check_knobs_apply` refuses
+    one that no chosen method reads.
+    """
+    from .peft.config import METHODS, config_class
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    fields = _fields(method)
+    values = {}
+    for knob in _KNOBS:
+        given = getattr(args, knob.dest, None)
+        if given is None or knob.field not in fields:
+            continue
+        values[knob.field] = knob.convert(given) if knob.convert else given
+    if method == "lora" and "lora_alpha" not in values and "r" in values:
+        values["lora_alpha"] = values["r"]              # alpha defaults to r, so the scale is 1
+    if method == "layers" and values.get("layers") is None and values.get("components") is None:
+        values["layers"] = [-1]                         # the last block
+    return config_class(method)(**values)
 
 
 def _add_method_options(s: argparse.ArgumentParser) -> None:
     """The knobs of every method (read by :func:`build_config`), shared by finetune, memory, compare."""
-    g = s.add_argument_group("method knobs")
-    g.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r)")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--dora", action="store_true", help="LoRA with DoRA's magnitude")
-    g.add_argument("--target-modules", default=None,
-                   help="comma-separated module names (peft's rule: equal or ends with .NAME)")
-    g.add_argument("--bottleneck", type=int, default=16, help="adapter width (default 16)")
-    g.add_argument("--placement", choices=["houlsby", "pfeiffer"], default="houlsby")
-    g.add_argument("--virtual-tokens", type=int, default=20,
-                   help="prompt/prefix tuning: P virtual tokens (default 20)")
-    g.add_argument("--prefix-projection", action="store_true",
-                   help="prefix tuning: produce the prefixes with an MLP while training")
-    g.add_argument("--scale-queries", action="store_true",
-                   help="(IA)^3: scale q too (the fused c_attn as a whole, peft's count)")
-    g.add_argument("--density", type=float, default=0.01, help="element masks: fraction trained")
-    g.add_argument("--selection", choices=["random", "magnitude", "gradient"], default="random")
-    g.add_argument("--layers", default=None, help="layer selection: block indices, e.g. -2,-1")
-    g.add_argument("--components", default=None,
-                   help="layer selection: any of attn,mlp,ln,embeddings,ln_f")
+    g = s.add_argument_group("method knobs (each applies to the methods in brackets)")
+    for knob in _KNOBS:
+        kw = {"action": knob.action} if knob.action else {"type": knob.type, "choices": knob.choices}
+        # default None: "not given", so an option the method does not use can be refused
+        g.add_argument(knob.flag, default=None, help=_knob_help(knob),
+                       **{k: v for k, v in kw.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------
+# Paths: checked before any work, never created by a check
+# ---------------------------------------------------------------------------
+
+
+def _check_nonempty(option: str, path) -> None:
+    if path is not None and not str(path).strip():
+        raise ValueError(f"{option} is empty: name a path (an unset shell variable gives '')")
+
+
+def check_out_folder(option: str, path) -> None:
+    """Refuse an output folder that could not be made or written, before any work (nothing is created)."""
+    _check_nonempty(option, path)
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise ValueError(f"{option} {path} is a file, not a folder: choose a folder name")
+    parent = full
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: {parent} is a file, so no folder can be made "
+                         "inside it; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {parent} is not writable; choose a folder you can "
+                         "write to")
+
+
+def check_out_file(option: str, path, example: str, *, overwrite: bool = True) -> None:
+    """Refuse an output file whose folder is missing or unwritable, or that is a folder."""
+    _check_nonempty(option, path)
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"{option} {path} is a folder: name a file, e.g. "
+                         f"{os.path.join(path, example)}")
+    parent = os.path.dirname(full)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: the folder {parent} does not exist: create it first "
+                         f"(mkdir -p {parent}) or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {parent} is not writable; choose a folder you can "
+                         "write to")
+    if not overwrite and os.path.exists(full):
+        raise ValueError(f"{option} {path} already exists: pass --overwrite to replace it, or "
+                         "choose a new name")
+
+
+def check_adapter_folder(option: str, path, made_by: str = "`minipeft finetune --out DIR`") -> None:
+    """Refuse an ``--adapter`` that is not a folder holding adapter_config.json, before loading anything."""
+    from .peft.model import ADAPTER_CONFIG
+
+    _check_nonempty(option, path)
+    if not os.path.exists(path):
+        raise ValueError(f"{option} {path}: folder not found; give a folder written by {made_by}")
+    if not os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a file, not an adapter folder; give the folder "
+                         f"that holds {ADAPTER_CONFIG}")
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        raise ValueError(f"{option} {path} has no {ADAPTER_CONFIG}: an adapter folder holds "
+                         f"{ADAPTER_CONFIG} and adapter_model.safetensors (finetune --out writes "
+                         "them)")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS says, else the count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Bytes the OS says a new process can allocate (MemAvailable of /proc/meminfo); None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024          # the file says kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Tasks: their prompt formats, shown by generate --help and the README
+# ---------------------------------------------------------------------------
+
+
+def task_formats() -> str:
+    """Each task's prompt format with an example, from the task definitions (one line per task)."""
+    from .data.tasks import TASKS
+
+    lines = []
+    for name, spec in TASKS.items():
+        ex = spec.example()
+        lines.append(f"  {name}: {spec.description}")
+        lines.append(f"    --prompt {ex.prompt!r}   (answer: {ex.answer})")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -215,11 +458,11 @@ def _cmd_pretrain(args) -> int:
         # not the shipped base: an empty --out (an unset shell variable) must not replace it
         raise ValueError("--out is empty: name the file to write, or leave --out out to remake "
                          "the shipped base")
-    recipe = PretrainRecipe(steps=args.steps, seed=args.seed)
     out = BASE_PATH if args.out is None else args.out
-    from . import io
-
-    io.ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
+    # checked before minutes of training: a folder, a missing folder, a file saved earlier
+    # (remaking the shipped base is what a bare `minipeft pretrain` is for)
+    check_out_file("--out", out, "base.safetensors", overwrite=args.out is None or args.overwrite)
+    recipe = PretrainRecipe(steps=args.steps, seed=args.seed)
     model, report = pretrain(recipe, device=args.device, progress=not args.quiet)
     save_base(model, report, out)
     print(f"validation cross-entropy {report['val_loss']:.4f} nats/char; "
@@ -232,7 +475,10 @@ def _cmd_pretrain(args) -> int:
 def _cmd_finetune(args) -> int:
     from .finetune import FinetuneSettings, finetune
 
+    check_knobs_apply([args.method], args)
     cfg = build_config(args.method, args)
+    if args.out is not None:
+        check_out_folder("--out", args.out)
     # lr None (--lr not given): finetune trains at the method's best known rate, default_lr
     settings = FinetuneSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -251,6 +497,7 @@ def _cmd_eval(args) -> int:
 
     if args.task is not None:
         get_task(args.task)                   # an unknown task is refused before loading
+    check_adapter_folder("--adapter", args.adapter)
     model, meta = load_finetuned(args.adapter, device=args.device)
     name = args.task if args.task is not None else meta.get("task")
     if name is None:
@@ -267,10 +514,29 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+#: new tokens ``generate`` asks for when --max-new-tokens is not given (fewer if fewer fit)
+DEFAULT_NEW_TOKENS = 80
+
+
+def _adapter_virtual_tokens(folder: str) -> int:
+    """Positions an adapter's soft prompt or prefix takes (0 for the other methods), from its config."""
+    import json
+
+    from .peft.model import ADAPTER_CONFIG
+
+    try:
+        with open(os.path.join(folder, ADAPTER_CONFIG), encoding="utf-8") as f:
+            value = json.load(f).get("num_virtual_tokens", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0                      # the load that follows says what is wrong with the file
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
 def _cmd_generate(args) -> int:
     import numpy as np
 
-    from .base import load_base
+    from .base import base_info, load_base
+    from .data.tasks import TASKS, TERMINATOR
     from .data.tokenizer import CharTokenizer
 
     tok = CharTokenizer()
@@ -278,16 +544,50 @@ def _cmd_generate(args) -> int:
     if not prompt:
         raise ValueError("--prompt is empty: give at least one character to continue, "
                          "e.g. --prompt 'the red fox '")
-    ids = tok.encode(prompt)[None, :]                 # (T,) -> (1, T): a batch of one
+    try:
+        ids = tok.encode(prompt)[None, :]             # (T,) -> (1, T): a batch of one
+    except ValueError as exc:
+        raise ValueError(f"--prompt: {exc}") from None
+    virtual = 0
+    if args.adapter is not None:
+        check_adapter_folder("--adapter", args.adapter)
+        virtual = _adapter_virtual_tokens(args.adapter)
+    # What fits the context, checked before anything is loaded: the adapter's
+    # virtual tokens, the prompt and the new tokens share n_positions.
+    n_pos = int(base_info().get("config", {}).get("n_positions", 128))
+    T = ids.shape[1]
+    room = n_pos - virtual - T
+    soft = f" and the adapter's {virtual} virtual tokens" if virtual else ""
+    if room < 1:
+        raise ValueError(f"--prompt is {T} characters{soft}, and the model reads {n_pos} "
+                         f"positions: shorten --prompt to at most {n_pos - virtual - 1} characters")
+    if args.max_new_tokens is None:
+        n_new = min(DEFAULT_NEW_TOKENS, room)
+    elif args.max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit: the prompt "
+                         f"takes {T}{soft} of the model's {n_pos} positions, so at most {room} "
+                         f"new tokens fit: give --max-new-tokens {room} or fewer (or leave it "
+                         f"out: as many as fit, up to {DEFAULT_NEW_TOKENS})")
+    else:
+        n_new = args.max_new_tokens
+    # With a task adapter, the answer ends at the task's terminator (the end of
+    # every training line): generation stops there, unless --no-stop.
+    stop = None
     if args.adapter is not None:
         from .finetune import load_finetuned
 
-        model, _ = load_finetuned(args.adapter, device=args.device)
+        model, meta = load_finetuned(args.adapter, device=args.device)
+        if meta.get("task") in TASKS and not args.no_stop:
+            stop = TERMINATOR
     else:
         model = load_base(device=args.device)
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, seed=args.seed)
-    sys.stdout.write(prompt + tok.decode(np.asarray(out)[0, ids.shape[1]:]) + "\n")
+    stop_id = None if stop is None else int(tok.encode(stop)[0])
+    out = model.generate(ids, n_new, temperature=args.temperature, top_k=args.top_k,
+                         seed=args.seed, stop_token=stop_id)
+    text = tok.decode(np.asarray(out)[0, T:])
+    if stop is not None:
+        text = text.split(stop, 1)[0]                 # the answer, without the terminator
+    sys.stdout.write(prompt + text + "\n")
     return 0
 
 
@@ -308,6 +608,12 @@ def _interop_base(args):
     """The base the adapters belong to: ``--checkpoint``, or the shipped base."""
     from .base import load_base
 
+    if args.checkpoint is not None:
+        _check_nonempty("--checkpoint", args.checkpoint)
+        if not os.path.isfile(args.checkpoint):
+            raise ValueError(f"--checkpoint {args.checkpoint}: file not found; give a file "
+                             "written by `minipeft pretrain --out`, or leave it out for the "
+                             "shipped base")
     return load_base(args.checkpoint) if args.checkpoint else load_base()
 
 
@@ -316,6 +622,9 @@ def _cmd_export(args) -> int:
     from .interop import export_peft_adapter, save_hf_gpt2
     from .peft import FullFinetuneConfig, PeftModel
 
+    if not args.base:
+        check_adapter_folder("--adapter", args.adapter)
+    check_out_folder("--out", args.out)
     base = _interop_base(args)
     if args.base:
         save_hf_gpt2(base, args.out)
@@ -340,6 +649,8 @@ def _cmd_import(args) -> int:
     """Convert a Hugging Face peft adapter folder into a minipeft adapter folder for the base."""
     from .interop import import_peft_adapter
 
+    check_adapter_folder("--adapter", args.adapter, made_by="peft's save_pretrained")
+    check_out_folder("--out", args.out)
     pm = import_peft_adapter(_interop_base(args), args.adapter)
     pm.save_pretrained(args.out)
     cfg = pm.peft_config[pm.active_adapter]
@@ -392,8 +703,6 @@ def _memory_optimizer(name, params):
 
 def _cmd_memory(args) -> int:
     """Print the three views of one training step for a method (or all), and the estimator's tables."""
-    import dataclasses
-
     import numpy as np
 
     from . import memory as M
@@ -405,19 +714,21 @@ def _cmd_memory(args) -> int:
     if args.gradient_checkpointing:
         cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
     methods = list(METHODS) if args.method == "all" else [args.method]
-    if args.fit:
-        print(M.format_rule_of_thumb(M.rule_of_thumb("1b"), "1b"))
-        print()
-        print(M.format_fit_table(M.fit_table(batch_size=args.batch_size, seq_len=args.seq_len)))
-        print()
-    reports = []                          # the profiled steps, one per method
+    # Everything that can be refused is refused before the first step runs.
+    check_knobs_apply(methods, args)
+    if args.checkpointing and len(methods) != 1:
+        raise ValueError("--checkpointing compares one method: give --method NAME")
+    if args.png is not None:
+        check_out_file("--png", args.png, "memory.png")
+    plans = []                            # (method, config, sequence length, estimate, why not run)
     for method in methods:
-        pc = build_config(method, args)       # an unknown method is refused here
+        pc = build_config(method, args)
         T = args.seq_len
         virtual = getattr(pc, "num_virtual_tokens", 0)
+        note = None
         if args.method == "all" and T + virtual > cfg.n_positions:
             T = cfg.n_positions - virtual     # the soft prompt takes positions too
-            print(f"({method}: {virtual} virtual tokens, so sequences of {T} tokens)")
+            note = f"({method}: {virtual} virtual tokens, so sequences of {T} tokens)"
         est = M.estimate(cfg, pc, optimizer=args.optimizer, batch_size=args.batch_size, seq_len=T,
                          dtype=args.dtype)         # refuses a bad dtype, batch or sequence length
         # The closed form answers for any size and dtype; a real step (accounted and
@@ -430,6 +741,29 @@ def _cmd_memory(args) -> int:
         elif est.n_params > _PROFILE_MAX_PARAMS:
             why_not = (f"{est.n_params:,d} parameters: too large to run on this machine; "
                        "estimated only")
+        plans.append((method, pc, T, est, note, why_not))
+    if args.png is not None and all(p[5] for p in plans):
+        raise ValueError(f"--png draws profiled steps, and none was profiled ({plans[0][5]}): "
+                         "leave --png out, or run a step")
+    # A step that cannot fit in this machine's memory is refused with the bytes it would
+    # need (the estimator's peak; the measured peak is a little higher) and those there are.
+    free = available_memory()
+    for method, _, _, est, _, why_not in plans:
+        if why_not is None and free is not None and est.peak > free:
+            raise ValueError(
+                f"one {method} step at --batch-size {args.batch_size} --seq-len {args.seq_len} "
+                f"would need about {est.peak:,.0f} bytes ({est.peak / M.GiB:.1f} GiB, estimated) "
+                f"and this machine has {free:,d} bytes available ({free / M.GiB:.1f} GiB): give "
+                "a smaller --batch-size or --seq-len, or --estimate-only for the closed form alone")
+    if args.fit:
+        print(M.format_rule_of_thumb(M.rule_of_thumb("1b"), "1b"))
+        print()
+        print(M.format_fit_table(M.fit_table(batch_size=args.batch_size, seq_len=args.seq_len)))
+        print()
+    reports = []                          # the profiled steps, one per method
+    for method, pc, T, est, note, why_not in plans:
+        if note:
+            print(note)
         if why_not:
             print(est.table(detail=True))
             print(f"(not profiled: {why_not})")
@@ -459,33 +793,34 @@ def _cmd_memory(args) -> int:
                   f"{r.accounted_peak / M.MiB:>10.2f} {r.measured_peak / M.MiB:>11.2f}")
         print()
     if args.checkpointing:
-        if len(methods) != 1:
-            raise ValueError("--checkpointing compares one method: give --method NAME")
-        pc = build_config(methods[0], args)
+        pc = plans[0][1]
         res = M.checkpointing_tradeoff(dataclasses.replace(cfg, gradient_checkpointing=False), pc,
                                        batch_size=args.batch_size, seq_len=args.seq_len,
                                        device=args.device, seed=args.seed)
         print(M.format_checkpointing(res))
     if args.png:
-        if not reports:
-            raise ValueError("--png draws profiled steps, and none was profiled")
         print(f"wrote {M.plot(reports, args.png)}")
     return 0
 
 
 def _add_memory_parser(sub) -> None:
     s = sub.add_parser("memory", help="training memory per category: estimated, accounted, measured")
+    from .memory import DTYPES, PRESETS
+    from .peft.config import METHODS
+
     s.add_argument("--method", default="lora",
-                   help="a method (full, bitfit, layers, mask, lora, adapter, prompt, prefix, ia3) "
-                        "or 'all' (default lora)")
+                   help=f"a method ({', '.join(METHODS)}) or all of them (default lora)")
     s.add_argument("--config", default="reference",
-                   help="model size: reference, gpt2, gpt2-medium, gpt2-large, gpt2-xl, 1b, 7b, 65b "
-                        "(larger than ~20M parameters: estimated only)")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--seq-len", type=int, default=128)
+                   help=f"model size: {', '.join(PRESETS)} (default reference; larger than ~20M "
+                        "parameters: estimated only)")
+    s.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
+    s.add_argument("--seq-len", type=int, default=128,
+                   help="tokens per example (default 128, the reference context)")
     s.add_argument("--dtype", default="fp32",
-                   help="fp32 (what the engine runs), mixed, int8, int4 (estimated only), fp64")
-    s.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"])
+                   help=f"{', '.join(DTYPES)}: fp32 is what the engine runs (the default); the "
+                        "others are estimated only")
+    s.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"],
+                   help="the optimizer whose state is counted (default adamw)")
     s.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block in backward instead of keeping its activations")
     s.add_argument("--checkpointing", action="store_true",
@@ -494,8 +829,9 @@ def _add_memory_parser(sub) -> None:
     s.add_argument("--fit", action="store_true",
                    help="also print the 1B rule of thumb and what fits on 24/48/80 GB cards at 7B and 65B")
     s.add_argument("--png", default=None, help="write stacked bars of the three views to this PNG")
-    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
+    s.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seeds the random model and batch (default 0)")
     _add_method_options(s)
     s.set_defaults(func=_cmd_memory)
 
@@ -509,6 +845,7 @@ def _cmd_docs(args) -> int:
     """Build the docs site; a broken internal link or a lesson that fails to run is an error."""
     from .docs import build
 
+    check_out_folder("--out", args.out)
     log = None if args.quiet else (lambda line: print(line, flush=True))
     report = build(args.out, executed=args.executed, execute=not args.no_execute,
                    fast=not args.full_lessons, log=log)
@@ -590,6 +927,7 @@ def _cmd_compare(args) -> int:
 
     methods = _parse_methods(args.methods)
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
+    check_knobs_apply(methods, args)
     configs = {m: build_config(m, args) for m in methods}   # a bad knob is refused here
     base = CompareSettings.quick_settings() if args.quick else CompareSettings()
     grids = {**base.lr_grid, **_parse_lr_grids(args.lr)}
@@ -598,6 +936,10 @@ def _cmd_compare(args) -> int:
         raise ValueError(f"--lr names unknown method {unknown[0]!r}")
     if args.threads is not None and args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: the engine's default), got {args.threads}")
+    if args.threads is not None and args.threads > usable_cores():
+        raise ValueError(f"--threads {args.threads} is more than the {usable_cores()} cores this "
+                         f"process may use: give at most {usable_cores()} (or 0 for the "
+                         "engine's default)")
     overrides = {k: v for k, v in {
         "steps": args.steps, "batch_size": args.batch_size, "seeds": seeds,
         "target": args.target, "eval_every": args.eval_every, "val_limit": args.val_limit,
@@ -646,7 +988,7 @@ def _add_compare_parser(sub) -> None:
                         "from more; 0: the engine's default, as many as NumPy's BLAS has)")
     s.add_argument("--out", default=os.path.join("runs", "compare"),
                    help="folder for results.csv, results.json, results.png (default runs/compare)")
-    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_method_options(s)
     s.set_defaults(func=_cmd_compare)
@@ -657,6 +999,9 @@ def _add_compare_parser(sub) -> None:
 # ---------------------------------------------------------------------------
 
 
+_DEVICE_HELP = "cpu (NumPy, the default), gpu (CuPy) or strict (NumPy refusing what CuPy refuses)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``minipeft`` parser: one subparser per job, each pointing at its ``_cmd_*`` function.
 
@@ -665,12 +1010,17 @@ def build_parser() -> argparse.ArgumentParser:
     the parser imports the package and :mod:`minipeft.compare` (the method
     names and the default learning rates the help lists); everything else a
     job needs is imported inside its ``_cmd_*`` function, when it runs.
+    Every option has help text (a test walks the parser to keep it so).
     """
+    from .data.tasks import DEFAULT_TASK, TASKS
     from .peft.config import METHODS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="minipeft",
         description="Parameter-efficient fine-tuning, built from scratch to be read.",
+        epilog="Bad input is refused in one line (exit code 2). An unexpected error prints its "
+               "traceback: it is a bug, please report it. MINIPEFT_DEBUG=1 prints the traceback "
+               "of refused input too.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -678,55 +1028,81 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("pretrain", help="make the base model from the synthetic corpus")
-    s.add_argument("--steps", type=_positive_int, default=3000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default=None, help="where to write it (default: the shipped base)")
-    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--steps", type=_positive_int, default=3000,
+                   help="optimizer steps (default 3000, the shipped base's recipe)")
+    s.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seeds the initial weights and the batches (default 0)")
+    s.add_argument("--out", default=None,
+                   help="the checkpoint file to write (default: remake the shipped base); its "
+                        "folder must exist, and an existing file is kept unless --overwrite")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (the shipped base is always remade)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("finetune", help="fine-tune the shipped base on a task")
-    s.add_argument("--method", choices=METHODS, default="lora")
-    s.add_argument("--task", default="sentiment")
+    s.add_argument("--method", choices=METHODS, default="lora",
+                   help="the PEFT method (default lora)")
+    s.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,
+                   help=f"the task to learn (default {DEFAULT_TASK}; `minipeft generate --help` "
+                        "shows each task's prompt format)")
     s.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
     s.add_argument("--batch-size", type=_positive_int, default=16,
                    help="examples per step (default 16)")
     s.add_argument("--lr", type=_positive_lr, default=None, help=_default_lr_help())
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seeds the order of the training examples (default 0)")
     s.add_argument("--eval-limit", type=_positive_int, default=None,
                    help="score only the first N test examples (default: all)")
-    s.add_argument("--out", default=None, help="folder for the adapter (or checkpoint)")
-    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--out", default=None,
+                   help="folder for the adapter (or checkpoint) (default: not saved)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_method_options(s)
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("eval", help="score a saved adapter (or checkpoint folder) on a task")
-    s.add_argument("--adapter", required=True)
+    s.add_argument("--adapter", required=True, help="the folder finetune --out wrote")
     s.add_argument("--task", default=None, help="default: the task it was trained on")
-    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="the examples to score (default test)")
     s.add_argument("--limit", type=_positive_int, default=None,
                    help="score only the first N examples of the split (default: all)")
-    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
     s.set_defaults(func=_cmd_eval)
 
-    s = sub.add_parser("generate", help="continue a prompt with the base (or an adapter)")
-    s.add_argument("--prompt", default="the red fox ")
-    s.add_argument("--adapter", default=None)
-    s.add_argument("--max-new-tokens", type=int, default=80)
+    s = sub.add_parser(
+        "generate", help="continue a prompt with the base (or an adapter)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="An adapter answers a prompt written in its task's format (an example each):\n"
+               + task_formats()
+               + "\nWith an adapter trained on a task, generation stops at the end of the "
+                 "answer\n(--no-stop: keep going).")
+    s.add_argument("--prompt", default="the red fox ",
+                   help="the text to continue (\\n for a newline; default 'the red fox ')")
+    s.add_argument("--adapter", default=None,
+                   help="a folder finetune --out wrote (default: the shipped base alone)")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help=f"tokens to add at most (default {DEFAULT_NEW_TOKENS}, or as many as fit "
+                        "the context after the prompt)")
     s.add_argument("--temperature", type=_temperature, default=0.8,
                    help="sampling temperature (default 0.8; 0: greedy)")
     s.add_argument("--top-k", type=_positive_int, default=None,
                    help="sample among the K likeliest tokens only (default: all)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
+    s.add_argument("--no-stop", action="store_true",
+                   help="with a task adapter, do not stop at the end of the answer")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="seeds the sampling (default 0)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("bench", help="time one training step (forward, backward, AdamW), "
                                      "against PyTorch eager and the matmul floor")
-    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"])
-    s.add_argument("--steps", type=int, default=20, help="timed steps after warm-up (default 20)")
-    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
+    s.add_argument("--steps", type=_positive_int, default=20,
+                   help="timed steps after warm-up (default 20)")
+    s.add_argument("--warmup", type=_nonneg_int, default=3,
+                   help="untimed steps first (default 3)")
     s.add_argument("--case", default="tiny,medium",
                    help="comma-separated cases: tiny, medium, large (default tiny,medium)")
     s.add_argument("--method", default="full,lora", help="full, lora or both (default both)")
@@ -734,7 +1110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time PyTorch eager too (auto: when torch, transformers and peft import)")
     s.add_argument("--profile", action="store_true",
                    help="print where minipeft's time goes, per op, forward and backward")
-    s.add_argument("--threads", type=int, default=None,
+    s.add_argument("--threads", type=_positive_int, default=None,
                    help="threads for minipeft and for PyTorch (default: MINIPEFT_NUM_THREADS, "
                         "else as many as NumPy's BLAS uses)")
     s.add_argument("--keep-blas-env", action="store_true",
@@ -756,12 +1132,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``minipeft`` with ``argv`` (default: the command line); return the exit code.
 
-    0 on success (a bare ``minipeft`` prints the help). 2 on bad input: a
-    ValueError, OSError (a missing or unwritable file), TypeError or
-    RuntimeError from a job is printed as one line, ``minipeft: error: ...``,
-    without a traceback (argparse's own usage errors exit with 2 too, through
-    SystemExit). 130 on Ctrl-C.
+    * 0 on success (a bare ``minipeft`` prints the help).
+    * 2 on bad input, in one line and without a traceback: argparse's own
+      errors (through SystemExit), and a ValueError, TypeError, OSError (a
+      missing or unwritable file) or RuntimeError from a job, printed as
+      ``minipeft: error: ...``. A MemoryError is one line too, saying which
+      options make a step smaller: the size of a step is the user's input.
+    * 130 on Ctrl-C, with one line (``minipeft: interrupted``).
+    * Anything else is a bug, not bad input: it keeps its traceback.
+
+    ``MINIPEFT_DEBUG=1`` (any value but empty or 0) lets every exception
+    through with its traceback, to see where a refusal came from.
     """
+    debug = os.environ.get("MINIPEFT_DEBUG", "") not in ("", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -769,12 +1152,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError) as exc:
-        print(f"minipeft: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("minipeft: interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError, TypeError, RuntimeError) as exc:
+        if debug:
+            raise
+        print(f"minipeft: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:
+        if debug:
+            raise
+        print(f"minipeft: error: out of memory ({' '.join(str(exc).split()) or 'MemoryError'}): "
+              "give a smaller --batch-size (or --seq-len, --steps)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

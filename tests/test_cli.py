@@ -48,13 +48,8 @@ def test_finetune_save_eval_generate_round_trip(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["finetune", "--task", "poetry", "--steps", "1", "--quiet"], "known tasks"),
     (["eval", "--adapter", "/nonexistent/adapter"], "not found"),
     (["eval", "--adapter", "/nonexistent/adapter", "--task", "poetry"], "known tasks"),
-    (["finetune", "--method", "lora", "--r", "0", "--steps", "1", "--quiet"], "r must be a positive"),
-    # 0 is refused, not read as "not given" (it used to become r)
-    (["finetune", "--method", "lora", "--lora-alpha", "0", "--steps", "1", "--quiet"],
-     "lora_alpha must be positive"),
     (["finetune", "--method", "layers", "--layers", "a,b", "--steps", "1", "--quiet"],
      "--layers takes block indices separated by commas"),
     (["finetune", "--method", "layers", "--layers", "", "--steps", "1", "--quiet"],
@@ -85,6 +80,13 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
     (["generate", "--temperature", "-1"], "--temperature", "must be a finite number >= 0"),
     (["generate", "--top-k", "0"], "--top-k", "must be a positive integer"),
     (["pretrain", "--steps", "0"], "--steps", "must be a positive integer"),
+    (["finetune", "--task", "poetry"], "--task", "invalid choice: 'poetry' (choose from 'sentiment'"),
+    (["finetune", "--method", "lora", "--r", "0"], "--r", "must be a positive integer"),
+    # 0 is refused, not read as "not given" (it used to become r)
+    (["finetune", "--method", "lora", "--lora-alpha", "0"], "--lora-alpha",
+     "must be a positive finite number"),
+    # negative numbers are values (they used to be taken for options: "expected one argument")
+    (["finetune", "--lr", "-1e-3"], "--lr", "must be a positive finite number"),
 ])
 def test_option_values_out_of_range_are_refused_by_the_parser(argv, option, allowed, capsys,
                                                                monkeypatch):
@@ -247,3 +249,133 @@ def test_finetune_defaults_to_the_rate_compare_measured_best(capsys):
     for method in LR_GRID:
         assert default_lr(method) == best_known_lr(method)
         assert f"{method} {best_known_lr(method):g}" in help_text
+
+
+def _actions(parser, path="minipeft"):
+    """(where, action) for every action of ``parser`` and of its subcommands, recursively."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{path} {name}")
+        else:
+            yield path, action
+
+
+def test_every_option_of_every_subcommand_has_help():
+    import argparse
+
+    from minipeft.cli import build_parser
+
+    missing = [f"{where} {'/'.join(a.option_strings) or a.dest}"
+               for where, a in _actions(build_parser())
+               if not isinstance(a, argparse._HelpAction) and (not a.help or a.help == argparse.SUPPRESS)]
+    assert missing == []
+
+
+def test_method_options_apply_to_the_methods_whose_config_has_the_field():
+    import argparse
+
+    from minipeft.cli import _KNOBS, build_config, build_parser, methods_using
+    from minipeft.peft.config import METHODS, config_class
+
+    assert methods_using("target_modules") == ["bitfit", "mask", "lora", "ia3"]
+    assert methods_using("r") == ["lora"]
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["finetune"]
+    values = {"--r": "4", "--lora-alpha": "2", "--lora-dropout": "0.5", "--target-modules": "c_fc",
+              "--bottleneck": "3", "--placement": "pfeiffer", "--virtual-tokens": "7",
+              "--density": "0.5", "--selection": "magnitude", "--layers": "-2,-1",
+              "--components": "mlp"}
+    for knob in _KNOBS:
+        users = methods_using(knob.field)
+        assert users, f"{knob.flag} sets {knob.field}, which no config has"
+        # the help names exactly the methods that use it
+        assert f"({', '.join(users)}" in sub._option_string_actions[knob.flag].help
+        argv = [knob.flag] if knob.action else [knob.flag, values[knob.flag]]
+        for method in METHODS:
+            args = sub.parse_args(["--method", method, *argv])
+            if method not in users:
+                continue
+            cfg = build_config(method, args)
+            assert isinstance(cfg, config_class(method))
+            default = config_class(method).__dataclass_fields__[knob.field]
+            assert getattr(cfg, knob.field) != (default.default if default.default is not
+                                                dataclasses.MISSING else default.default_factory()), \
+                (knob.flag, method)
+    # a knob left out: the config's own default (LoRA's alpha follows r)
+    args = sub.parse_args(["--method", "lora", "--r", "4"])
+    assert (build_config("lora", args).r, build_config("lora", args).lora_alpha) == (4, 4)
+    assert isinstance(args, argparse.Namespace)
+
+
+def test_readme_and_generate_help_show_each_tasks_prompt_format(capsys):
+    from minipeft.cli import task_formats
+    from minipeft.data.tasks import TASKS
+
+    formats = task_formats()
+    for name, spec in TASKS.items():
+        assert f"  {name}: {spec.description}" in formats
+        ex = spec.example()
+        assert f"--prompt {ex.prompt!r}" in formats and f"(answer: {ex.answer})" in formats
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert formats in capsys.readouterr().out
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    # the README's block is this text, regenerated with python -c
+    # "from minipeft.cli import task_formats; print(task_formats())"
+    assert formats in readme
+
+
+def test_generate_with_a_task_adapter_stops_at_the_end_of_the_answer(tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert main(["finetune", "--steps", "1", "--eval-limit", "1", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    prompt = "review: the soup was cold. sentiment: "
+    args = ["generate", "--adapter", str(out), "--prompt", prompt, "--temperature", "0"]
+    assert main([*args, "--no-stop"]) == 0
+    free = capsys.readouterr().out
+    assert main(args) == 0
+    stopped = capsys.readouterr().out
+    # without the stop the model writes past the answer's terminator (a newline) ...
+    assert "\n" in free[len(prompt):-1]
+    # ... with it, the output is the prompt and the answer, up to the terminator
+    assert stopped == free[:free.index("\n", len(prompt))] + "\n"
+    assert stopped.count("\n") == 1
+
+
+def test_generate_asks_by_default_for_no_more_tokens_than_fit(capsys):
+    prompt = "x" * 100
+    assert main(["generate", "--prompt", prompt, "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(prompt) and len(text) == 128 + 1          # 28 new tokens, and "\n"
+
+
+def test_main_keeps_bugs_tracebacks_and_reports_interrupts_in_one_line(monkeypatch, capsys):
+    import minipeft.cli as cli
+
+    def raising(exc):
+        def job(args):
+            raise exc
+        return job
+
+    monkeypatch.setattr(cli, "_cmd_info", raising(KeyboardInterrupt()))
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == "minipeft: interrupted\n"
+    monkeypatch.setattr(cli, "_cmd_info", raising(ValueError("bad\n  value")))
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "minipeft: error: bad value\n"
+    monkeypatch.setattr(cli, "_cmd_info", raising(MemoryError("Unable to allocate 61 GiB")))
+    assert main(["info"]) == 2
+    assert "out of memory (Unable to allocate 61 GiB): give a smaller --batch-size" in \
+        capsys.readouterr().err
+    # an unexpected exception is a bug: it keeps its traceback
+    monkeypatch.setattr(cli, "_cmd_info", raising(ZeroDivisionError("bug")))
+    with pytest.raises(ZeroDivisionError):
+        main(["info"])
+    # MINIPEFT_DEBUG=1 shows where a refusal came from
+    monkeypatch.setenv("MINIPEFT_DEBUG", "1")
+    monkeypatch.setattr(cli, "_cmd_info", raising(ValueError("bad value")))
+    with pytest.raises(ValueError, match="bad value"):
+        main(["info"])

@@ -392,6 +392,10 @@ class TaskSpec:
     description: str
     draw: Callable[[StableRandom, int], Example]
 
+    def example(self) -> Example:
+        """One example of the format, for help texts (drawn alone: no split is built)."""
+        return self.draw(StableRandom(derive_seed("example", self.name, 0)), 0)
+
     def build(self, seed: int = 0) -> Task:
         """The task with splits drawn from ``seed`` (uncached; prefer :func:`get_task`)."""
         return Task(self.name, self.metric, self.description,

@@ -25,6 +25,7 @@ same ones Hugging Face's GPT-2 offers peft:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -555,20 +556,29 @@ class GPT(Module):
         cfg = self.config
         prompt = backend.asnumpy(self._token_ids(idx)).astype(np.int64)  # (B, T) on the host
         B, T = prompt.shape
+        # NaN passes every comparison (nan < 0 is False), so finiteness is asked for by name;
+        # 2.5 tokens is refused, not rounded down.
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if top_k is not None and int(top_k) < 1:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+                or not math.isfinite(temperature) or temperature < 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), "
+                             f"got {temperature!r}")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None (all tokens), got {top_k!r}")
+        if stop_token is not None and (not _is_int(stop_token)
+                                       or not 0 <= stop_token < cfg.vocab_size):
+            raise ValueError(f"stop_token must be a token id in [0, {cfg.vocab_size}), "
+                             f"got {stop_token!r}")
         P = 0 if kv_cache is None else kv_cache.length
         Pv = 0 if prompt_embeds is None else prompt_embeds.shape[1]
         if P + Pv + T + max_new_tokens > cfg.n_positions:
             raise ValueError(
                 f"generate: {P + Pv} prefix + {T} prompt + {max_new_tokens} new tokens = "
                 f"{P + Pv + T + max_new_tokens} exceed n_positions={cfg.n_positions}; "
-                "shorten the prompt or ask for fewer tokens"
+                f"shorten the prompt or ask for at most {max(cfg.n_positions - P - Pv - T, 0)} "
+                "new tokens (max_new_tokens; --max-new-tokens on the command line)"
             )
         rng = np.random.default_rng(seed)
         out = prompt
@@ -611,6 +621,11 @@ class GPT(Module):
         finally:
             self.train(was_training)
         return out
+
+
+def _is_int(value) -> bool:
+    """An integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------
