@@ -7,6 +7,7 @@ what is particular to LoRA-FA."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -34,6 +35,7 @@ def _saved_activation_floats(pm) -> float:
     """Bytes the graph of one forward pass with loss keeps for backward, parameters left out
     (as the memory accountant counts activations), over 4: read from the activation ledger.
     (Integer targets and boolean masks are in it too, the same in every variant.)"""
+    gc.collect()                 # graphs of earlier tests out of the books first
     params = {backend.buffer_id(p.data) for p in pm.parameters()}
     before = set(LEDGER.buffer_ids())
     idx, targets = batch()
