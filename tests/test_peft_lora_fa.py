@@ -114,9 +114,15 @@ def test_the_ledger_keeps_xA_not_x_exactly_N_in_fewer_floats_per_target(targets,
     # LoRA's branch (x A) B keeps x (N·in) for A's gradient and xA (N·r) for B's;
     # with A frozen only xA stays. Nothing else in the graph changes.
     N = B * T
-    fa = _saved_activation_floats(_lora(device, targets=targets))
-    plain = _saved_activation_floats(_lora(device, targets=targets, freeze_A=False))
+    fa_model, plain_model = _lora(device, targets=targets), _lora(device, targets=targets,
+                                                                   freeze_A=False)
+    fa, plain = _saved_activation_floats(fa_model), _saved_activation_floats(plain_model)
     assert plain - fa == N * sum(IN[t] for t in targets) * 2     # two blocks
+    # as the method states it: N·(in + r) per branch, N·r with A frozen
+    stated_fa = fa_model.adapters["default"].branch_saved_floats(fa_model, N)
+    stated = plain_model.adapters["default"].branch_saved_floats(plain_model, N)
+    assert set(stated_fa.values()) == {N * 2}
+    assert sum(stated.values()) - sum(stated_fa.values()) == plain - fa
 
 
 def test_the_ledger_holds_the_r_wide_product_for_each_branch(device):

@@ -204,6 +204,17 @@ class LoraMethod(MergeableWrapperMethod):
         return sum(p.size for name, p in self.named_parameters(pm).items()
                    if not (self.config.freeze_A and name.endswith(".lora_A")))
 
+    def branch_saved_floats(self, pm, n_tokens: int) -> dict[str, int]:
+        r"""Floats each target's branch keeps for backward over ``n_tokens`` tokens.
+
+        :math:`N\,(in + r)`: x for A's gradient :math:`x^\top (gB^\top)` and xA
+        for B's :math:`(xA)^\top g`; with ``freeze_A`` only :math:`N r`. (What
+        the frozen base around the branch keeps is the same either way.)
+        """
+        r = self.config.r
+        return {n: n_tokens * (r if self.config.freeze_A else w.in_features + r)
+                for n, w in self.wrappers(pm)}
+
     def extra_flops_per_token(self, pm) -> int:
         """FLOPs the unmerged branches add per token: 2 r (in + out) per target (0 once merged)."""
         if self.merged:

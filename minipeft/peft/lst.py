@@ -157,6 +157,8 @@ class Ladder:
         self.stream = side.start(h0.detach())
 
     def step(self, i: int, h) -> None:
+        if self.stream is None:
+            raise RuntimeError(f"LST: block {i} ran without block 0 before it; run the whole model")
         self.stream = self.side().step(i, self.stream, h.detach(), self.cache)
 
     def finish(self):
