@@ -62,7 +62,11 @@ from .tuner import AdapterParams, Method, replace_module
 
 
 class SideLayer(Module):
-    r"""One rung: ladder :math:`\mathrm{down}_i` (D -> d), gate logit :math:`\alpha_i`, block :math:`f_i`."""
+    r"""Rung i + 1 (after backbone block i, counted from 0): a ladder D -> d, a gate logit, a block.
+
+    In the formula's numbering (blocks from 1) these are :math:`\mathrm{down}_{i+1}`,
+    :math:`\alpha_{i+1}` and :math:`f_{i+1}`.
+    """
 
     def __init__(self, side_config, D: int, index: int, rng):
         super().__init__()
@@ -97,7 +101,12 @@ class SideNetwork(Module):
         return self.embed_ladder(h0)
 
     def step(self, i: int, s, h, cache=None):
-        r""":math:`s_i = g_i\,\mathrm{down}_i(h_i) + (1 - g_i)\,f_i(s_{i-1})`, all (B, T, d)."""
+        r"""The next side state from the last one, ``s`` (B, T, d), and block i's output ``h`` (B, T, D).
+
+        :math:`s_{i+1} = g\,\mathrm{down}(h) + (1 - g)\,f(s)` with rung i's ladder,
+        gate and block: :math:`s_i = g_i\,\mathrm{down}_i(h_i) + (1 - g_i)\,f_i(s_{i-1})`
+        in the formula's numbering.
+        """
         layer = self.layers[i]
         z = layer.block(s, kv_cache=cache)                     # (B, T, d)
         g = self.gate(i)                                       # (1,)
