@@ -3,7 +3,7 @@
 Every method of :mod:`minipeft.peft` appears in :data:`CASES` under a short
 name, built for the small model (2 blocks of width 16, vocabulary 11, 16
 positions) so that whole-model checks stay fast. Soft prompts use P = 3
-virtual tokens.
+virtual tokens; ladder side-tuning a side network of width 4 (k = 4), 2 heads.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from minipeft.peft import (
     IA3Config,
     LayerSelectConfig,
     LoraConfig,
+    LSTConfig,
     MaskConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -53,6 +54,8 @@ ALL_TARGETS = ["c_attn", "c_proj", "c_fc"]
 #: name -> (config factory, keyword arguments for get_peft_model)
 CASES = {
     "lora": (lambda: LoraConfig(r=2, lora_alpha=4.0, target_modules=ALL_TARGETS), {}),
+    "lora_fa": (lambda: LoraConfig(r=2, lora_alpha=4.0, target_modules=ALL_TARGETS,
+                                   freeze_A=True), {}),
     "dora": (lambda: LoraConfig(r=2, lora_alpha=4.0, target_modules=ALL_TARGETS,
                                 use_dora=True), {}),
     "adapter_houlsby": (lambda: AdapterConfig(bottleneck=4), {}),
@@ -74,6 +77,7 @@ CASES = {
     "mask_gradient": (lambda: MaskConfig(density=0.1, selection="gradient",
                                          target_modules=["attn.c_proj"]),
                       {"calibration_batch": batch(seed=7)}),
+    "lst": (lambda: LSTConfig(reduction_factor=4, side_num_heads=2), {}),
     "full": (lambda: FullFinetuneConfig(), {}),
 }
 
@@ -82,7 +86,7 @@ IDENTITY_AT_INIT = [n for n in CASES if n not in ("dora", "prompt", "prefix",
                                                   "prefix_projection")]
 #: methods that may share a base with others (all but full fine-tuning)
 SHAREABLE = [n for n in CASES if n != "full"]
-MERGEABLE = ["lora", "dora", "ia3", "ia3_queries"]
+MERGEABLE = ["lora", "lora_fa", "dora", "ia3", "ia3_queries"]
 MASKS = ["mask_random", "mask_magnitude", "mask_gradient"]
 SOFT_PROMPTS = ["prompt", "prefix", "prefix_projection"]
 

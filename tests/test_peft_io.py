@@ -105,6 +105,13 @@ def test_adapter_file_holds_only_what_the_method_trained(name, tmp_path):
         assert n_data == P * L * 2 * C * 4
         assert meta["trainable_count"] == P * L * 2 * C
         assert pm.get_nb_trainable_parameters()[0] > P * L * 2 * C
+    elif name == "lora_fa":
+        # the frozen A is part of the adapter (an ordinary LoRA file), beside the trained B
+        count = pm.get_nb_trainable_parameters()[0]
+        frozen_A = sum(p.size for n, p in pm.adapters["default"].named_parameters(pm).items()
+                       if n.endswith(".lora_A"))
+        assert frozen_A > 0 and n_data == (count + frozen_A) * 4
+        assert meta["trainable_count"] == count
     else:
         count = pm.get_nb_trainable_parameters()[0]
         assert n_data == count * 4

@@ -5,10 +5,11 @@ r"""Parameter-efficient fine-tuning, one family a file, around a frozen base.
 * :mod:`.model`: :class:`PeftModel` and :func:`get_peft_model`;
 * :mod:`.selective`: full fine-tuning, BitFit, layer selection, element masks;
 * :mod:`.lora`: LoRA and DoRA;
-* :mod:`.adapters`, :mod:`.soft_prompts`, :mod:`.ia3`: the additive methods.
+* :mod:`.adapters`, :mod:`.soft_prompts`, :mod:`.ia3`: the additive methods;
+* :mod:`.lst`: ladder side-tuning, a side network beside the frozen backbone.
 """
 
-from . import adapters, ia3, lora, selective, soft_prompts  # noqa: F401  (register the methods)
+from . import adapters, ia3, lora, lst, selective, soft_prompts  # noqa: F401  (register the methods)
 from .config import (
     METHODS,
     AdapterConfig,
@@ -17,6 +18,7 @@ from .config import (
     IA3Config,
     LayerSelectConfig,
     LoraConfig,
+    LSTConfig,
     MaskConfig,
     PeftConfig,
     PrefixTuningConfig,
@@ -28,7 +30,7 @@ from .model import PeftModel, get_peft_model
 
 __all__ = [
     "METHODS", "AdapterConfig", "BitFitConfig", "FullFinetuneConfig", "IA3Config",
-    "LayerSelectConfig", "LoraConfig", "MaskConfig", "PeftConfig", "PeftModel",
+    "LayerSelectConfig", "LoraConfig", "LSTConfig", "MaskConfig", "PeftConfig", "PeftModel",
     "PrefixTuningConfig", "PromptTuningConfig", "config_class", "config_from_dict",
     "get_peft_model",
 ]

@@ -186,6 +186,13 @@ class LoraConfig(PeftConfig):
     ``r`` is the rank, ``lora_alpha`` the numerator of the scaling
     :math:`\alpha / r`, ``lora_dropout`` the dropout applied to x on the LoRA
     branch only. ``use_dora`` adds DoRA's learned magnitude.
+
+    ``freeze_A`` is LoRA-FA (Zhang et al. 2023): A stays at its random
+    initialisation and only B trains. B's gradient
+    :math:`(xA)^\top g` needs only the r-wide product xA, so the branch keeps
+    N·r saved floats instead of N·(in + r): the engine already saves nothing
+    for a weight that needs no gradient. The adapter file still holds A (an
+    ordinary LoRA adapter: peft loads it as one).
     """
 
     r: int = 8
@@ -194,6 +201,7 @@ class LoraConfig(PeftConfig):
     target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
     use_dora: bool = False
     init_seed: int = 0
+    freeze_A: bool = False
     peft_type: ClassVar[str] = "LORA"
     family: ClassVar[str] = "reparameterization"
 
@@ -206,6 +214,8 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if float(self.lora_alpha) <= 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        if not isinstance(self.freeze_A, bool):
+            raise ValueError(f"freeze_A must be True or False, got {self.freeze_A!r}")
 
     @property
     def scaling(self) -> float:
@@ -367,3 +377,93 @@ def config_from_dict(d: dict) -> PeftConfig:
     if unknown:
         raise ValueError(f"{cls.__name__} has no fields {unknown}; known fields: {sorted(names)}")
     return cls(**d)
+
+
+# ---------------------------------------------------------------------------
+# Additive, beside the backbone
+# ---------------------------------------------------------------------------
+
+
+@_register
+@dataclass
+class LSTConfig(PeftConfig):
+    r"""Ladder side-tuning (Sung et al. 2022): a narrow side network beside a frozen backbone.
+
+    The backbone (width D, L blocks) runs under ``no_grad``; a side network of
+    width :math:`d = D / k` (``k = reduction_factor``) reads its hidden states
+    :math:`h_0` (the embeddings) and :math:`h_i` (block i's output) through
+    trainable down-projections ("ladders") and writes its output back before
+    the backbone's frozen final LayerNorm and tied head:
+
+    .. math::
+        s_0 = h_0 W^{\downarrow}_0 + b^{\downarrow}_0, \qquad
+        s_i = g_i\,(h_i W^{\downarrow}_i + b^{\downarrow}_i) + (1 - g_i)\,f_i(s_{i-1}),
+        \quad g_i = \sigma(\alpha_i / T),
+
+        \text{logits} = \mathrm{ln\_f}\big(h_L + s_L W^{\uparrow} + b^{\uparrow}\big)\,
+        W_{te}^\top
+
+    with :math:`f_i` a pre-norm GPT-2 block of width d (``side_num_heads``
+    heads of d / ``side_num_heads`` channels, MLP 4d wide, no dropout), one
+    per backbone block: depth L. ``gate_temperature`` is T (0.1, the
+    paper's).
+
+    Zero-initialised parts: the gate logits :math:`\alpha_i` (so every gate
+    starts at :math:`\sigma(0) = 0.5`, as in the paper), the up-projection
+    :math:`W^{\uparrow}, b^{\uparrow}` and the biases of the ladders. With
+    :math:`W^{\uparrow} = 0` the wrapped model at initialisation *is* the base:
+    logits :math:`= \mathrm{ln\_f}(h_L)\,W_{te}^\top`, bit for bit.
+
+    The side blocks are initialised at random (GPT-2's N(0, 0.02^2), residual
+    projections scaled by :math:`1/\sqrt{2L}`, drawn from ``init_seed``), not
+    by the paper's structured pruning of the backbone's blocks: pruning needs
+    a ranking of the backbone's channels (the paper ranks them by Fisher
+    information on task data), so the adapter would depend on a calibration
+    batch; at the reference size (d = 16) the side network is small enough to
+    learn from scratch, and a random start keeps the method data-free and
+    reproducible from its seed.
+    """
+
+    reduction_factor: int = 8
+    side_num_heads: int = 2
+    gate_temperature: float = 0.1
+    init_seed: int = 0
+    peft_type: ClassVar[str] = "LST"
+    family: ClassVar[str] = "additive"
+
+    def validate(self):
+        _check_positive_int("reduction_factor", self.reduction_factor)
+        _check_positive_int("side_num_heads", self.side_num_heads)
+        t = self.gate_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"gate_temperature must be a positive number, got {t!r}")
+
+    @property
+    def method(self) -> str:
+        return "lst"
+
+    def side_config(self, base_config):
+        r"""The side network's shape for a backbone of ``base_config`` (a GPTConfig).
+
+        A GPTConfig of width :math:`d = D / k`, ``side_num_heads`` heads and the
+        backbone's depth, positions and vocabulary; every side block is a
+        :class:`~minipeft.nn.gpt.Block` of this config. Raises ValueError
+        when k does not divide D or the heads do not divide d.
+        """
+        from ..nn.gpt import GPTConfig
+
+        D, k, nh = base_config.n_embd, self.reduction_factor, self.side_num_heads
+        if D % k:
+            raise ValueError(
+                f"reduction_factor={k} does not divide the backbone's width n_embd={D}: "
+                f"choose a divisor of {D} (the side width is n_embd // reduction_factor)"
+            )
+        if (D // k) % nh:
+            raise ValueError(
+                f"side_num_heads={nh} does not divide the side width {D // k} "
+                f"(n_embd {D} / reduction_factor {k}): choose a divisor of {D // k}"
+            )
+        return GPTConfig(n_layer=base_config.n_layer, n_head=nh, n_embd=D // k,
+                         vocab_size=base_config.vocab_size,
+                         n_positions=base_config.n_positions, dropout=0.0,
+                         layer_norm_epsilon=base_config.layer_norm_epsilon)

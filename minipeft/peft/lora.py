@@ -185,6 +185,36 @@ class LoraMethod(MergeableWrapperMethod):
 
     wrapper_cls = LoraLinear
 
+    def activate(self, pm) -> None:
+        r"""Train the active adapter's parameters; with ``freeze_A`` (LoRA-FA) all but A.
+
+        Nothing else is needed for LoRA-FA's memory saving: with A frozen, the
+        product :math:`xA` has no weight gradient to compute, so it saves
+        nothing of x (see ``MatMul``), and :math:`(xA)B` saves the r-wide
+        :math:`xA` for B's gradient :math:`(xA)^\top g`.
+        """
+        super().activate(pm)
+        if self.config.freeze_A:
+            for name, p in self.named_parameters(pm).items():
+                if name.endswith(".lora_A"):
+                    p.requires_grad = False
+
+    def trainable_count(self, pm) -> int:
+        """Trainable scalars (LoRA-FA: B, and DoRA's magnitude; A is stored but frozen)."""
+        return sum(p.size for name, p in self.named_parameters(pm).items()
+                   if not (self.config.freeze_A and name.endswith(".lora_A")))
+
+    def branch_saved_floats(self, pm, n_tokens: int) -> dict[str, int]:
+        r"""Floats each target's branch keeps for backward over ``n_tokens`` tokens.
+
+        :math:`N\,(in + r)`: x for A's gradient :math:`x^\top (gB^\top)` and xA
+        for B's :math:`(xA)^\top g`; with ``freeze_A`` only :math:`N r`. (What
+        the frozen base around the branch keeps is the same either way.)
+        """
+        r = self.config.r
+        return {n: n_tokens * (r if self.config.freeze_A else w.in_features + r)
+                for n, w in self.wrappers(pm)}
+
     def extra_flops_per_token(self, pm) -> int:
         """FLOPs the unmerged branches add per token: 2 r (in + out) per target (0 once merged)."""
         if self.merged:
