@@ -462,3 +462,54 @@ def test_bitsandbytes_compress_statistics_agrees_with_double_quant(shape):
     d = Q.dequantize_nf4(q).reshape(-1)
     same = np.repeat(mine == theirs, 64)[:d.size]
     np.testing.assert_allclose(d[same], d_bnb[same], rtol=0, atol=1e-6 * float(np.abs(w).max()))
+
+
+def test_merge_adapter_then_unmerge_on_a_quantized_base():
+    cfg = LoraConfig(r=2, lora_alpha=4.0, target_modules=["c_attn"])
+    pm = get_peft_model(Q.quantize_model(small_base().freeze(), "nf4"), cfg)
+    B = pm.base_model.h[0].attn.c_attn.lora_B.default
+    B.data = B.data + 0.1
+    idx = tokens()
+    unmerged = _branch_logits(pm, idx)
+    with pytest.warns(Q.DequantizationWarning):
+        pm.merge_adapter()
+    # the merged layers are float now; the others stay quantized
+    assert len(_lin_names(pm)) == 8 - 2
+    np.testing.assert_allclose(_branch_logits(pm, idx), unmerged, rtol=1e-4, atol=1e-4)
+    pm.unmerge_adapter()
+    np.testing.assert_allclose(_branch_logits(pm, idx), unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_bitfit_on_a_quantized_base_trains_biases_only():
+    from minipeft.optim import SGD
+    from minipeft.peft import BitFitConfig
+
+    pm = get_peft_model(Q.quantize_model(small_base().freeze(), "nf4"), BitFitConfig())
+    layer = pm.base_model.h[0].mlp.c_fc
+    codes = host(layer.weight_codes).copy()
+    bias = host(layer.bias).copy()
+    before = dict(ops.counters)
+    idx = tokens()
+    _, loss = pm(idx, np.roll(idx, -1, axis=1))
+    loss.backward()
+    assert ops.counters["linear.dW"] == before.get("linear.dW", 0)
+    assert ops.counters["quantlinear.dx"] > before.get("quantlinear.dx", 0)
+    SGD(pm.trainable_parameters(), lr=0.1).step()
+    assert not np.array_equal(host(layer.bias), bias)
+    assert np.array_equal(host(layer.weight_codes), codes)
+
+
+def test_quantization_table_on_the_shipped_base():
+    from minipeft.base import load_base, validation_loss
+    from minipeft.data.corpus import pretraining_text
+    from minipeft.data.tokenizer import CharTokenizer
+    from minipeft.quant_eval import format_table, quantization_table
+
+    table = quantization_table(rows=(("nf4", True), ("int8", False)), val_batches=1)
+    assert [r["format"] for r in table] == ["float32", "nf4", "int8"]
+    val_ids = CharTokenizer().encode(pretraining_text("val"))
+    assert table[0]["loss"] == pytest.approx(validation_loss(load_base(), val_ids, batches=1))
+    nf4, int8 = table[1], table[2]
+    assert round(nf4["bits"], 3) == 4.128 and 8.0 < int8["bits"] < 8.5
+    assert 0 < int8["mse"] < nf4["mse"] <= nf4["worst_block_mse"]
+    assert "nf4+dq" in format_table(table)
