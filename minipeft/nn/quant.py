@@ -298,7 +298,7 @@ def _blockwise_absmax(xp, flat, blocksize):
     # an all-zero block keeps a = 0 and its entries code 0
     inv = 1.0 / xp.maximum(absmax, 1e-38)
     scaled = xp.clip(blocks * inv[:, None], -1.0, 1.0)         # (nblocks, blocksize)
-    return absmax, scaled.reshape(-1)[:n]
+    return absmax, scaled.reshape(-1)[:n]                      # (n,): the pad dropped
 
 
 def _double_quantize(xp, absmax):
@@ -307,7 +307,7 @@ def _double_quantize(xp, absmax):
     centred = absmax - offset
     scale, scaled = _blockwise_absmax(xp, centred, DQ_BLOCKSIZE)
     codes = _nearest(xp, scaled, dynamic_map())                # the map is sorted: index = code
-    return codes, scale, offset.reshape(())
+    return codes, scale, offset.reshape(())                    # the mean as a 0-d array
 
 
 def _undouble(q):
@@ -320,7 +320,7 @@ def _undouble(q):
     if pad:
         values = xp.concatenate([values, xp.zeros(pad, dtype=values.dtype)])
     values = values.reshape(n2, DQ_BLOCKSIZE) * q.absmax_scale[:, None]   # (n2, 256)
-    return values.reshape(-1)[:nb] + q.absmax_offset
+    return values.reshape(-1)[:nb] + q.absmax_offset           # (nb,)
 
 
 def constants(q: QuantizedArray):
@@ -346,7 +346,7 @@ def quantize(array, fmt: str = "nf4", blocksize: int = 64, double_quant: bool = 
     blocksize = _check_blocksize(blocksize)
     xp, a32 = _check_array(array)
     n = a32.size
-    absmax, scaled = _blockwise_absmax(xp, a32.reshape(-1), blocksize)
+    absmax, scaled = _blockwise_absmax(xp, a32.reshape(-1), blocksize)    # C order: (n,)
     codes = _nearest(xp, scaled, codebook(fmt))                           # (n,) uint8
     if n % 2:   # an odd count: one more code, for zero, fills the last byte
         zero = _nearest(xp, xp.zeros(1, dtype=xp.float32), codebook(fmt))
@@ -370,7 +370,7 @@ def dequantize(q: QuantizedArray, dtype=None):
     if q.format == "int8":
         # (rows, cols) codes times each column's absmax / 127
         w = q.codes.astype(xp.float32) * (a * (1.0 / 127.0))[None, :]     # (rows, cols)
-        return w.reshape(q.shape).astype(dtype, copy=False)
+        return w.reshape(q.shape).astype(dtype, copy=False)              # the original shape
     n, bs = q.size, q.blocksize
     nblocks = a.shape[0]
     m = q.codes.shape[0]
@@ -379,7 +379,7 @@ def dequantize(q: QuantizedArray, dtype=None):
     out[1:2 * m:2] = cb[q.codes & 15]                                     # low nibble: odd entries
     blocks = out[:nblocks * bs].reshape(nblocks, bs)                      # (nblocks, bs)
     blocks *= a[:, None]
-    return out[:n].reshape(q.shape).astype(dtype, copy=False)
+    return out[:n].reshape(q.shape).astype(dtype, copy=False)             # the original shape
 
 
 def quantize_nf4(array, blocksize: int = 64, double_quant: bool = False) -> QuantizedArray:
@@ -438,7 +438,7 @@ def block_errors(array, q: QuantizedArray):
     if q.format == "int8":
         per = d.reshape(-1, q.shape[-1]).mean(axis=0)                     # (cols,)
     else:
-        flat = d.reshape(-1)
+        flat = d.reshape(-1)                                              # (n,)
         nb = -(-flat.shape[0] // q.blocksize)
         sums = xp.zeros(nb * q.blocksize, dtype=xp.float64)
         sums[:flat.shape[0]] = flat
