@@ -1,4 +1,4 @@
-r"""Neural-network building blocks: Module, Parameter, layers and the GPT."""
+r"""Neural-network building blocks: Module, Parameter, layers, the GPT and quantized storage."""
 
 from .checkpoint import checkpoint
 from .gpt import GPT, MLP, Block, CausalSelfAttention, GPTConfig, KVCache, sample_next_token
@@ -11,9 +11,11 @@ from .layers import (
     replay_dropout_masks,
 )
 from .module import Module, ModuleList, Parameter
+from .quant import QuantLinear, dequantize_model, quantize_model, requantize
 
 __all__ = [
     "GPT", "MLP", "Block", "CausalSelfAttention", "Dropout", "Embedding", "GPTConfig", "KVCache",
-    "LayerNorm", "Linear", "Module", "ModuleList", "Parameter", "checkpoint",
-    "record_dropout_masks", "replay_dropout_masks", "sample_next_token",
+    "LayerNorm", "Linear", "Module", "ModuleList", "Parameter", "QuantLinear", "checkpoint",
+    "dequantize_model", "quantize_model", "record_dropout_masks", "replay_dropout_masks",
+    "requantize", "sample_next_token",
 ]

@@ -34,6 +34,7 @@ import numpy as np
 from ..autograd import no_grad, ops
 from ..autograd.tensor import Tensor
 from ..nn.module import Parameter
+from ..nn.quant import dequantize_for_merge
 from .model import register_method
 from .tuner import AdapterParams, MergeableWrapperMethod, Wrapper, find_targets, matches
 
@@ -104,6 +105,7 @@ class IA3Linear(Wrapper):
         """
         if self.merged_adapter is not None:
             raise ValueError(f"{self.merged_adapter!r} is already merged into this layer")
+        dequantize_for_merge(self)      # a quantized base becomes float here, and says so
         mode, _ = self.modes[name]
         with no_grad():
             l = self._full_vector(name).data

@@ -44,6 +44,7 @@ from .. import backend
 from ..autograd import no_grad, ops
 from ..nn.layers import Dropout
 from ..nn.module import Parameter
+from ..nn.quant import dequantize_for_merge
 from .model import register_method
 from .tuner import AdapterParams, MergeableWrapperMethod, Wrapper
 
@@ -145,6 +146,7 @@ class LoraLinear(Wrapper):
         """
         if self.merged_adapter is not None:
             raise ValueError(f"{self.merged_adapter!r} is already merged into this layer")
+        dequantize_for_merge(self)      # a quantized base becomes float here, and says so
         W = self.base_layer.weight
         cfg = self.configs[name]
         with no_grad():

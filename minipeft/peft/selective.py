@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import no_grad
+from ..nn.quant import QuantLinear
 from .model import _base_params as base_parameters
 from .model import base_name, register_method
 from .tuner import Method, _check_names_shapes, find_targets, move_array
@@ -97,6 +98,27 @@ class SelectiveMethod(Method):
         # h.1.attn are not "attention weights of block 1" to select
         return {base_name(n): p for n, p in base_parameters(pm.base_model)}
 
+    def _refuse_quantized(self, pm) -> None:
+        """A quantized weight is codes, not a parameter: selecting one to train is an error."""
+        quantized = [base_name(n) + ".weight" for n, m in pm.base_model.named_modules()
+                     if isinstance(m, QuantLinear)]
+        if not quantized:
+            return
+        # select once more with the quantized weights in view, as if they were float
+        own = self._base_params
+        self._base_params = lambda pm_: {**own(pm_), **dict.fromkeys(quantized)}
+        try:
+            chosen = [n for n in self.select(pm) if n in set(quantized)]
+        finally:
+            del self._base_params
+        if chosen:
+            raise ValueError(
+                f"{type(self.config).__name__} would train quantized weights "
+                f"({chosen[:3]}{' ...' if len(chosen) > 3 else ''}), which are codes, not "
+                "parameters. Full fine-tuning and masks need a float base; for layer "
+                "selection, call get_peft_model first and quantize_model after: it quantizes "
+                "only the frozen blocks.")
+
     def inject(self, pm) -> None:
         """Choose the parameters (:meth:`select`) and copy their values as the base has them.
 
@@ -104,6 +126,7 @@ class SelectiveMethod(Method):
         train is set when the adapter is activated. The copies let
         :meth:`deactivate` put the base's own values back.
         """
+        self._refuse_quantized(pm)
         self.names = self.select(pm)
         if not self.names:
             raise ValueError(f"{type(self.config).__name__} selected no parameter of this model")
@@ -302,6 +325,7 @@ class MaskMethod(SelectiveMethod):
         The boolean ``grad_mask`` that confines training to them is set by
         :meth:`activate`.
         """
+        self._refuse_quantized(pm)
         self.names = self.select(pm)
         params = self._base_params(pm)
         self.params = {n: params[n] for n in self.names}

@@ -390,3 +390,8 @@ class MergeableWrapperMethod(WrapperMethod):
             w.merged_adapter = None
             w._copies.clear()
         super().remove(pm)
+        # merge_and_unload hands back one float model: the merged layers were
+        # dequantized at the merge, the others are now
+        from ..nn.quant import dequantize_model  # noqa: PLC0415
+
+        dequantize_model(pm.base_model)
