@@ -33,6 +33,7 @@ from .. import backend
 from ..autograd import ops
 from ..autograd.function import is_grad_enabled, no_grad
 from ..autograd.tensor import Tensor
+from ..validate import Float, Int
 from .checkpoint import checkpoint
 from .layers import Dropout, Embedding, LayerNorm, Linear
 from .module import Module, ModuleList
@@ -415,6 +416,14 @@ class GPT(Module):
                 f"targets: ids must lie in [0, {self.config.vocab_size}) or equal ignore_index "
                 f"({ignore_index}); found {int(bad.sum())} that do not"
             )
+        # the loss is a mean over the positions not ignored: with none, there is nothing to
+        # average (0/0), and reporting 0.0 would look like a perfect fit
+        if not (targets != ignore_index).any():
+            raise ValueError(
+                f"targets: every one of the {B}x{T} targets equals ignore_index "
+                f"({ignore_index}), so the loss has nothing to average: a batch needs at least "
+                "one position to predict (is the prompt as long as the sequence?)"
+            )
         return backend.to_device(targets, self.device)
 
     # -- forward -------------------------------------------------------------
@@ -461,6 +470,11 @@ class GPT(Module):
                 )
             tok = inputs_embeds
         B, T, _ = tok.shape
+        if B == 0 or T == 0:
+            raise ValueError(
+                f"GPT.forward: the batch is empty (B={B} sequences of T={T} tokens): give at "
+                "least one sequence of at least one token"
+            )
 
         # Positions continue after the cache: P .. P+T-1.
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
@@ -555,13 +569,10 @@ class GPT(Module):
         cfg = self.config
         prompt = backend.asnumpy(self._token_ids(idx)).astype(np.int64)  # (B, T) on the host
         B, T = prompt.shape
-        max_new_tokens = int(max_new_tokens)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if top_k is not None and int(top_k) < 1:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+        max_new_tokens = Int(low=0).check("max_new_tokens", max_new_tokens)
+        temperature = Float(low=0.0, expect="a finite number >= 0 (0 is greedy)") \
+            .check("temperature", temperature)
+        top_k = Int(low=1, optional=True).check("top_k", top_k)
         P = 0 if kv_cache is None else kv_cache.length
         Pv = 0 if prompt_embeds is None else prompt_embeds.shape[1]
         if P + Pv + T + max_new_tokens > cfg.n_positions:
