@@ -48,12 +48,18 @@ class KnobTypeError(TypeError, ValueError):
     """A knob of the wrong type (``'0.1'`` for a float, ``1`` for a bool, ``2.0`` for an int)."""
 
 
+def _is_bool(v) -> bool:
+    """Python's bool or NumPy's (``np.bool_``, named ``bool`` in NumPy 2)."""
+    return isinstance(v, bool) or (type(v).__module__ == "numpy"
+                                   and type(v).__name__ in ("bool", "bool_"))
+
+
 def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"
+    return isinstance(v, numbers.Integral) and not _is_bool(v)
 
 
 def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
+    return isinstance(v, numbers.Real) and not _is_bool(v)
 
 
 def _interval(low, high, low_open, high_open) -> str:
@@ -161,7 +167,7 @@ class Bool(Rule):
         return "True or False"
 
     def _check(self, name, value):
-        if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+        if not _is_bool(value):
             self.fail(name, value, KnobTypeError)
         return bool(value)
 
