@@ -33,7 +33,7 @@ from .. import backend
 from ..autograd import ops
 from ..autograd.function import is_grad_enabled, no_grad
 from ..autograd.tensor import Tensor
-from ..validate import Float, Int
+from ..validate import Bool, Float, Int, check_fields, knob
 from .checkpoint import checkpoint
 from .layers import Dropout, Embedding, LayerNorm, Linear
 from .module import Module, ModuleList
@@ -60,35 +60,26 @@ class GPTConfig:
             instead of keeping its activations (training only).
     """
 
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    vocab_size: int = 96
-    n_positions: int = 128
-    dropout: float = 0.0
-    layer_norm_epsilon: float = 1e-5
-    gradient_checkpointing: bool = False
+    n_layer: int = knob(4, Int(low=1))
+    n_head: int = knob(4, Int(low=1))
+    n_embd: int = knob(128, Int(low=1))
+    vocab_size: int = knob(96, Int(low=1))
+    n_positions: int = knob(128, Int(low=1))
+    dropout: float = knob(0.0, Float(low=0.0, high=1.0, high_open=True))
+    layer_norm_epsilon: float = knob(1e-5, Float(low=0.0, low_open=True,
+                                                 expect="positive (a finite number > 0)"))
+    gradient_checkpointing: bool = knob(False, Bool())
 
     def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-            setattr(self, name, int(value))
+        try:
+            check_fields(self)              # each field's rule (minipeft.validate)
+        except ValueError as exc:           # KnobTypeError is one too
+            raise type(exc)(f"GPTConfig.{exc}") from None
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), "
                 "so that every head gets n_embd // n_head channels"
             )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not float(self.layer_norm_epsilon) > 0.0:
-            raise ValueError(
-                f"GPTConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}"
-            )
-        self.dropout = float(self.dropout)
-        self.layer_norm_epsilon = float(self.layer_norm_epsilon)
-        self.gradient_checkpointing = bool(self.gradient_checkpointing)
 
     @property
     def head_size(self) -> int:
