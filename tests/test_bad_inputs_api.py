@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from peft_cases import small_base, tokens
 
+from minipeft import GPTConfig
 from minipeft.finetune import FinetuneSettings
 from minipeft.nn.module import Parameter
 from minipeft.optim import SGD, AdamW, LRSchedule, clip_grad_norm_, cosine_with_warmup
@@ -255,6 +256,17 @@ ROWS = [
     ("ia3 feedforward not targeted",
      lambda: _peft(IA3Config(target_modules=["c_attn"], feedforward_modules=["mlp.c_proj"])),
      V, "feedforward_modules must be among target_modules", "feedforward_modules"),
+    # -- GPTConfig (the base model) --------------------------------------------------
+    ("gpt dropout nan",
+     lambda: GPTConfig(dropout=NAN), V, "GPTConfig.dropout must be in [0, 1)", "dropout"),
+    ("gpt layer_norm_epsilon inf",
+     lambda: GPTConfig(layer_norm_epsilon=INF), V, "layer_norm_epsilon must be positive",
+     "layer_norm_epsilon"),
+    ("gpt gradient_checkpointing yes",
+     lambda: GPTConfig(gradient_checkpointing="yes"), T, "must be True or False",
+     "gradient_checkpointing"),
+    ("gpt n_layer float",
+     lambda: GPTConfig(n_layer=2.0), T, "n_layer must be a positive integer", "n_layer"),
     # -- method names and model entry points ----------------------------------------
     ("unknown method name", lambda: config_class("lorra"), V, "choose from full, bitfit", "lorra"),
     ("config given as a dict",
