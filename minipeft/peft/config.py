@@ -2,9 +2,18 @@ r"""One configuration dataclass per method, named as Hugging Face peft names the
 
 A config says *what* a method trains and how big it is; the method's module
 says *how*. Configs round-trip through JSON (``to_dict`` / ``config_from_dict``)
-because an adapter folder stores its config beside its weights, and they
-validate themselves on creation so a bad knob fails at once with a message
-that says what was expected.
+because an adapter folder stores its config beside its weights.
+
+Every field declares its rule beside its default (``r: int = knob(8,
+Int(low=1))``, rules in :mod:`minipeft.validate`), and one walk over the
+fields checks them: at creation, when a config is read back from a file,
+and when a model is given it. A bad knob fails at once with a message that
+names it and says what it may be. What needs the model (a rank above
+``min(in, out)`` of a targeted layer, a layer index beyond the last block)
+is checked when the method is injected, before anything is changed.
+
+A saved dict carries ``format`` (:data:`CONFIG_FORMAT`), which says which
+fields the file must hold; a dict without it is format 1.
 
 The families of the story:
 
