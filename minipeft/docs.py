@@ -73,7 +73,7 @@ INSTALL_COMMAND = "pip install -e '.[docs]'"
 #: Files listed first on the index, in the order the layers build on each
 #: other (DESIGN.md's tree); the rest follow alphabetically.
 LAYER_ORDER = [
-    "minipeft/__init__.py", "minipeft/backend.py",
+    "minipeft/__init__.py", "minipeft/backend.py", "minipeft/validate.py",
     "minipeft/autograd/", "minipeft/nn/", "minipeft/optim.py", "minipeft/peft/",
     "minipeft/memory.py", "minipeft/data/", "minipeft/train.py", "minipeft/io.py",
     "minipeft/base.py", "minipeft/finetune.py", "minipeft/evaluation.py",

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from .optim import AdamW, LRSchedule
 from .peft import PeftModel, get_peft_model
 from .peft.config import PeftConfig
 from .train import train
+from .validate import Float, Int, check_fields, knob
 
 FINETUNE_INFO = "finetune.json"
 
@@ -52,43 +51,28 @@ class FinetuneSettings:
     the first N test examples; ``None`` scores the whole test split.
     """
 
-    steps: int = 300
-    batch_size: int = 16
-    lr: float | None = None         # None: the method's best known rate
-    warmup: int = 20
-    weight_decay: float = 0.0
-    clip: float | None = 1.0        # None: no gradient clipping
-    seed: int = 0
-    eval_limit: int | None = None   # score only the first N test examples
+    steps: int = knob(300, Int(low=1, expect="an integer >= 1 (optimizer updates)"))
+    batch_size: int = knob(16, Int(low=1, expect="an integer >= 1 (examples per step)"))
+    #: None: the method's best known rate
+    lr: float | None = knob(None, Float(
+        low=0.0, low_open=True, optional=True,
+        expect="a positive finite number, or None for the method's best known rate"))
+    warmup: int = knob(20, Int(low=0, expect="an integer >= 0 (steps of linear warmup)"))
+    weight_decay: float = knob(0.0, Float(low=0.0))
+    #: None: no gradient clipping
+    clip: float | None = knob(1.0, Float(
+        low=0.0, low_open=True, optional=True,
+        expect="a positive finite gradient norm, or None for no clipping"))
+    seed: int = knob(0, Int(low=0, expect="an integer >= 0 (the data order's random seed)"))
+    #: score only the first N test examples
+    eval_limit: int | None = knob(None, Int(
+        low=1, optional=True,
+        expect="an integer >= 1 (the number of test examples to score; None scores the whole "
+               "test split)"))
 
     def validate(self):
-        """Raise ValueError naming the first setting out of range, and what it may be."""
-        _check_int("steps", self.steps, 1, "optimizer updates")
-        _check_int("batch_size", self.batch_size, 1, "examples per step")
-        _check_int("warmup", self.warmup, 0, "steps of linear warmup")
-        _check_int("seed", self.seed, 0, "the data order's random seed")
-        if self.lr is not None:
-            _check_real("lr", self.lr, "a positive finite number, or None for the method's "
-                                       "best known rate", positive=True)
-        _check_real("weight_decay", self.weight_decay, "a finite number >= 0")
-        if self.clip is not None:
-            _check_real("clip", self.clip, "a positive finite gradient norm, or None for no "
-                                           "clipping", positive=True)
-        if self.eval_limit is not None:
-            _check_int("eval_limit", self.eval_limit, 1,
-                       "the number of test examples to score; None scores the whole test split")
-
-
-def _check_int(name, value, least, what):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least} ({what}), got {value!r}")
-
-
-def _check_real(name, value, allowed, positive=False):
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value) and (value > 0 if positive else value >= 0))
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        """Raise ValueError (KnobTypeError for a wrong type) naming the first bad setting."""
+        check_fields(self)
 
 
 def resolved_lr(settings: FinetuneSettings, method: str) -> float:

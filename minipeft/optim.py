@@ -41,6 +41,12 @@ from . import backend
 from .autograd.function import in_blocks, no_grad
 from .autograd.tensor import Tensor
 from .nn.module import Module
+from .validate import Choice, Float, Int, KnobTypeError
+
+# The rules of the knobs (see minipeft.validate: finite, honest types, a range).
+_RATE = Float(low=0.0)                                   # lr, weight_decay, min_lr
+_FRACTION = Float(low=0.0, high=1.0, high_open=True)     # momentum, betas
+_POSITIVE = Float(low=0.0, low_open=True)                # eps, max_norm
 
 __all__ = [
     "SGD", "AdamW", "LRSchedule", "Optimizer", "clip_grad_norm_", "cosine_with_warmup",
@@ -111,7 +117,8 @@ def _build_groups(params, default_weight_decay: float) -> list[dict]:
             )
         group = {
             "name": str(raw.get("name", f"group{gi}")),
-            "weight_decay": float(raw.get("weight_decay", default_weight_decay)),
+            "weight_decay": _RATE.check(f"parameter group {gi}: weight_decay",
+                                        raw.get("weight_decay", default_weight_decay)),
             "params": [],
             "names": [],
         }
@@ -163,12 +170,9 @@ class Optimizer:
     """
 
     def __init__(self, params, lr: float, weight_decay: float, index_dtype: str = "int64"):
-        if lr < 0:
-            raise ValueError(f"learning rate must be >= 0, got {lr}")
-        if index_dtype not in ("int32", "int64"):
-            raise ValueError(f"index_dtype must be 'int32' or 'int64', got {index_dtype!r}")
-        self.index_dtype = index_dtype
-        self.lr = float(lr)
+        self.lr = _RATE.check("lr", lr)
+        _RATE.check("weight_decay", weight_decay)
+        self.index_dtype = Choice(choices=("int32", "int64")).check("index_dtype", index_dtype)
         self.param_groups = _build_groups(params, weight_decay)
         self.state: dict[int, dict] = {}
 
@@ -334,10 +338,9 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  *, index_dtype: str = "int64"):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        momentum = _FRACTION.check("momentum", momentum)
         super().__init__(params, lr, weight_decay, index_dtype)
-        self.momentum = float(momentum)
+        self.momentum = momentum
 
     def _new_state(self, xp, shape, dtype):
         return {}  # the momentum buffer is created at the first step, as a copy of g
@@ -402,14 +405,14 @@ class AdamW(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *,
                  index_dtype: str = "int64"):
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise KnobTypeError(f"betas must be a pair (beta1, beta2) of numbers in [0, 1), "
+                                f"e.g. (0.9, 0.999), got {betas!r}")
+        b1, b2 = (_FRACTION.check(f"betas[{i}]", b) for i, b in enumerate(betas))
+        eps = _POSITIVE.check("eps", eps)
         super().__init__(params, lr, weight_decay, index_dtype)
-        self.betas = (float(b1), float(b2))
-        self.eps = float(eps)
+        self.betas = (b1, b2)
+        self.eps = eps
         self._scratch = {}  # (device, dtype) -> a flat work array, grown as needed
 
     def _work(self, w):
@@ -488,8 +491,7 @@ def clip_grad_norm_(params, max_norm: float, eps: float = 1e-6) -> float:
     returned as it is and the gradients are left unscaled, for the caller to
     report.
     """
-    if max_norm <= 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    max_norm = _POSITIVE.check("max_norm", max_norm)
     grads = []
     for p in params:
         p = p[1] if isinstance(p, tuple) else p
@@ -535,13 +537,12 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, base_lr: 
     :math:`\eta_{\min}`. Warmup keeps Adam's first, poorly estimated steps
     small; the cosine spends most steps at a high rate and lands softly.
     """
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], "
-                         f"got {warmup_steps}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+    total_steps = Int(low=1).check("total_steps", total_steps)
+    Int(low=0, high=total_steps, expect=f"an integer in [0, total_steps={total_steps}]") \
+        .check("warmup_steps", warmup_steps)
+    step = Int(low=0).check("step", step)
+    base_lr = _RATE.check("base_lr", base_lr)
+    min_lr = _RATE.check("min_lr", min_lr)
     # Warmup: a straight line up to base_lr
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps

@@ -40,8 +40,12 @@ from .autograd.function import no_grad
 from .autograd.tensor import Tensor
 from .nn.module import Module
 from .optim import Optimizer, clip_grad_norm_
+from .validate import Float, Int
 
 __all__ = ["History", "evaluate_loss", "set_seed", "train"]
+
+#: what a schedule may hand the optimizer: a finite rate >= 0
+_LR = Float(low=0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -146,8 +150,7 @@ def evaluate_loss(model: Module, batches: Iterable, n_batches: int) -> float:
     mean of the per-batch mean losses (batches are expected to be of equal
     size).
     """
-    if n_batches < 1:
-        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+    n_batches = Int(low=1).check("n_batches", n_batches)
     device = model.device
     modes = _modes(model)
     model.eval()
@@ -206,15 +209,11 @@ def train(
             logging); returning True stops training early.
     """
     # Check the settings before any work is done.
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
-    if clip is not None and clip <= 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
-    if eval_every is not None:
-        if eval_fn is None:
-            raise ValueError("eval_every was given without an eval_fn to call")
-        if int(eval_every) != eval_every or eval_every < 1:
-            raise ValueError(f"eval_every must be a positive integer, got {eval_every}")
+    steps = Int(low=1).check("steps", steps)
+    clip = Float(low=0.0, low_open=True, optional=True).check("clip", clip)
+    eval_every = Int(low=1, optional=True).check("eval_every", eval_every)
+    if eval_every is not None and eval_fn is None:
+        raise ValueError("eval_every was given without an eval_fn to call")
 
     history = History()
     device = model.device
@@ -229,7 +228,7 @@ def train(
         for step in range(steps):
             # 1. The learning rate for this update.
             if schedule is not None:
-                optimizer.lr = float(schedule(step))
+                optimizer.lr = _LR.check(f"the schedule's lr at step {step}", schedule(step))
             lr = optimizer.lr
 
             # 2. Forward on the next batch, moved to the model's device.

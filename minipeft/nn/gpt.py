@@ -25,7 +25,6 @@ same ones Hugging Face's GPT-2 offers peft:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +33,7 @@ from .. import backend
 from ..autograd import ops
 from ..autograd.function import is_grad_enabled, no_grad
 from ..autograd.tensor import Tensor
+from ..validate import Bool, Float, Int, check_fields, knob
 from .checkpoint import checkpoint
 from .layers import Dropout, Embedding, LayerNorm, Linear
 from .module import Module, ModuleList
@@ -60,35 +60,26 @@ class GPTConfig:
             instead of keeping its activations (training only).
     """
 
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    vocab_size: int = 96
-    n_positions: int = 128
-    dropout: float = 0.0
-    layer_norm_epsilon: float = 1e-5
-    gradient_checkpointing: bool = False
+    n_layer: int = knob(4, Int(low=1))
+    n_head: int = knob(4, Int(low=1))
+    n_embd: int = knob(128, Int(low=1))
+    vocab_size: int = knob(96, Int(low=1))
+    n_positions: int = knob(128, Int(low=1))
+    dropout: float = knob(0.0, Float(low=0.0, high=1.0, high_open=True))
+    layer_norm_epsilon: float = knob(1e-5, Float(low=0.0, low_open=True,
+                                                 expect="positive (a finite number > 0)"))
+    gradient_checkpointing: bool = knob(False, Bool())
 
     def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-            setattr(self, name, int(value))
+        try:
+            check_fields(self)              # each field's rule (minipeft.validate)
+        except ValueError as exc:           # KnobTypeError is one too
+            raise type(exc)(f"GPTConfig.{exc}") from None
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), "
                 "so that every head gets n_embd // n_head channels"
             )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not float(self.layer_norm_epsilon) > 0.0:
-            raise ValueError(
-                f"GPTConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}"
-            )
-        self.dropout = float(self.dropout)
-        self.layer_norm_epsilon = float(self.layer_norm_epsilon)
-        self.gradient_checkpointing = bool(self.gradient_checkpointing)
 
     @property
     def head_size(self) -> int:
@@ -416,6 +407,14 @@ class GPT(Module):
                 f"targets: ids must lie in [0, {self.config.vocab_size}) or equal ignore_index "
                 f"({ignore_index}); found {int(bad.sum())} that do not"
             )
+        # the loss is a mean over the positions not ignored: with none, there is nothing to
+        # average (0/0), and reporting 0.0 would look like a perfect fit
+        if not (targets != ignore_index).any():
+            raise ValueError(
+                f"targets: every one of the {B}x{T} targets equals ignore_index "
+                f"({ignore_index}), so the loss has nothing to average: a batch needs at least "
+                "one position to predict (is the prompt as long as the sequence?)"
+            )
         return backend.to_device(targets, self.device)
 
     # -- forward -------------------------------------------------------------
@@ -462,6 +461,11 @@ class GPT(Module):
                 )
             tok = inputs_embeds
         B, T, _ = tok.shape
+        if B == 0 or T == 0:
+            raise ValueError(
+                f"GPT.forward: the batch is empty (B={B} sequences of T={T} tokens): give at "
+                "least one sequence of at least one token"
+            )
 
         # Positions continue after the cache: P .. P+T-1.
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
@@ -556,21 +560,15 @@ class GPT(Module):
         cfg = self.config
         prompt = backend.asnumpy(self._token_ids(idx)).astype(np.int64)  # (B, T) on the host
         B, T = prompt.shape
-        # NaN passes every comparison (nan < 0 is False), so finiteness is asked for by name;
-        # 2.5 tokens is refused, not rounded down.
-        if not _is_int(max_new_tokens) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        max_new_tokens = int(max_new_tokens)
-        if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-                or not math.isfinite(temperature) or temperature < 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), "
-                             f"got {temperature!r}")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None (all tokens), got {top_k!r}")
-        if stop_token is not None and (not _is_int(stop_token)
-                                       or not 0 <= stop_token < cfg.vocab_size):
-            raise ValueError(f"stop_token must be a token id in [0, {cfg.vocab_size}), "
-                             f"got {stop_token!r}")
+        # NaN passes every comparison (nan < 0 is False), so the rules ask for finiteness by
+        # name; 2.5 tokens is refused, not rounded down.
+        max_new_tokens = Int(low=0, expect="an integer >= 0").check("max_new_tokens", max_new_tokens)
+        temperature = Float(low=0.0, expect="a finite number >= 0 (0 is greedy)") \
+            .check("temperature", temperature)
+        top_k = Int(low=1, optional=True, expect="a positive integer or None (all tokens)") \
+            .check("top_k", top_k)
+        stop_token = Int(low=0, high=cfg.vocab_size - 1, optional=True,
+                         expect=f"a token id in [0, {cfg.vocab_size})").check("stop_token", stop_token)
         P = 0 if kv_cache is None else kv_cache.length
         Pv = 0 if prompt_embeds is None else prompt_embeds.shape[1]
         if P + Pv + T + max_new_tokens > cfg.n_positions:
@@ -621,11 +619,6 @@ class GPT(Module):
         finally:
             self.train(was_training)
         return out
-
-
-def _is_int(value) -> bool:
-    """An integer (Python's or NumPy's), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------

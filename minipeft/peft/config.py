@@ -2,9 +2,18 @@ r"""One configuration dataclass per method, named as Hugging Face peft names the
 
 A config says *what* a method trains and how big it is; the method's module
 says *how*. Configs round-trip through JSON (``to_dict`` / ``config_from_dict``)
-because an adapter folder stores its config beside its weights, and they
-validate themselves on creation so a bad knob fails at once with a message
-that says what was expected.
+because an adapter folder stores its config beside its weights.
+
+Every field declares its rule beside its default (``r: int = knob(8,
+Int(low=1))``, rules in :mod:`minipeft.validate`), and one walk over the
+fields checks them: at creation, when a config is read back from a file,
+and when a model is given it. A bad knob fails at once with a message that
+names it and says what it may be. What needs the model (a rank above
+``min(in, out)`` of a targeted layer, a layer index beyond the last block)
+is checked when the method is injected, before anything is changed.
+
+A saved dict carries ``format`` (:data:`CONFIG_FORMAT`), which says which
+fields the file must hold; a dict without it is format 1.
 
 The families of the story:
 
@@ -19,10 +28,19 @@ The families of the story:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
+from ..validate import Bool, Choice, Float, Int, Ints, KnobTypeError, Names, Text, check_fields, knob
+
 CONFIGS: dict[str, type] = {}
+
+#: The version of the saved config dict (``to_dict()["format"]``). A dict
+#: without the key is version 1: every field of today's classes, all present.
+#: A field added later declares ``knob(..., since=N)``; a file of an older
+#: version lacks it and gets its default, so older adapters stay loadable.
+#: Version 2 added ``LoraConfig.freeze_A`` (LoRA-FA) and :class:`LSTConfig`.
+CONFIG_FORMAT = 2
 
 
 def _register(cls):
@@ -32,7 +50,14 @@ def _register(cls):
 
 @dataclass
 class PeftConfig:
-    """Base of every method's config: a type tag, validation and JSON round trip."""
+    """Base of every method's config: a type tag, validation and JSON round trip.
+
+    Every field declares its rule beside its default (``knob(8, Int(low=1))``,
+    see :mod:`minipeft.validate`); :meth:`validate` checks them all, at
+    construction and again when a config is read from a file or handed to a
+    model. A subclass adds only rules that tie fields together
+    (:meth:`check_together`).
+    """
 
     peft_type: ClassVar[str] = ""
     family: ClassVar[str] = ""
@@ -41,12 +66,57 @@ class PeftConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError on a knob out of range (subclasses extend)."""
+        """Raise ValueError (KnobTypeError for a wrong type) naming the first bad knob."""
+        check_fields(self)
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Rules between fields (a subclass's; none by default)."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["peft_type"] = self.peft_type
+        d["format"] = CONFIG_FORMAT
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PeftConfig:
+        """This class's config from a saved dict (without ``peft_type``), checked like a new one.
+
+        The dict's ``format`` (1 when absent) says which fields it must hold:
+        those that version had. A field added by a later version takes its
+        default. An unknown key is refused, not dropped: it is most often a
+        misspelt knob (``lora_aplha``), and dropping it would train or load
+        with the default in its place, silently.
+        """
+        d = dict(d)
+        fmt = d.pop("format", 1)
+        if not (isinstance(fmt, int) and not isinstance(fmt, bool)) or fmt < 1:
+            raise ValueError(f"{cls.__name__}: format must be a positive integer (the version of "
+                             f"the saved config; 1 when absent), got {fmt!r}")
+        if fmt > CONFIG_FORMAT:
+            raise ValueError(
+                f"{cls.__name__}: the config is of format {fmt}, newer than this minipeft reads "
+                f"(up to {CONFIG_FORMAT}): upgrade minipeft to load it"
+            )
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {unknown}; known fields: "
+                             f"{sorted(names)}. Remove or rename them in the file")
+        missing = [f.name for f in fields if f.metadata.get("since", 1) <= fmt and f.name not in d]
+        if missing:
+            defaults = {f.name: _default(f) for f in fields if f.name in missing}
+            raise ValueError(
+                f"{cls.__name__}: the saved config (format {fmt}) lacks the required field(s) "
+                f"{missing}; add them to the file (the defaults are {defaults}) or save the "
+                "adapter again"
+            )
+        try:
+            return cls(**d)
+        except ValueError as exc:      # KnobTypeError is one too
+            raise type(exc)(f"{cls.__name__} in the saved config: {exc}") from None
 
     @property
     def method(self) -> str:
@@ -54,18 +124,14 @@ class PeftConfig:
         return METHOD_OF_TYPE[self.peft_type]
 
 
-def _check_positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _default(f):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
-def _check_targets(name, value):
-    if value is None:
-        return
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(
-            f"{name} must be a list of module names (e.g. ['c_attn']), got {value!r}"
-        )
+#: The rule of a list of Linear names (peft's ``target_modules``).
+TARGETS = Names()
 
 
 # ---------------------------------------------------------------------------
@@ -92,12 +158,9 @@ class BitFitConfig(PeftConfig):
     LayerNorm biases included.
     """
 
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = knob(None, Names(optional=True))
     peft_type: ClassVar[str] = "BITFIT"
     family: ClassVar[str] = "selective"
-
-    def validate(self):
-        _check_targets("target_modules", self.target_modules)
 
 
 COMPONENTS = ("attn", "mlp", "ln", "embeddings", "ln_f")
@@ -120,24 +183,18 @@ class LayerSelectConfig(PeftConfig):
     * ``patterns``: regular expressions searched in the parameter's name.
     """
 
-    layers: list[int] | None = None
-    components: list[str] | None = None
-    param_types: list[str] | None = None
-    patterns: list[str] | None = None
+    layers: list[int] | None = knob(None, Ints(optional=True, what="block indices (e.g. [-1])"))
+    components: list[str] | None = knob(
+        None, Names(optional=True, choices=COMPONENTS, of="components", example="['attn']"))
+    param_types: list[str] | None = knob(
+        None, Names(optional=True, choices=("weight", "bias"), of="parameter types",
+                    example="['bias']"))
+    patterns: list[str] | None = knob(
+        None, Names(optional=True, regex=True, of="regular expressions", example="['ln_']"))
     peft_type: ClassVar[str] = "SELECTIVE"
     family: ClassVar[str] = "selective"
 
-    def validate(self):
-        if self.components is not None:
-            bad = [c for c in self.components if c not in COMPONENTS]
-            if bad:
-                raise ValueError(f"unknown components {bad}: choose from {list(COMPONENTS)}")
-        if self.param_types is not None:
-            bad = [t for t in self.param_types if t not in ("weight", "bias")]
-            if bad:
-                raise ValueError(f"unknown param_types {bad}: choose from ['weight', 'bias']")
-        if self.layers is not None and not all(isinstance(i, int) for i in self.layers):
-            raise ValueError(f"layers must be a list of block indices, got {self.layers!r}")
+    def check_together(self):
         if all(v is None for v in (self.layers, self.components, self.param_types, self.patterns)):
             raise ValueError(
                 "LayerSelectConfig selects nothing: set layers, components, param_types "
@@ -156,21 +213,12 @@ class MaskConfig(PeftConfig):
     optimizer keeps state only for the selected entries.
     """
 
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
-    density: float = 0.01
-    selection: str = "random"
-    seed: int = 0
+    target_modules: list[str] = knob(["c_attn", "c_proj", "c_fc"], TARGETS)
+    density: float = knob(0.01, Float(low=0.0, high=1.0, low_open=True))
+    selection: str = knob("random", Choice(choices=("random", "magnitude", "gradient")))
+    seed: int = knob(0, Int(low=0))
     peft_type: ClassVar[str] = "MASK"
     family: ClassVar[str] = "selective"
-
-    def validate(self):
-        _check_targets("target_modules", self.target_modules)
-        if not 0.0 < float(self.density) <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
-        if self.selection not in ("random", "magnitude", "gradient"):
-            raise ValueError(
-                f"selection must be 'random', 'magnitude' or 'gradient', got {self.selection!r}"
-            )
 
 
 # ---------------------------------------------------------------------------
@@ -195,27 +243,16 @@ class LoraConfig(PeftConfig):
     ordinary LoRA adapter: peft loads it as one).
     """
 
-    r: int = 8
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
-    use_dora: bool = False
-    init_seed: int = 0
-    freeze_A: bool = False
+    r: int = knob(8, Int(low=1))
+    lora_alpha: float = knob(8.0, Float(low=0.0, low_open=True,
+                                        expect="positive (a finite number > 0)"))
+    lora_dropout: float = knob(0.0, Float(low=0.0, high=1.0, high_open=True))
+    target_modules: list[str] = knob(["c_attn"], TARGETS)
+    use_dora: bool = knob(False, Bool())
+    init_seed: int = knob(0, Int(low=0))
+    freeze_A: bool = knob(False, Bool(), since=2)
     peft_type: ClassVar[str] = "LORA"
     family: ClassVar[str] = "reparameterization"
-
-    def validate(self):
-        _check_positive_int("r", self.r)
-        _check_targets("target_modules", self.target_modules)
-        if not self.target_modules:
-            raise ValueError("target_modules is empty: name at least one Linear (e.g. 'c_attn')")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if float(self.lora_alpha) <= 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not isinstance(self.freeze_A, bool):
-            raise ValueError(f"freeze_A must be True or False, got {self.freeze_A!r}")
 
     @property
     def scaling(self) -> float:
@@ -238,21 +275,12 @@ class AdapterConfig(PeftConfig):
     the identity.
     """
 
-    bottleneck: int = 16
-    placement: str = "houlsby"
-    nonlinearity: str = "relu"
-    init_seed: int = 0
+    bottleneck: int = knob(16, Int(low=1))
+    placement: str = knob("houlsby", Choice(choices=("houlsby", "pfeiffer")))
+    nonlinearity: str = knob("relu", Choice(choices=("relu", "gelu", "tanh")))
+    init_seed: int = knob(0, Int(low=0))
     peft_type: ClassVar[str] = "ADAPTER"
     family: ClassVar[str] = "additive"
-
-    def validate(self):
-        _check_positive_int("bottleneck", self.bottleneck)
-        if self.placement not in ("houlsby", "pfeiffer"):
-            raise ValueError(f"placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}")
-        if self.nonlinearity not in ("relu", "gelu", "tanh"):
-            raise ValueError(
-                f"nonlinearity must be 'relu', 'gelu' or 'tanh', got {self.nonlinearity!r}"
-            )
 
     @property
     def target_modules(self) -> list[str]:
@@ -271,25 +299,22 @@ class PromptTuningConfig(PeftConfig):
     positions P..P+T-1, so P + T may not exceed ``n_positions``.
     """
 
-    num_virtual_tokens: int = 20
-    prompt_tuning_init: str = "VOCAB"
-    prompt_tuning_init_text: str | None = None
-    init_seed: int = 0
+    num_virtual_tokens: int = knob(20, Int(low=0))
+    prompt_tuning_init: str = knob("VOCAB", Choice(choices=("VOCAB", "TEXT", "RANDOM")))
+    prompt_tuning_init_text: str | None = knob(None, Text(optional=True))
+    init_seed: int = knob(0, Int(low=0))
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     family: ClassVar[str] = "additive"
 
-    def validate(self):
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 0:
-            raise ValueError(
-                f"num_virtual_tokens must be a non-negative integer, got {self.num_virtual_tokens!r}"
-            )
-        if self.prompt_tuning_init not in ("VOCAB", "TEXT", "RANDOM"):
-            raise ValueError(
-                "prompt_tuning_init must be 'VOCAB', 'TEXT' or 'RANDOM', "
-                f"got {self.prompt_tuning_init!r}"
-            )
+    def check_together(self):
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
-            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text "
+                             "(the text whose embeddings start the prompt)")
+        if self.prompt_tuning_init != "TEXT" and self.prompt_tuning_init_text is not None:
+            raise ValueError(
+                f"prompt_tuning_init_text is used only with prompt_tuning_init='TEXT' (here "
+                f"{self.prompt_tuning_init!r}): set prompt_tuning_init='TEXT' or drop the text"
+            )
 
 
 @_register
@@ -303,19 +328,12 @@ class PrefixTuningConfig(PeftConfig):
     as peft does, not the MLP.
     """
 
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = False
-    encoder_hidden_size: int = 128
-    init_seed: int = 0
+    num_virtual_tokens: int = knob(20, Int(low=0))
+    prefix_projection: bool = knob(False, Bool())
+    encoder_hidden_size: int = knob(128, Int(low=1))
+    init_seed: int = knob(0, Int(low=0))
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     family: ClassVar[str] = "additive"
-
-    def validate(self):
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 0:
-            raise ValueError(
-                f"num_virtual_tokens must be a non-negative integer, got {self.num_virtual_tokens!r}"
-            )
-        _check_positive_int("encoder_hidden_size", self.encoder_hidden_size)
 
 
 @_register
@@ -330,17 +348,12 @@ class IA3Config(PeftConfig):
     identity.
     """
 
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "mlp.c_proj"])
-    feedforward_modules: list[str] = field(default_factory=lambda: ["mlp.c_proj"])
-    scale_queries: bool = False
+    target_modules: list[str] = knob(["c_attn", "mlp.c_proj"], TARGETS)
+    feedforward_modules: list[str] = knob(["mlp.c_proj"], Names(non_empty=False,
+                                                                example="['mlp.c_proj']"))
+    scale_queries: bool = knob(False, Bool())
     peft_type: ClassVar[str] = "IA3"
     family: ClassVar[str] = "additive"
-
-    def validate(self):
-        _check_targets("target_modules", self.target_modules)
-        _check_targets("feedforward_modules", self.feedforward_modules)
-        if not self.target_modules:
-            raise ValueError("target_modules is empty")
 
 
 # ---------------------------------------------------------------------------
@@ -366,17 +379,20 @@ def config_class(method: str) -> type:
 
 
 def config_from_dict(d: dict) -> PeftConfig:
-    """Rebuild a config from ``to_dict()`` output, refusing unknown types and fields."""
+    """Rebuild a config from ``to_dict()`` output (e.g. a hand-edited file), checked in full.
+
+    Refuses an unknown ``peft_type``, an unknown field, a field the dict's
+    ``format`` requires and it lacks, a format newer than this code, and
+    every bad knob a new config would refuse (see :meth:`PeftConfig.from_dict`).
+    """
+    if not isinstance(d, dict):
+        raise KnobTypeError(f"a saved config must be a JSON object (a dict), got "
+                            f"{type(d).__name__}")
     d = dict(d)
     peft_type = d.pop("peft_type", None)
-    if peft_type not in CONFIGS:
+    if not isinstance(peft_type, str) or peft_type not in CONFIGS:
         raise ValueError(f"unknown peft_type {peft_type!r}: known types are {sorted(CONFIGS)}")
-    cls = CONFIGS[peft_type]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no fields {unknown}; known fields: {sorted(names)}")
-    return cls(**d)
+    return CONFIGS[peft_type].from_dict(d)
 
 
 # ---------------------------------------------------------------------------
@@ -424,19 +440,12 @@ class LSTConfig(PeftConfig):
     reproducible from its seed.
     """
 
-    reduction_factor: int = 8
-    side_num_heads: int = 2
-    gate_temperature: float = 0.1
-    init_seed: int = 0
+    reduction_factor: int = knob(8, Int(low=1), since=2)
+    side_num_heads: int = knob(2, Int(low=1), since=2)
+    gate_temperature: float = knob(0.1, Float(low=0.0, low_open=True), since=2)
+    init_seed: int = knob(0, Int(low=0), since=2)
     peft_type: ClassVar[str] = "LST"
     family: ClassVar[str] = "additive"
-
-    def validate(self):
-        _check_positive_int("reduction_factor", self.reduction_factor)
-        _check_positive_int("side_num_heads", self.side_num_heads)
-        t = self.gate_temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise ValueError(f"gate_temperature must be a positive number, got {t!r}")
 
     @property
     def method(self) -> str:

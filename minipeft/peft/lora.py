@@ -217,6 +217,23 @@ class LoraMethod(MergeableWrapperMethod):
         return {n: n_tokens * (r if self.config.freeze_A else w.in_features + r)
                 for n, w in self.wrappers(pm)}
 
+    def inject(self, pm) -> None:
+        # A rank above min(in, out) adds parameters but no expressive power
+        # (A B has rank <= min(in, out) whatever r is): refuse it before any
+        # module is wrapped, naming the layer that cannot take it.
+        r = self.config.r
+        shapes = {n: (m.in_features, m.out_features) for n, m in
+                  ((n, pm.base_model.get_submodule(n)) for n in self.target_names(pm))}
+        largest = min(min(s) for s in shapes.values())
+        for name, (fan_in, fan_out) in shapes.items():
+            if r > min(fan_in, fan_out):
+                raise ValueError(
+                    f"r={r} is too large for {name} (in {fan_in}, out {fan_out}): its update "
+                    f"A B has rank at most min(in, out) = {min(fan_in, fan_out)}; the largest "
+                    f"allowed r for these target_modules is {largest}"
+                )
+        super().inject(pm)
+
     def extra_flops_per_token(self, pm) -> int:
         """FLOPs the unmerged branches add per token: 2 r (in + out) per target (0 once merged)."""
         if self.merged:

@@ -184,6 +184,8 @@ class Method:
     num_virtual_tokens = 0
 
     def __init__(self, config, name: str):
+        # a config's fields can be reassigned after construction: check them again here
+        config.validate()
         self.config = config
         self.name = name
         self.merged = False
