@@ -148,8 +148,12 @@ def test_freeze_A_round_trips_and_old_configs_without_it_load():
     cfg = LoraConfig(r=4, freeze_A=True)
     assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     old = LoraConfig(r=4).to_dict()
-    del old["freeze_A"]                                  # an adapter saved before the field
+    del old["freeze_A"]
+    old["format"] = 1                                    # an adapter saved before the field
     assert config_from_dict(old).freeze_A is False
+    old["format"] = 2                                    # the format that added it requires it
+    with pytest.raises(ValueError, match=r"lacks the required field\(s\) \['freeze_A'\]"):
+        config_from_dict(old)
     with pytest.raises(ValueError, match="freeze_A must be True or False"):
         LoraConfig(freeze_A="yes")
 

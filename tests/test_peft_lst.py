@@ -352,9 +352,9 @@ def test_lst_shares_its_base_with_lora():
     (lambda: LSTConfig(reduction_factor=2.5), "reduction_factor must be a positive integer"),
     (lambda: LSTConfig(reduction_factor=True), "reduction_factor must be a positive integer"),
     (lambda: LSTConfig(side_num_heads=0), "side_num_heads must be a positive integer"),
-    (lambda: LSTConfig(gate_temperature=0), "gate_temperature must be a positive number, got 0"),
-    (lambda: LSTConfig(gate_temperature=-1.0), "gate_temperature must be a positive number"),
-    (lambda: LSTConfig(gate_temperature="hot"), "gate_temperature must be a positive number"),
+    (lambda: LSTConfig(gate_temperature=0), "gate_temperature must be a finite number > 0, got 0"),
+    (lambda: LSTConfig(gate_temperature=-1.0), "gate_temperature must be a finite number > 0"),
+    (lambda: LSTConfig(gate_temperature="hot"), "gate_temperature must be a finite number > 0"),
 ])
 def test_bad_knobs_are_refused_clearly(make, message):
     with pytest.raises(ValueError, match=message):
