@@ -13,11 +13,16 @@ This package looks at one training step three ways and puts them side by side:
 1. **Estimated** (:func:`estimate`): a closed form from the model config, the
    method and its knobs, the optimizer, the batch, the sequence length and
    the dtype. It builds no arrays, so it answers for the reference model and
-   for 7B or 65B alike. The activation part is derived from what *this*
-   engine saves: a walk over the GPT's operators that applies each operator's
-   saving rule (``MatMul`` keeps its left input only if the weight trains,
-   ``LayerNorm`` keeps :math:`\hat x` and :math:`1/\sigma`, ``Softmax`` its
-   output...) to abstract buffers that know only their size.
+   for 7B or 65B alike. It copies neither the model nor the methods: it
+   builds the GPT's own module tree shape-only (every parameter a zero-stride
+   array), asks the method to plan itself into it (``Method.plan``: which
+   parameters train, what it adds and copies, by the selection its
+   ``inject`` uses), and derives the activations from what *this* engine
+   saves: each layer's ``trace``, beside its ``forward``, makes the same calls
+   over abstract tensors, and each operator's saving rule (``MatMul`` keeps
+   its left input only if the weight trains, ``LayerNorm`` keeps
+   :math:`\hat x` and :math:`1/\sigma`, ``Softmax`` its output...) applies to
+   buffers that know only their size.
 2. **Accounted** (:func:`profile_step`): the engine's own books during a real
    step: parameter arrays, gradient buffers, optimizer state arrays, the
    activation ledger (``save_for_backward``, deduplicated by buffer), and the
@@ -49,10 +54,11 @@ Categories (the rows of every table):
 
 Why the views differ, and by how much, is part of the lesson:
 estimated and accounted agree *exactly* on the first six rows (they count the
-same arrays two ways); activations agree to the byte where the walk mirrors
-the engine. Between operators (at the end of forward, of backward, of the
-optimizer step) the allocator's NumPy bytes equal the books' total, byte for
-byte. The measured peak is higher than the accounted one because operators
+same arrays two ways), and so do the activations (the traces state what
+each op saves, and the tests hold them to the ledger byte for byte).
+Between operators (at the end of forward, of backward, of the optimizer
+step) the allocator's NumPy bytes equal the books' total, byte for byte.
+The measured peak is higher than the accounted one because operators
 work in temporaries that no book holds while they run (GELU's backward in
 two scratch arrays of its input's size, attention's backward in one of the
 scores' size), and because Python objects (graph nodes, tensor wrappers)
@@ -71,10 +77,13 @@ or ``minipeft memory --method lora --r 8`` (``--method all``, ``--config 7b``,
 
 All sizes are bytes; tables print MiB or GiB (binary: 1 GiB = 2**30 bytes,
 which is also how GPU memory is sold: a "24 GB" card holds 24 GiB).
+
 The package, one job a module:
 
 * :mod:`~minipeft.memory.presets`: the categories, model presets, precisions, optimizers;
 * :mod:`~minipeft.memory.estimate`: the closed form (:func:`estimate`);
+* :mod:`~minipeft.memory.trace`: the engine's saving rules over shapes (the walk the
+  layers' ``trace`` methods call);
 * :mod:`~minipeft.memory.books`: the engine's books (accounted);
 * :mod:`~minipeft.memory.measure`: the allocator (measured);
 * :mod:`~minipeft.memory.report`: one real step, three views (:func:`profile_step`);
