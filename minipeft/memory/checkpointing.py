@@ -8,6 +8,9 @@ import time
 import numpy as np
 
 from .. import backend
+from ..nn.gpt import GPT
+from ..optim import AdamW
+from ..peft import get_peft_model
 from .estimate import _method_config
 from .presets import MiB, _as_config
 from .report import profile_step
@@ -28,10 +31,6 @@ def checkpointing_tradeoff(config=None, method="full", batch_size=16, seq_len=12
     difference between their gradients (0.0: checkpointing replays the same
     computation, dropout masks included).
     """
-    from ..nn.gpt import GPT
-    from ..optim import AdamW
-    from ..peft import get_peft_model
-
     cfg = _as_config(config or "reference")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, cfg.vocab_size, (batch_size, seq_len))

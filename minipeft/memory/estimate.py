@@ -1,8 +1,11 @@
 r"""Estimated: one training step's memory in closed form, from the config, the method and the batch.
 
-No array is built, so it answers for the reference model and for 7B or 65B
-alike. Weights, gradients, optimizer state and bookkeeping follow from what
-the method trains; activations from a walk over what the engine saves.
+No weight is allocated, so it answers for the reference model and for 7B or
+65B alike. The GPT's own module tree is built shape-only and the method plans
+itself into it (``Method.plan``, by its ``inject``'s selection): weights,
+gradients, optimizer state and bookkeeping follow from which parameters
+train and what the method adds and copies; activations from the planned
+model's ``trace`` over the engine's saving rules (:mod:`.trace`).
 """
 
 from __future__ import annotations
@@ -83,10 +86,6 @@ def _activations(model, plan: MethodPlan, B: int, T: int, act_bytes: int) -> Wal
     model.trace(walk, idx, **inputs)
     return walk
 
-
-# ---------------------------------------------------------------------------
-# Estimated: the closed form
-# ---------------------------------------------------------------------------
 
 # ---------------------------------------------------------------------------
 # Estimated: the closed form

@@ -11,7 +11,9 @@ import numpy as np
 
 from .. import backend
 from ..autograd.tensor import BACKWARD_HOOKS
-from ..nn.gpt import GPTConfig
+from ..nn.gpt import GPT, GPTConfig
+from ..optim import SGD, AdamW
+from ..peft import FullFinetuneConfig, PeftModel
 from .books import _Books
 from .estimate import Estimate, estimate
 from .measure import _CupyHook, _TraceMalloc
@@ -228,8 +230,6 @@ class StepReport:
 
 
 def _optimizer_kind(optimizer) -> str | None:
-    from ..optim import SGD, AdamW
-
     if isinstance(optimizer, AdamW):
         return "adamw"
     if isinstance(optimizer, SGD):
@@ -239,9 +239,6 @@ def _optimizer_kind(optimizer) -> str | None:
 
 def _model_method(model):
     """(GPTConfig, PEFT config) of a GPT or a PeftModel; (None, None) for other models."""
-    from ..nn.gpt import GPT
-    from ..peft import FullFinetuneConfig, PeftModel
-
     if isinstance(model, PeftModel) and isinstance(model.base_model, GPT):
         if model.active_adapter is None:
             return model.base_model.config, None

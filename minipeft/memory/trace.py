@@ -134,9 +134,9 @@ class Walk:
             self.save(label, W if x.req else None, x if W.req else None)
         return self.new(x.shape[:-1] + W.shape[-1:], r)
 
-    def sum(self, x, axis) -> Sym:              # Sum: saves nothing
-        return self.new(x.shape[:axis] + x.shape[axis + 1:] if axis >= 0 else x.shape[:axis],
-                        self.rec(x))
+    def sum(self, x, axis: int) -> Sym:         # Sum over one axis: saves nothing
+        axis %= len(x.shape)
+        return self.new(x.shape[:axis] + x.shape[axis + 1:], self.rec(x))
 
     def concatenate(self, xs, axis) -> Sym:     # Concatenate: saves nothing (only the sizes)
         shape = list(xs[0].shape)

@@ -327,9 +327,9 @@ class Dropout(Module):
             return x
         return ops.dropout(x, self.p, mask)
 
-    def trace(self, walk, x, label=None):
+    def trace(self, walk, x):
         """:meth:`forward` over shapes: the keep-mask, drawn (or replayed) and kept."""
-        return walk.dropout(x, self.p if self.training else 0.0, label or walk.label(self))
+        return walk.dropout(x, self.p if self.training else 0.0, walk.label(self))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -180,6 +180,10 @@ class SelectiveMethod(Method):
                 for n in kept:
                     kept[n] = move_array(kept[n], device, dtype)
 
+    def extra_flops_per_token(self, pm) -> int:
+        """Nothing at inference: the trained values sit in the base's own weights."""
+        return 0
+
     def detach_keep(self, pm) -> None:
         # the trained values already live in the base's arrays
         self.original = None

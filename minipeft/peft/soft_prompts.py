@@ -154,6 +154,16 @@ class _SoftPromptMethod(Method):
     def detach_keep(self, pm) -> None:
         self.remove(pm)
 
+    def extra_flops_per_token(self, pm) -> int:
+        r"""FLOPs the virtual tokens add to each token's forward pass, at inference too.
+
+        Each layer's query meets P more keys and mixes P more values:
+        :math:`2 \cdot 2\,P\,C` per layer. (Prompt tuning also runs its P virtual
+        tokens through the whole model once per sequence, in the prefill.)
+        """
+        cfg = pm.base_model.config
+        return 4 * cfg.n_layer * cfg.n_embd * int(self.num_virtual_tokens)
+
     def _check_fits(self, pm, T):
         """Refuse T real tokens that, after the P virtual ones, overrun ``n_positions``."""
         P, n = self.num_virtual_tokens, pm.config.n_positions
