@@ -113,11 +113,13 @@ print(reports["full"].table())
 # Reading the table from the top:
 #
 # * **Estimated against accounted.** The first six rows agree to the byte:
-#   the formula and the books count the same arrays, once from the config
-#   and once from the model. The activations agree too: the estimate walks
-#   the GPT's operators and applies each one's rule for what it saves (a
-#   Linear keeps its input only if its weight trains, attention keeps q, k, v
-#   and the exponentiated scores, GELU its input...), as the engine does.
+#   the formula and the books count the same arrays, once from a shape-only
+#   build of the model that the method plans itself into (no weights
+#   allocated), once from the real model. The activations agree too: each
+#   layer's `trace`, beside its `forward`, applies each operator's rule for
+#   what it saves (a Linear keeps its input only if its weight trains,
+#   attention keeps q, k, v and the exponentiated scores, GELU its
+#   input...), as the engine does.
 # * **Accounted against measured.** Between operators (start, end of
 #   forward, end of backward, after the update) the allocator's bytes equal
 #   the books' to the byte: no array escapes the books. Inside an operator

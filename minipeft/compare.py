@@ -381,20 +381,13 @@ def base_flops_per_token(model) -> int:
 def extra_flops_per_token(pm) -> int:
     r"""FLOPs a token's forward pass costs beyond the base's, with the adapter as it stands.
 
-    LoRA, bottleneck adapters and (IA)^3 say so themselves (LoRA and (IA)^3
-    cost nothing once merged). Soft prompts add P positions of context to
-    every layer's attention: each token's query meets P more keys and mixes
-    P more values, :math:`2 \cdot 2\,P\,C` per layer. (Prompt tuning also runs
-    its P virtual tokens through the whole model once per sequence, in the
-    prefill.) Selective methods and full fine-tuning change the weights in
+    Every method says so itself (``extra_flops_per_token``): LoRA's branches,
+    the adapters' bottlenecks and (IA)^3's scalings (LoRA and (IA)^3 cost
+    nothing once merged), the soft prompts' P more keys and values in every
+    layer; selective methods and full fine-tuning change the weights in
     place: nothing extra.
     """
-    method = pm.active_method
-    if hasattr(method, "extra_flops_per_token"):
-        return int(method.extra_flops_per_token(pm))
-    p = int(getattr(method.config, "num_virtual_tokens", 0) or 0)
-    cfg = pm.base_model.config
-    return 4 * cfg.n_layer * cfg.n_embd * p
+    return int(pm.active_method.extra_flops_per_token(pm))
 
 
 def ms_per_token(model, prompts, n_tokens: int) -> float:

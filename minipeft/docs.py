@@ -75,7 +75,7 @@ INSTALL_COMMAND = "pip install -e '.[docs]'"
 LAYER_ORDER = [
     "minipeft/__init__.py", "minipeft/backend.py", "minipeft/validate.py",
     "minipeft/autograd/", "minipeft/nn/", "minipeft/optim.py", "minipeft/peft/",
-    "minipeft/memory.py", "minipeft/data/", "minipeft/train.py", "minipeft/io.py",
+    "minipeft/memory/", "minipeft/data/", "minipeft/train.py", "minipeft/io.py",
     "minipeft/base.py", "minipeft/finetune.py", "minipeft/evaluation.py",
 ]
 

@@ -271,6 +271,30 @@ class CausalSelfAttention(Module):
         y = y.transpose(1, 2).reshape(B, T, C)                            # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def trace(self, walk, x, past=None):
+        """:meth:`forward` over shapes (see :mod:`minipeft.memory.trace`); ``past`` is this
+        layer's (k, v) pair of the cache, when there is one."""
+        B, T, C = x.shape
+        nh, hs, i = self.n_head, C // self.n_head, self.layer_idx
+        qkv = self.c_attn.trace(walk, x)                                  # (B, T, 3C)
+        if past is None:
+            keep = walk.keep_mask((B, nh, T, T), self.attn_dropout.p if self.training else 0.0)
+            y = walk.causal_attention(qkv, nh, keep, f"h.{i} attention")   # (B, T, C)
+        else:
+            q, k, v = (walk.view(qkv, (B, nh, T, hs)) for _ in range(3))   # views of qkv
+            k, v = (walk.concatenate([walk.view(p, (B, nh) + p.shape[2:]), t], axis=2)
+                    for p, t in zip(past, (k, v)))                         # (B, nh, P+T, hs)
+            q = walk.mul(q, walk.scalar(), f"h.{i} q scale")              # q / sqrt(hs)
+            att = walk.matmul(q, walk.transpose(k), f"h.{i} q@k")          # (B, nh, T, P+T)
+            if T > 1:
+                att = walk.masked_fill(att, walk.new(att.shape[-2:], itemsize=1),
+                                       f"h.{i} causal mask")
+            att = walk.softmax(att, f"h.{i} softmax")
+            att = self.attn_dropout.trace(walk, att)
+            y = walk.matmul(att, v, f"h.{i} att@v")                       # (B, nh, T, hs)
+            y = walk.new((B, T, C), y.req)   # transpose(1, 2).reshape: a copy, kept by nobody
+        return self.resid_dropout.trace(walk, self.c_proj.trace(walk, y))
+
 
 # ---------------------------------------------------------------------------
 # MLP and block
@@ -294,6 +318,11 @@ class MLP(Module):
         h = ops.gelu(self.c_fc(x))                                        # (B, T, 4C)
         return self.dropout(self.c_proj(h))                               # (B, T, C)
 
+    def trace(self, walk, x):
+        """:meth:`forward` over shapes."""
+        h = walk.gelu(self.c_fc.trace(walk, x), walk.label(self, " gelu"))   # (B, T, 4C)
+        return self.dropout.trace(walk, self.c_proj.trace(walk, h))
+
 
 class Block(Module):
     """One pre-norm transformer block: attention, then MLP, each added to the residual stream."""
@@ -308,6 +337,12 @@ class Block(Module):
     def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)
         x = x + self.mlp(self.ln_2(x))
+        return x
+
+    def trace(self, walk, x, past=None):
+        """:meth:`forward` over shapes."""
+        x = walk.add(x, self.attn.trace(walk, self.ln_1.trace(walk, x), past))
+        x = walk.add(x, self.mlp.trace(walk, self.ln_2.trace(walk, x)))
         return x
 
 
@@ -506,6 +541,30 @@ class GPT(Module):
         loss = ops.cross_entropy(logits.reshape(B * T, cfg.vocab_size),   # (B*T, V)
                                  targets.reshape(B * T), ignore_index=ignore_index)
         return logits, loss
+
+    def trace(self, walk, idx=None, inputs_embeds=None, past=None):
+        r""":meth:`forward` with targets, over shapes: what each op of a training step's
+        forward saves for backward (see :mod:`minipeft.memory.trace`).
+
+        ``idx`` is the ids' abstract tensor (B, T), or ``inputs_embeds`` one of
+        (B, T, C); ``past`` a (k, v) pair per layer, each (1 or B, nh, P, hs).
+        """
+        cfg = self.config
+        tok = self.wte.trace(walk, idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = tok.shape
+        pos = walk.new((T,), itemsize=8)                                  # arange: int64
+        x = self.drop.trace(walk, walk.add(tok, self.wpe.trace(walk, pos)))   # (B, T, C)
+        ckpt = cfg.gradient_checkpointing and self.training
+        for i, block in enumerate(self.h):
+            pair = tuple(past[i]) if past is not None else ()
+            if not ckpt:
+                x = block.trace(walk, x, pair or None)
+                continue
+            x = walk.checkpoint(lambda w, x, *kv, block=block: block.trace(w, x, kv or None),
+                                x, *pair, params=list(block.parameters()), label=f"h.{i} checkpoint")
+        x = self.ln_f.trace(walk, x)
+        logits = walk.matmul(x, walk.transpose(walk.param(self.wte.weight)), "lm head")  # (B, T, V)
+        return logits, walk.cross_entropy(logits, "cross entropy")
 
     def _block_fn(self, i: int):
         """Block i as a function of (x, past k, past v) tensors, for :func:`checkpoint`.

@@ -39,6 +39,43 @@ def _rng(rng) -> np.random.Generator:
 
 
 # ---------------------------------------------------------------------------
+# Shape-only builds
+# ---------------------------------------------------------------------------
+#
+# The memory estimator asks a model for its structure (names, shapes, which
+# layer calls which) at sizes no machine holds (65B parameters). Inside
+# ``shapes_only()`` every layer is built with zero-stride parameters: a
+# read-only view of one zero with the full shape, which takes no memory.
+# Each layer's ``trace`` (beside its ``forward``) then states what that
+# forward saves for backward, over shapes (see :mod:`minipeft.memory.trace`).
+
+_build = threading.local()
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """``with shapes_only(): GPT(config)`` builds the module tree without allocating weights."""
+    before = getattr(_build, "shapes_only", False)
+    _build.shapes_only = True
+    try:
+        yield
+    finally:
+        _build.shapes_only = before
+
+
+def shaped(shape, dtype=None) -> np.ndarray:
+    """A read-only array of ``shape`` whose entries are all one shared zero (no memory)."""
+    return np.broadcast_to(np.zeros((), _host_dtype(dtype)), tuple(shape))
+
+
+def _initial(shape, dtype, draw) -> np.ndarray:
+    """``draw(shape)`` in ``dtype``: a parameter's initial values (shape-only inside shapes_only())."""
+    if getattr(_build, "shapes_only", False):
+        return shaped(shape, dtype)
+    return draw(shape).astype(dtype)
+
+
+# ---------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------
 
@@ -68,13 +105,19 @@ class Linear(Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         dt = _host_dtype(dtype)
-        w = _rng(rng).normal(0.0, std, size=(self.in_features, self.out_features))
-        self.weight = Parameter(w.astype(dt), device=device)                # (in, out)
-        self.bias = Parameter(np.zeros(self.out_features, dt), device=device) if bias else None
+        w = _initial((self.in_features, self.out_features), dt,
+                     lambda shape: _rng(rng).normal(0.0, std, size=shape))
+        self.weight = Parameter(w, device=device)                           # (in, out)
+        self.bias = Parameter(_initial((self.out_features,), dt, np.zeros), device=device) \
+            if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         # (..., in) @ (in, out) + (out,) -> (..., out): one fused op (ops.Linear)
         return ops.linear(x, self.weight, self.bias)
+
+    def trace(self, walk, x):
+        """:meth:`forward` over shapes: what ``ops.linear`` saves (see :mod:`minipeft.memory.trace`)."""
+        return walk.linear(x, walk.param(self.weight), walk.param(self.bias), walk.label(self))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
@@ -99,8 +142,9 @@ class Embedding(Module):
         super().__init__()
         self.num_embeddings = int(num_embeddings)
         self.embedding_dim = int(embedding_dim)
-        w = _rng(rng).normal(0.0, std, size=(self.num_embeddings, self.embedding_dim))
-        self.weight = Parameter(w.astype(_host_dtype(dtype)), device=device)  # (V, C)
+        w = _initial((self.num_embeddings, self.embedding_dim), _host_dtype(dtype),
+                     lambda shape: _rng(rng).normal(0.0, std, size=shape))
+        self.weight = Parameter(w, device=device)                           # (V, C)
 
     def forward(self, idx) -> Tensor:
         """Integer ids of any shape (an array on any device, or a Tensor) -> idx.shape + (C,)."""
@@ -109,6 +153,10 @@ class Embedding(Module):
         # the ids go where the table is (an explicit move, as CuPy requires)
         idx = backend.to_device(idx, self.weight.device)
         return ops.embedding(self.weight, idx)
+
+    def trace(self, walk, idx):
+        """:meth:`forward` over shapes: the ids are kept if the table trains."""
+        return walk.embedding(walk.param(self.weight), idx, walk.label(self))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -132,11 +180,16 @@ class LayerNorm(Module):
         self.normalized_shape = int(normalized_shape)
         self.eps = float(eps)
         dt = _host_dtype(dtype)
-        self.weight = Parameter(np.ones(self.normalized_shape, dt), device=device)   # (C,)
-        self.bias = Parameter(np.zeros(self.normalized_shape, dt), device=device)    # (C,)
+        C = (self.normalized_shape,)
+        self.weight = Parameter(_initial(C, dt, np.ones), device=device)      # (C,)
+        self.bias = Parameter(_initial(C, dt, np.zeros), device=device)       # (C,)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+    def trace(self, walk, x):
+        """:meth:`forward` over shapes: what ``ops.layer_norm`` saves."""
+        return walk.layer_norm(x, walk.param(self.weight), walk.param(self.bias), walk.label(self))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps:g}"
@@ -273,6 +326,10 @@ class Dropout(Module):
         if mask is None:
             return x
         return ops.dropout(x, self.p, mask)
+
+    def trace(self, walk, x):
+        """:meth:`forward` over shapes: the keep-mask, drawn (or replayed) and kept."""
+        return walk.dropout(x, self.p if self.training else 0.0, walk.label(self))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -42,18 +42,26 @@ class BottleneckAdapter(Wrapper):
         self.adapter_up_bias = AdapterParams()
         self.configs = {}
 
+    @staticmethod
+    def parameter_shapes(config, in_features: int, out_features: int, module_name=None) -> dict:
+        """One adapter's parameters: down (C, m) and its bias (m,), up (m, C) and its bias (C,)."""
+        C, m = out_features, config.bottleneck
+        return {"adapter_down": (C, m), "adapter_down_bias": (m,), "adapter_up": (m, C),
+                "adapter_up_bias": (C,)}
+
     def add(self, name: str, config, module_name: str) -> None:
         W = self.base_layer.weight
-        C, m = self.out_features, config.bottleneck
+        shapes = self.parameter_shapes(config, self.in_features, self.out_features)
         rng = np.random.default_rng([config.init_seed, zlib.crc32(module_name.encode())])
         # down: Kaiming-uniform like a fresh Linear; up: zeros (identity at start)
-        bound = 1.0 / math.sqrt(C)
+        bound = 1.0 / math.sqrt(self.out_features)
         dev = W.device
         setattr(self.adapter_down, name,
-                Parameter(rng.uniform(-bound, bound, (C, m)).astype(W.dtype), device=dev))
-        setattr(self.adapter_down_bias, name, Parameter(np.zeros(m, W.dtype), device=dev))
-        setattr(self.adapter_up, name, Parameter(np.zeros((m, C), W.dtype), device=dev))
-        setattr(self.adapter_up_bias, name, Parameter(np.zeros(C, W.dtype), device=dev))
+                Parameter(rng.uniform(-bound, bound, shapes["adapter_down"]).astype(W.dtype),
+                          device=dev))
+        for holder in ("adapter_down_bias", "adapter_up", "adapter_up_bias"):
+            setattr(getattr(self, holder), name,
+                    Parameter(np.zeros(shapes[holder], W.dtype), device=dev))
         self.configs[name] = config
         self.adapter_names.append(name)
 
@@ -71,6 +79,17 @@ class BottleneckAdapter(Wrapper):
                 + self.adapter_down_bias._parameters[name])            # (B, T, m)
         return y + ops.matmul(h, self.adapter_up._parameters[name]) \
             + self.adapter_up_bias._parameters[name]                    # (B, T, C)
+
+    @staticmethod
+    def trace(walk, base, x, config, params, name):
+        """:meth:`forward` over shapes, for the memory estimate."""
+        p = {k: walk.param(v) for k, v in params.items()}
+        y = base.trace(walk, x)
+        h = walk.add(walk.matmul(y, p["adapter_down"], name + " adapter down"),
+                     p["adapter_down_bias"])                             # (B, T, m)
+        h = getattr(walk, config.nonlinearity)(h, name + " adapter act")  # relu, gelu or tanh
+        up = walk.matmul(h, p["adapter_up"], name + " adapter up")       # (B, T, C)
+        return walk.add(walk.add(y, up), p["adapter_up_bias"])
 
 
 @register_method("ADAPTER")

@@ -49,16 +49,25 @@ class IA3Linear(Wrapper):
         self.merged_adapter = None
         self._copies = {}
 
+    @staticmethod
+    def scaling(config, module_name: str, in_features: int, out_features: int):
+        """``(mode, fixed, size)``: scale the input ("in", feed-forward targets) or the output
+        ("out"), the first ``fixed`` outputs by a constant one, the other ``size`` learned."""
+        if any(matches(module_name, f) for f in config.feedforward_modules):
+            return "in", 0, in_features
+        # fused q,k,v: leave q unscaled in the paper's form
+        fused = module_name.endswith("c_attn") and out_features % 3 == 0
+        fixed = out_features // 3 if fused and not config.scale_queries else 0
+        return "out", fixed, out_features - fixed
+
+    @classmethod
+    def parameter_shapes(cls, config, in_features: int, out_features: int, module_name) -> dict:
+        """One adapter's learned vector l (size,)."""
+        return {"ia3_l": (cls.scaling(config, module_name, in_features, out_features)[2],)}
+
     def add(self, name: str, config, module_name: str) -> None:
         W = self.base_layer.weight
-        feedforward = any(matches(module_name, f) for f in config.feedforward_modules)
-        if feedforward:
-            mode, fixed, size = "in", 0, self.in_features
-        else:
-            # fused q,k,v: leave q unscaled in the paper's form
-            fused = module_name.endswith("c_attn") and self.out_features % 3 == 0
-            fixed = self.out_features // 3 if fused and not config.scale_queries else 0
-            mode, size = "out", self.out_features - fixed
+        mode, fixed, size = self.scaling(config, module_name, self.in_features, self.out_features)
         setattr(self.ia3_l, name, Parameter(np.ones(size, dtype=W.dtype), device=W.device))
         self.modes[name] = (mode, fixed)
         self.adapter_names.append(name)
@@ -88,6 +97,17 @@ class IA3Linear(Wrapper):
         if mode == "in":
             return self.base_layer(x * l)           # (B, T, in) * (in,): l broadcast over B, T
         return self.base_layer(x) * l               # (B, T, out) * (out,)
+
+    @classmethod
+    def trace(cls, walk, base, x, config, params, name):
+        """:meth:`forward` over shapes, for the memory estimate."""
+        mode, fixed, _ = cls.scaling(config, name, base.in_features, base.out_features)
+        l = walk.param(params["ia3_l"])
+        if fixed:                                    # _full_vector: [ones; l], (3C,)
+            l = walk.concatenate([walk.new((fixed,)), l], axis=0)
+        if mode == "in":
+            return base.trace(walk, walk.mul(x, l, name + " ia3 scale"))
+        return walk.mul(base.trace(walk, x), l, name + " ia3 scale")
 
     def merge(self, name: str, keep_copy: bool = False) -> None:
         r"""Fold adapter ``name``'s vector into the base Linear's weight (and bias).
@@ -169,10 +189,9 @@ class IA3Method(MergeableWrapperMethod):
 
     wrapper_cls = IA3Linear
 
-    def target_names(self, pm):
-        names = find_targets(pm.base_model, self.config.target_modules)
-        ff = set(find_targets(pm.base_model, self.config.feedforward_modules,
-                              "feedforward_modules"))
+    def target_names(self, base):
+        names = find_targets(base, self.config.target_modules)
+        ff = set(find_targets(base, self.config.feedforward_modules, "feedforward_modules"))
         stray = sorted(ff - set(names))
         if stray:
             raise ValueError(

@@ -62,14 +62,22 @@ class LoraLinear(Wrapper):
         self.merged_adapter: str | None = None
         self._copies = {}                # adapter -> W kept at merge (exact unmerge)
 
+    @staticmethod
+    def parameter_shapes(config, in_features: int, out_features: int, module_name=None) -> dict:
+        """One adapter's parameters here: A (in, r), B (r, out), and DoRA's magnitude m (out,)."""
+        shapes = {"lora_A": (in_features, config.r), "lora_B": (config.r, out_features)}
+        if config.use_dora:
+            shapes["lora_magnitude"] = (out_features,)
+        return shapes
+
     def add(self, name: str, config, module_name: str) -> None:
         W = self.base_layer.weight
-        fan_in, fan_out = self.in_features, self.out_features
+        shapes = self.parameter_shapes(config, self.in_features, self.out_features)
         rng = np.random.default_rng([config.init_seed, zlib.crc32(module_name.encode())])
         # Kaiming-uniform as torch's kaiming_uniform_(a=sqrt(5)) on A: U(-1/sqrt(in), 1/sqrt(in))
-        bound = 1.0 / math.sqrt(fan_in)
-        A = rng.uniform(-bound, bound, size=(fan_in, config.r)).astype(W.dtype)
-        B = np.zeros((config.r, fan_out), dtype=W.dtype)
+        bound = 1.0 / math.sqrt(self.in_features)
+        A = rng.uniform(-bound, bound, size=shapes["lora_A"]).astype(W.dtype)
+        B = np.zeros(shapes["lora_B"], dtype=W.dtype)
         setattr(self.lora_A, name, Parameter(A, device=W.device))
         setattr(self.lora_B, name, Parameter(B, device=W.device))
         if config.use_dora:
@@ -124,6 +132,25 @@ class LoraLinear(Wrapper):
         y = (ops.matmul(x, W) + delta) * (m / n)                        # (..., out) * (out,)
         b = self.base_layer.bias
         return y if b is None else y + b
+
+    @staticmethod
+    def trace(walk, base, x, config, params, name):
+        """:meth:`forward` (and :meth:`_dora`) over shapes, for the memory estimate."""
+        A, B = walk.param(params["lora_A"]), walk.param(params["lora_B"])      # (in, r), (r, out)
+        h = walk.dropout(x, config.lora_dropout, name + " lora dropout")
+        xa = walk.matmul(h, A, name + " lora x@A")                             # (..., r)
+        delta = walk.mul(walk.matmul(xa, B, name + " lora (xA)@B"), walk.scalar(),
+                         name + " lora scale")                                  # (..., out)
+        if not config.use_dora:
+            return walk.add(base.trace(walk, x), delta)
+        W, b = walk.param(base.weight), walk.param(base.bias)
+        Wp = walk.add(W, walk.mul(walk.matmul(A, B, name + " dora AB"), walk.scalar(),
+                                  name + " dora scale"))                        # (in, out)
+        n = walk.sqrt(walk.sum(walk.mul(Wp, Wp, name + " dora W'*W'"), axis=0),
+                      name + " dora norm")                                      # (out,)
+        scale = walk.div(walk.param(params["lora_magnitude"]), n, name + " dora m/n")
+        y = walk.mul(walk.add(walk.matmul(x, W, name), delta), scale, name + " dora y")
+        return y if b is None else walk.add(y, b)
 
     # -- merging -----------------------------------------------------------------
     def delta_weight(self, name: str):
@@ -223,7 +250,7 @@ class LoraMethod(MergeableWrapperMethod):
         # module is wrapped, naming the layer that cannot take it.
         r = self.config.r
         shapes = {n: (m.in_features, m.out_features) for n, m in
-                  ((n, pm.base_model.get_submodule(n)) for n in self.target_names(pm))}
+                  ((n, pm.base_model.get_submodule(n)) for n in self.target_names(pm.base_model))}
         largest = min(min(s) for s in shapes.values())
         for name, (fan_in, fan_out) in shapes.items():
             if r > min(fan_in, fan_out):

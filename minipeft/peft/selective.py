@@ -36,7 +36,7 @@ from ..autograd import no_grad
 from ..nn.quant import QuantLinear
 from .model import _base_params as base_parameters
 from .model import base_name, register_method
-from .tuner import Method, _check_names_shapes, find_targets, move_array
+from .tuner import Method, MethodPlan, _check_names_shapes, find_targets, move_array
 
 # ---------------------------------------------------------------------------
 # The cost of a mask
@@ -89,26 +89,42 @@ class SelectiveMethod(Method):
     #: FullMethod keeps no copy (a second full model); it cannot be switched off
     keep_originals = True
 
-    def select(self, pm) -> list[str]:  # pragma: no cover - abstract
-        """Names of the base parameters this method trains, in the base's order."""
+    def select(self, base) -> list[str]:  # pragma: no cover - abstract
+        """Names of the parameters of the base model ``base`` this method trains, in its order."""
         raise NotImplementedError
 
-    def _base_params(self, pm) -> dict:
+    def _base_params(self, base) -> dict:
         # the base's own parameters only: the A and B of a LoRA adapter in
         # h.1.attn are not "attention weights of block 1" to select
-        return {base_name(n): p for n, p in base_parameters(pm.base_model)}
+        return {base_name(n): p for n, p in base_parameters(base)}
 
-    def _refuse_quantized(self, pm) -> None:
+    def _selected(self, base) -> list[str]:
+        names = self.select(base)
+        if not names:
+            raise ValueError(f"{type(self.config).__name__} selected no parameter of this model")
+        return names
+
+    def plan(self, base) -> MethodPlan:
+        """The same selection in a shape-only base: the chosen parameters train, and the
+        copy of each that :meth:`inject` keeps (float entries) is the method's bookkeeping."""
+        params = self._base_params(base)
+        names = self._selected(base)
+        for n in names:
+            params[n].requires_grad = True
+        return MethodPlan(copies=[(params[n].size, "float") for n in names]
+                          if self.keep_originals else [])
+
+    def _refuse_quantized(self, base) -> None:
         """A quantized weight is codes, not a parameter: selecting one to train is an error."""
-        quantized = [base_name(n) + ".weight" for n, m in pm.base_model.named_modules()
+        quantized = [base_name(n) + ".weight" for n, m in base.named_modules()
                      if isinstance(m, QuantLinear)]
         if not quantized:
             return
         # select once more with the quantized weights in view, as if they were float
         own = self._base_params
-        self._base_params = lambda pm_: {**own(pm_), **dict.fromkeys(quantized)}
+        self._base_params = lambda base_: {**own(base_), **dict.fromkeys(quantized)}
         try:
-            chosen = [n for n in self.select(pm) if n in set(quantized)]
+            chosen = [n for n in self.select(base) if n in set(quantized)]
         finally:
             del self._base_params
         if chosen:
@@ -126,11 +142,9 @@ class SelectiveMethod(Method):
         train is set when the adapter is activated. The copies let
         :meth:`deactivate` put the base's own values back.
         """
-        self._refuse_quantized(pm)
-        self.names = self.select(pm)
-        if not self.names:
-            raise ValueError(f"{type(self.config).__name__} selected no parameter of this model")
-        params = self._base_params(pm)
+        self._refuse_quantized(pm.base_model)
+        self.names = self._selected(pm.base_model)
+        params = self._base_params(pm.base_model)
         self.params = {n: params[n] for n in self.names}
         self.original = ({n: p.data.copy() for n, p in self.params.items()}
                          if self.keep_originals else None)
@@ -189,6 +203,10 @@ class SelectiveMethod(Method):
                 for n in kept:
                     kept[n] = move_array(kept[n], device, dtype)
 
+    def extra_flops_per_token(self, pm) -> int:
+        """Nothing at inference: the trained values sit in the base's own weights."""
+        return 0
+
     def detach_keep(self, pm) -> None:
         # the trained values already live in the base's arrays
         self.original = None
@@ -220,18 +238,18 @@ class FullMethod(SelectiveMethod):
 
     keep_originals = False
 
-    def select(self, pm):
-        return list(self._base_params(pm))
+    def select(self, base):
+        return list(self._base_params(base))
 
 
 @register_method("BITFIT")
 class BitFitMethod(SelectiveMethod):
     r"""BitFit: train the bias terms only (:math:`y = xW + b`, only b moves)."""
 
-    def select(self, pm):
-        names = [n for n in self._base_params(pm) if n.endswith(".bias")]
+    def select(self, base):
+        names = [n for n in self._base_params(base) if n.endswith(".bias")]
         if self.config.target_modules is not None:
-            mods = find_targets(pm.base_model, self.config.target_modules)
+            mods = find_targets(base, self.config.target_modules)
             mods = {base_name(m) for m in mods}
             names = [n for n in names if n.rsplit(".", 1)[0] in mods]
         return names
@@ -241,7 +259,7 @@ class BitFitMethod(SelectiveMethod):
 class LayerSelectMethod(SelectiveMethod):
     """Train the parameters that pass every filter of a LayerSelectConfig."""
 
-    def select(self, pm):
+    def select(self, base):
         """The base parameters that pass every filter the config sets (an unset one passes all).
 
         * ``layers``: the parameter lies in one of these blocks (``h.<i>.``;
@@ -257,7 +275,7 @@ class LayerSelectMethod(SelectiveMethod):
         An index outside the model's blocks is an error, not an empty choice.
         """
         cfg = self.config
-        n_layer = pm.base_model.config.n_layer
+        n_layer = base.config.n_layer
         layers = None
         if cfg.layers is not None:
             bad = [i for i in cfg.layers if not -n_layer <= i < n_layer]
@@ -265,7 +283,7 @@ class LayerSelectMethod(SelectiveMethod):
                 raise ValueError(f"layers {bad} out of range for a model with {n_layer} blocks")
             layers = {i % n_layer for i in cfg.layers}
         out = []
-        for n in self._base_params(pm):
+        for n in self._base_params(base):
             block, comp = _blocks_of(n), _component(n)
             if layers is not None and (block is None or block not in layers) and not (
                 cfg.components and comp in ("embeddings", "ln_f") and comp in cfg.components
@@ -305,9 +323,24 @@ class MaskMethod(SelectiveMethod):
         suffix = ".indices"
         return {"indices": {k[:-len(suffix)]: v for k, v in state.items() if k.endswith(suffix)}}
 
-    def select(self, pm):
-        mods = find_targets(pm.base_model, self.config.target_modules)
+    def select(self, base):
+        mods = find_targets(base, self.config.target_modules)
         return [base_name(m) + ".weight" for m in mods]
+
+    def entries(self, n: int) -> int:
+        r"""How many of a weight's n entries train: :math:`k = \max(1, \operatorname{round}(d\,n))`."""
+        return max(1, int(round(self.config.density * n)))
+
+    def plan(self, base) -> MethodPlan:
+        """Each target weight has requires_grad and k entries the optimizer updates; the
+        method keeps the k original values and their int32 flat indices."""
+        plan = MethodPlan()
+        params = self._base_params(base)
+        for n in self.select(base):
+            k = plan.masked[n] = self.entries(params[n].size)
+            params[n].requires_grad = True
+            plan.copies += [(k, "float"), (k, "int32")]
+        return plan
 
     def inject(self, pm) -> None:
         r"""Choose the entries to train in each target weight and keep their base values.
@@ -325,9 +358,9 @@ class MaskMethod(SelectiveMethod):
         The boolean ``grad_mask`` that confines training to them is set by
         :meth:`activate`.
         """
-        self._refuse_quantized(pm)
-        self.names = self.select(pm)
-        params = self._base_params(pm)
+        self._refuse_quantized(pm.base_model)
+        self.names = self.select(pm.base_model)
+        params = self._base_params(pm.base_model)
         self.params = {n: params[n] for n in self.names}
         self.indices = {}
         if self.given_indices is not None:
@@ -346,7 +379,7 @@ class MaskMethod(SelectiveMethod):
             return
         scores = self._scores(pm)                       # name -> (n,) host scores, flat order
         for n, p in self.params.items():
-            k = max(1, int(round(self.config.density * p.size)))
+            k = self.entries(p.size)
             s = scores[n]
             # the k largest scores (ties broken by position: argsort is stable)
             idx = np.argsort(-s, kind="stable")[:k]

@@ -37,9 +37,10 @@ from .. import backend
 from ..autograd import Tensor, no_grad, ops
 from ..data.tokenizer import IGNORE_INDEX, CharTokenizer
 from ..nn.gpt import KVCache
+from ..nn.layers import shaped
 from ..nn.module import Module, Parameter
 from .model import register_method
-from .tuner import AdapterParams, Method
+from .tuner import AdapterParams, Method, MethodPlan
 
 
 def _init_rng(seed: int, method: str) -> np.random.Generator:
@@ -79,15 +80,65 @@ class PromptEncoder(Module):
             self.mlp_b2 = Parameter(b2, device=device)
         self.has_projection = projection is not None
 
+    @classmethod
+    def shape_only(cls, shapes: dict, dtype) -> PromptEncoder:
+        """An encoder of these parameter shapes (:func:`prefix_shapes`) holding no memory."""
+        arrays = {k: shaped(s, dtype) for k, s in shapes.items()}
+        projection = None
+        if "mlp_w1" in arrays:
+            projection = tuple(arrays[k] for k in ("mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2"))
+        return cls(arrays["embedding"], projection)
+
     def forward(self):
         if not self.has_projection:
             return self.embedding
         h = ops.tanh(ops.matmul(self.embedding, self.mlp_w1) + self.mlp_b1)   # (P, hidden)
         return ops.matmul(h, self.mlp_w2) + self.mlp_b2                        # (P, L*2*C)
 
+    def trace(self, walk):
+        """:meth:`forward` over shapes, for the memory estimate."""
+        E = walk.param(self.embedding)
+        if not self.has_projection:
+            return E
+        h = walk.add(walk.matmul(E, walk.param(self.mlp_w1), "prefix mlp"),
+                     walk.param(self.mlp_b1))                                  # (P, hidden)
+        h = walk.tanh(h, "prefix mlp tanh")
+        return walk.add(walk.matmul(h, walk.param(self.mlp_w2), "prefix mlp"),
+                        walk.param(self.mlp_b2))                               # (P, L*2*C)
+
+
+def prefix_shapes(config, gpt_config) -> dict:
+    """The prefix encoder's parameter shapes: the prefixes (P, L*2*C) themselves, or with
+    ``prefix_projection`` E (P, C) and the MLP C -> hidden -> L*2*C that makes them."""
+    P, C = config.num_virtual_tokens, gpt_config.n_embd
+    width = gpt_config.n_layer * 2 * C
+    if not config.prefix_projection:
+        return {"embedding": (P, width)}
+    H = config.encoder_hidden_size
+    return {"embedding": (P, C), "mlp_w1": (C, H), "mlp_b1": (H,), "mlp_w2": (H, width),
+            "mlp_b2": (width,)}
+
 
 class _SoftPromptMethod(Method):
     """Shared parts: the encoder lives on the PeftModel, keyed by adapter name."""
+
+    #: the virtual tokens go into the key/value cache (prefix) rather than before the input
+    in_cache = False
+
+    def encoder_shapes(self, gpt_config) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def plan(self, base) -> MethodPlan:
+        """The encoder, shape-only; the base untouched; the inputs it builds, over shapes."""
+        P = self.num_virtual_tokens = self.config.num_virtual_tokens
+        enc = PromptEncoder.shape_only(self.encoder_shapes(base.config), base.dtype)
+        plan = MethodPlan(added=dict(enc.named_parameters()),
+                          inputs=lambda walk, idx: self.trace_inputs(walk, base, enc, idx))
+        if self.in_cache:
+            plan.prefix_tokens = P
+        else:
+            plan.prompt_tokens = P
+        return plan
 
     def encoder(self, pm) -> PromptEncoder:
         return _holder(pm)._modules[self.name]
@@ -103,6 +154,16 @@ class _SoftPromptMethod(Method):
     def detach_keep(self, pm) -> None:
         self.remove(pm)
 
+    def extra_flops_per_token(self, pm) -> int:
+        r"""FLOPs the virtual tokens add to each token's forward pass, at inference too.
+
+        Each layer's query meets P more keys and mixes P more values:
+        :math:`2 \cdot 2\,P\,C` per layer. (Prompt tuning also runs its P virtual
+        tokens through the whole model once per sequence, in the prefill.)
+        """
+        cfg = pm.base_model.config
+        return 4 * cfg.n_layer * cfg.n_embd * int(self.num_virtual_tokens)
+
     def _check_fits(self, pm, T):
         """Refuse T real tokens that, after the P virtual ones, overrun ``n_positions``."""
         P, n = self.num_virtual_tokens, pm.config.n_positions
@@ -116,6 +177,10 @@ class _SoftPromptMethod(Method):
 @register_method("PROMPT_TUNING")
 class PromptTuningMethod(_SoftPromptMethod):
     """Prompt tuning: P trainable embeddings prepended to the input."""
+
+    def encoder_shapes(self, gpt_config) -> dict:
+        """E (P, C): one input embedding per virtual token."""
+        return {"embedding": (self.config.num_virtual_tokens, gpt_config.n_embd)}
 
     def inject(self, pm) -> None:
         r"""Make the P trainable embeddings E (P, C), on the PeftModel's ``prompt_encoder``.
@@ -142,7 +207,7 @@ class PromptTuningMethod(_SoftPromptMethod):
                 )
             emb = wte[np.resize(ids, P)] if P else wte[:0]                   # repeat to length P
         else:
-            emb = rng.normal(0.0, 0.02, size=(P, wte.shape[1]))
+            emb = rng.normal(0.0, 0.02, size=self.encoder_shapes(base.config)["embedding"])
         setattr(_holder(pm), self.name,
                 PromptEncoder(emb.astype(wte.dtype).copy(), device=base.device))
 
@@ -179,6 +244,15 @@ class PromptTuningMethod(_SoftPromptMethod):
             targets = np.concatenate([pad, t.astype(np.int64)], axis=1)     # (B, P+T)
         return {"inputs_embeds": embeds}, targets
 
+    def trace_inputs(self, walk, base, encoder, idx) -> dict:
+        """:meth:`forward_inputs` over shapes: ``inputs_embeds`` [E; wte(idx)] (B, P+T, C)."""
+        P = self.num_virtual_tokens
+        if P == 0:
+            return {}
+        prompt = walk.param(encoder.embedding)                               # (P, C)
+        virtual = walk.view(prompt, (idx.shape[0],) + prompt.shape)          # broadcast: a view
+        return {"inputs_embeds": walk.concatenate([virtual, base.wte.trace(walk, idx)], axis=1)}
+
     def trim_logits(self, logits):
         """The logits of the real tokens only: the first P positions are the prompt's."""
         P = self.num_virtual_tokens
@@ -197,6 +271,11 @@ class PromptTuningMethod(_SoftPromptMethod):
 class PrefixTuningMethod(_SoftPromptMethod):
     """Prefix tuning: P trainable keys and values in every layer's attention."""
 
+    in_cache = True
+
+    def encoder_shapes(self, gpt_config) -> dict:
+        return prefix_shapes(self.config, gpt_config)
+
     def inject(self, pm) -> None:
         r"""Make the trainable prefixes, on the PeftModel's ``prompt_encoder``; the base is untouched.
 
@@ -209,20 +288,20 @@ class PrefixTuningMethod(_SoftPromptMethod):
         """
         cfg, base = self.config, pm.base_model
         gc = base.config
-        P = self.num_virtual_tokens = cfg.num_virtual_tokens
+        self.num_virtual_tokens = cfg.num_virtual_tokens
         self._check_fits(pm, 1)                          # at least one real token must fit
-        width = gc.n_layer * 2 * gc.n_embd
+        shapes = prefix_shapes(cfg, gc)
         dtype = base.dtype
         rng = _init_rng(cfg.init_seed, "prefix_tuning")
         if cfg.prefix_projection:
             # Li and Liang's reparameterisation: prefixes = MLP(E), E (P, C)
             C, H = gc.n_embd, cfg.encoder_hidden_size
-            emb = rng.normal(0.0, 0.02, (P, C))
-            proj = (rng.uniform(-1, 1, (C, H)) / np.sqrt(C), np.zeros(H),
-                    rng.uniform(-1, 1, (H, width)) / np.sqrt(H), np.zeros(width))
+            emb = rng.normal(0.0, 0.02, shapes["embedding"])
+            proj = (rng.uniform(-1, 1, shapes["mlp_w1"]) / np.sqrt(C), np.zeros(shapes["mlp_b1"]),
+                    rng.uniform(-1, 1, shapes["mlp_w2"]) / np.sqrt(H), np.zeros(shapes["mlp_b2"]))
             proj = tuple(a.astype(dtype) for a in proj)
         else:
-            emb, proj = rng.normal(0.0, 0.02, (P, width)), None
+            emb, proj = rng.normal(0.0, 0.02, shapes["embedding"]), None
         setattr(_holder(pm), self.name,
                 PromptEncoder(emb.astype(dtype), proj, device=base.device))
 
@@ -264,6 +343,17 @@ class PrefixTuningMethod(_SoftPromptMethod):
         T = np.shape(idx)[-1] if idx is not None else 0
         self._check_fits(pm, T)
         return {"kv_cache": self.cache(pm)}, targets
+
+    def trace_inputs(self, walk, base, encoder, idx) -> dict:
+        """:meth:`forward_inputs` over shapes: layer l's (k, v), each a (1, nh, P, hs) view of
+        the prefix matrix (:meth:`cache`)."""
+        P, gc = self.num_virtual_tokens, base.config
+        if P == 0:
+            return {}
+        prefixes = encoder.trace(walk)                                       # (P, L*2*C)
+        pair = (1, gc.n_head, P, gc.head_size)
+        return {"past": [(walk.view(prefixes, pair), walk.view(prefixes, pair))
+                         for _ in range(gc.n_layer)]}
 
     def generate_inputs(self, pm, idx):
         """The prefixes for ``generate``: :meth:`cache`, built without a graph."""

@@ -22,6 +22,10 @@ so ``c_proj`` matches both ``attn.c_proj`` and ``mlp.c_proj``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..nn.layers import shaped
 from ..nn.module import Module, Parameter
 
 
@@ -163,6 +167,56 @@ class AdapterParams(Module):
     """A holder of parameters keyed by adapter name (``lora_A.default``)."""
 
 
+@dataclass
+class MethodPlan:
+    r"""What a method trains, keeps and adds, as the method states it for the memory estimate.
+
+    :meth:`Method.plan` writes the rest into the shape-only base it is given:
+    which base parameters have ``requires_grad``, and the
+    :class:`PlannedWrapper` standing at each target. Here:
+
+    * ``added``: the method's new trainable parameters (shape-only), by name;
+    * ``masked``: base weight -> the k entries the optimizer updates;
+    * ``copies``: ``(entries, "float" | "int32")`` arrays kept to switch adapters exactly;
+    * ``prompt_tokens``, ``prefix_tokens``: virtual tokens before the input, or in the cache;
+    * ``inputs``: ``inputs(walk, idx)`` -> the keyword arguments the method hands
+      ``GPT.trace`` (``forward_inputs`` over shapes).
+    """
+
+    added: dict = field(default_factory=dict)
+    masked: dict = field(default_factory=dict)
+    copies: list = field(default_factory=list)
+    prompt_tokens: int = 0
+    prefix_tokens: int = 0
+    inputs: Callable | None = None
+
+
+class PlannedWrapper(Module):
+    """A wrapper's stand-in in a shape-only base (the memory estimate).
+
+    It stands where :meth:`WrapperMethod.inject` would put a ``wrapper_cls``,
+    holding the Linear as ``base_layer``, the parameters
+    ``wrapper_cls.parameter_shapes`` names (shape-only, trainable), and it
+    traces ``wrapper_cls.trace``: the wrapper's own statement of what its
+    forward saves.
+    """
+
+    def __init__(self, base_layer: Module, wrapper_cls: type, config, module_name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.wrapper_cls, self.config, self.module_name = wrapper_cls, config, module_name
+        shapes = wrapper_cls.parameter_shapes(config, self.in_features, self.out_features,
+                                              module_name)
+        for holder, shape in shapes.items():
+            setattr(self, holder, Parameter(shaped(shape, base_layer.weight.dtype)))
+
+    def trace(self, walk, x):
+        return self.wrapper_cls.trace(walk, self.base_layer, x, self.config, self._parameters,
+                                      self.module_name)
+
+
 class Method:
     """One adapter of one method on a :class:`~minipeft.peft.model.PeftModel`.
 
@@ -192,6 +246,14 @@ class Method:
         #: False once loaded for inference (``is_trainable=False``): switching
         #: the adapter off and on again must not make it trainable
         self.trainable = True
+
+    # -- what it costs (the memory estimate) ----------------------------------
+    def plan(self, base) -> MethodPlan:  # pragma: no cover - abstract
+        """Plan this adapter into ``base``, a shape-only GPT with every parameter frozen
+        (:func:`minipeft.nn.layers.shapes_only`), by the same selection as :meth:`inject`:
+        set ``requires_grad`` where the method trains base parameters, stand a
+        :class:`PlannedWrapper` where it wraps; return the rest as a :class:`MethodPlan`."""
+        raise NotImplementedError
 
     # -- lifecycle ---------------------------------------------------------
     @classmethod
@@ -297,12 +359,22 @@ class WrapperMethod(Method):
 
     wrapper_cls: type[Wrapper] = Wrapper
 
-    def target_names(self, pm) -> list[str]:
-        return find_targets(pm.base_model, self.config.target_modules)
+    def target_names(self, base: Module) -> list[str]:
+        """The Linear modules of ``base`` this method wraps."""
+        return find_targets(base, self.config.target_modules)
+
+    def plan(self, base) -> MethodPlan:
+        """A :class:`PlannedWrapper` at each target, as :meth:`inject` puts a wrapper there."""
+        plan = MethodPlan()
+        for name in self.target_names(base):
+            stand_in = PlannedWrapper(base.get_submodule(name), self.wrapper_cls, self.config, name)
+            replace_module(base, name, stand_in)
+            plan.added.update({f"{name}.{k}": p for k, p in stand_in._parameters.items()})
+        return plan
 
     def inject(self, pm) -> None:
         base = pm.base_model
-        self.targets = self.target_names(pm)
+        self.targets = self.target_names(base)
         for name in self.targets:
             top = base.get_submodule(name)
             module = find_wrapper(top, self.wrapper_cls)
