@@ -11,7 +11,7 @@ by one with ``time.perf_counter``. Per row it prints:
   machine) with the spread between the 10th and 90th percentiles, and tokens
   per second;
 * the **matmul floor**: the step's matrix-product FLOPs (every product the
-  engine formed, logged through :data:`minipeft.autograd.ops.matmul_log`),
+  engine formed, logged through :data:`minipeft.autograd.profile.matmul_log`),
   divided by the best rate the same process measures for NumPy's matmul on
   those very shapes: the time the step would take if it did nothing but its
   products at full speed. **Efficiency** is floor / median;
@@ -35,7 +35,7 @@ by one with ``time.perf_counter``. Per row it prints:
   where steps run back to back.
 
 ``--profile`` adds, per row, where minipeft's time goes: every op's forward
-and backward (see :func:`~minipeft.autograd.function.profile_ops`), the
+and backward (see :func:`~minipeft.autograd.profile.profile_ops`), the
 optimizer, and what is left (module code, the loop). The profiled steps are
 extra steps, not the timed ones.
 
@@ -64,8 +64,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend
-from .autograd import ops
-from .autograd.function import blas_own_threads, get_num_threads, profile_ops, set_num_threads, split_matmul
+from .autograd import profile as op_profile
+from .autograd.parallel import blas_own_threads, get_num_threads, set_num_threads, split_matmul
+from .autograd.profile import profile_ops
 from .nn.gpt import GPT, GPTConfig
 from .optim import AdamW
 from .peft import LoraConfig, get_peft_model
@@ -224,12 +225,12 @@ class MinipeftStep:
 
     def matmul_shapes(self) -> list[tuple[int, int, int, int]]:
         """(batch, m, k, n) of every matrix product one step forms."""
-        ops.matmul_log = []
+        op_profile.matmul_log = []
         try:
             self.run()
-            return ops.matmul_log
+            return op_profile.matmul_log
         finally:
-            ops.matmul_log = None
+            op_profile.matmul_log = None
 
 
 def matmul_flops(shapes) -> int:
