@@ -39,6 +39,11 @@ and backward (see :func:`~minipeft.autograd.profile.profile_ops`), the
 optimizer, and what is left (module code, the loop). The profiled steps are
 extra steps, not the timed ones.
 
+``--reference`` adds, per row, what the reference engine costs: the same
+step timed with the plain ops of ``autograd/ops.py`` and their walk
+(:func:`~minipeft.autograd.reference_ops`), beside the fast path's time, and
+both paths profiled per op, so each line shows what that op's fast kernel buys.
+
 The BLAS library and its kernel are printed (threadpoolctl). OpenBLAS picks
 its kernel by CPU unless ``OPENBLAS_CORETYPE`` forces one (some machines force
 an AVX2 kernel on AVX-512 hardware, about 35% slower for these shapes), and
@@ -65,6 +70,7 @@ import numpy as np
 
 from . import backend
 from .autograd import profile as op_profile
+from .autograd import reference_ops
 from .autograd.parallel import blas_own_threads, get_num_threads, set_num_threads, split_matmul
 from .autograd.profile import profile_ops
 from .nn.gpt import GPT, GPTConfig
@@ -402,7 +408,8 @@ def _spread(times) -> dict:
 
 
 def bench_row(case: BenchCase, method: str, device: str, steps: int, warmup: int,
-              compare: bool, profile: bool, rate_cache: dict, threads: int | None = None) -> dict:
+              compare: bool, profile: bool, rate_cache: dict, threads: int | None = None,
+              reference: bool = False) -> dict:
     """Time one (case, method) row; returns its numbers (see :func:`run_bench`)
     and, under ``"notes"``, lines to print beneath it (the loss check)."""
     ours = MinipeftStep(case, method, device)
@@ -452,7 +459,40 @@ def bench_row(case: BenchCase, method: str, device: str, steps: int, warmup: int
         row["ratio"] = float(np.median(np.asarray(mine) / np.asarray(theirs)))
     if profile:
         row["profile"] = profile_steps(ours, n=3)
+    if reference:
+        row["reference"] = reference_steps(ours, steps, warmup)
     return row
+
+
+def reference_steps(step: MinipeftStep, steps: int, warmup: int) -> dict:
+    """The same step on the reference path: its median and spread over ``steps`` steps,
+    and both paths profiled per op (three extra steps each)."""
+    with reference_ops():
+        for _ in range(warmup):
+            step.run()
+        spread = _spread([_timed(step.run) for _ in range(steps)])
+        slow = profile_steps(step, n=3)
+    return {**spread, "profile": slow, "fast_profile": profile_steps(step, n=3)}
+
+
+def format_reference(row: dict) -> list[str]:
+    """What the reference path costs beside the fast one: the step, then each op."""
+    r = row["reference"]
+    fast = {name: f + b for name, f, b, _, _ in r["fast_profile"]["rows"]}
+    slow = {name: f + b for name, f, b, _, _ in r["profile"]["rows"]}
+    lines = [f"  the reference path: {r['median_ms']:.1f} ms per step "
+             f"(p10-p90 {r['p10_ms']:.1f}-{r['p90_ms']:.1f}), {r['median_ms'] / row['median_ms']:.2f}x "
+             f"the fast path's {row['median_ms']:.1f} ms; per op, ms per profiled step:",
+             f"    {'op':<26} {'fast':>9} {'reference':>10} {'ref/fast':>9}"]
+    for name in sorted(set(fast) | set(slow), key=lambda n: -slow.get(n, fast.get(n, 0.0))):
+        f, sl = fast.get(name), slow.get(name)
+        ratio = f"{sl / f:>8.2f}x" if f and sl is not None else f"{'-':>9}"
+        lines.append(f"    {name:<26} {'-' if f is None else f'{f:.2f}':>9} "
+                     f"{'-' if sl is None else f'{sl:.2f}':>10} {ratio}")
+    lines.append(f"    {'profiled step':<26} {r['fast_profile']['step_ms']:>9.2f} "
+                 f"{r['profile']['step_ms']:>10.2f} "
+                 f"{r['profile']['step_ms'] / r['fast_profile']['step_ms']:>8.2f}x")
+    return lines
 
 
 def profile_steps(step: MinipeftStep, n: int = 3) -> dict:
@@ -613,10 +653,12 @@ def run_bench(args) -> int:
             rate_cache: dict = {}
             for method in methods:
                 r = bench_row(CASES[name], method, device, steps, warmup, compare,
-                              bool(getattr(args, "profile", False)), rate_cache, n_threads)
+                              bool(getattr(args, "profile", False)), rate_cache, n_threads,
+                              bool(getattr(args, "reference", False)))
                 results.append(r)
                 print(format_row(r))
-                for line in r["notes"] + (format_profile(r) if "profile" in r else []):
+                for line in (r["notes"] + (format_profile(r) if "profile" in r else [])
+                             + (format_reference(r) if "reference" in r else [])):
                     print(line)
                 sys.stdout.flush()
         for line in summary(results):
