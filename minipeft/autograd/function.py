@@ -112,6 +112,7 @@ class Function:
 # Gradient mode
 # ---------------------------------------------------------------------------
 
+# per thread, as in PyTorch: no_grad in one thread leaves recording on in another
 _state = threading.local()
 
 

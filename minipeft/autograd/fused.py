@@ -1,9 +1,9 @@
 r"""The fast path: in-place and blocked kernels beside the reference ops, and the walk they need.
 
 Each class here is the reference operator of :mod:`.ops` with the same
-maths, the same saved arrays (the activation ledger's books do not depend on
-the path) and the same gradients up to float rounding, computed with less
-memory traffic:
+maths, the same gradients up to float rounding and the same saved arrays
+(but for attention's 1/z, (B, nh, T, 1), which the reference does not keep),
+computed with less memory traffic:
 
 * elementwise chains (GELU, LayerNorm, attention's masked softmax, the
   residual add, a bias) work in place in as few arrays as the formula allows,

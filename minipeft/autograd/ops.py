@@ -19,6 +19,10 @@ Three rules hold for every op here:
 
 Every array is handled through its own module (``xp = backend.xp(a)``), so the
 same code runs on NumPy, CuPy and the strict stand-in.
+
+This is the reference engine: each op in its plainest correct form. On the
+fast path (the default; see :mod:`.fused`) some of them run as in-place,
+blocked and threaded kernels of the same maths, held equal to these by the tests.
 """
 
 from __future__ import annotations
