@@ -793,7 +793,6 @@ class LayerNorm(Function):
         return gx, gw, gb
 
 
-
 def _check_attention(qkv, n_head) -> None:
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head) != 0:
         raise ValueError(
@@ -842,15 +841,16 @@ class CausalAttention(Function):
         B, T, C3 = qkv.shape
         nh, hs = n_head, C3 // (3 * n_head)
         s = 1.0 / math.sqrt(hs)
+        scale = 1.0 if keep is None else 1.0 / (1.0 - p)                     # dropout's 1/(1-p)
         h = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)             # (3, B, nh, T, hs)
         q, k, v = h[0], h[1], h[2]                                           # each (B, nh, T, hs)
         S = (q @ xp.swapaxes(k, -1, -2)) * s                                 # (B, nh, T, T)
         S = xp.where(causal_mask(T, S), -math.inf, S)                        # no looking ahead
         P = xp.exp(S - S.max(axis=-1, keepdims=True))
-        P /= P.sum(axis=-1, keepdims=True)
-        PD = P if keep is None else P * keep * (1.0 / (1.0 - p))             # dropout
+        P /= P.sum(axis=-1, keepdims=True)                                   # softmax by rows
+        PD = P if keep is None else P * keep * scale                          # P D
         y = PD @ v                                                           # (B, nh, T, hs)
-        ctx.meta = (s, 1.0 if keep is None else 1.0 / (1.0 - p))
+        ctx.meta = (s, scale)
         ctx.save_for_backward(qkv, P, keep)
         return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)                # (B, T, C)
 
