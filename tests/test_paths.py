@@ -19,6 +19,11 @@ rounding of one step.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from peft_cases import CASES, batch, host, perturb, small_base, wrap
@@ -65,6 +70,22 @@ def test_the_switch_is_on_by_default_and_restored():
             assert fast_path_on()
         assert not fast_path_on()
     assert fast_path_on()
+
+
+def test_the_environment_switches_a_whole_process():
+    """MINIPEFT_REFERENCE=1 runs the reference path from import on; a value that is
+    not 0 or 1 is refused, saying what it may be."""
+    root = Path(__file__).resolve().parents[1]
+    code = "import minipeft.autograd as a; print(a.fast_path_on(), a.ops.GELU.kernel.__module__)"
+
+    def run(value):
+        env = {**os.environ, "MINIPEFT_REFERENCE": value, "PYTHONPATH": str(root)}
+        return subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                              capture_output=True, text=True)
+    assert run("1").stdout.split() == ["False", "minipeft.autograd.ops"]
+    assert run("0").stdout.split() == ["True", "minipeft.autograd.fused"]
+    bad = run("yes")
+    assert bad.returncode != 0 and "MINIPEFT_REFERENCE must be 1" in bad.stderr
 
 
 @pytest.mark.parametrize("name", list(CASES))
