@@ -299,6 +299,17 @@ def xp(array) -> Any:
     raise TypeError(f"not an array minipeft knows: {type(array).__name__}")
 
 
+def is_array(obj) -> bool:
+    """Whether ``obj`` is an array of a module minipeft knows (not a scalar, a list or None)."""
+    if obj is None or np.isscalar(obj):
+        return False
+    try:
+        xp(obj)
+    except TypeError:
+        return False
+    return True
+
+
 def device_of(array) -> str:
     """'cpu', 'gpu' or 'strict' for an array."""
     mod = xp(array)

@@ -11,7 +11,7 @@ by one with ``time.perf_counter``. Per row it prints:
   machine) with the spread between the 10th and 90th percentiles, and tokens
   per second;
 * the **matmul floor**: the step's matrix-product FLOPs (every product the
-  engine formed, logged through :data:`minipeft.autograd.ops.matmul_log`),
+  engine formed, logged through :data:`minipeft.autograd.profile.matmul_log`),
   divided by the best rate the same process measures for NumPy's matmul on
   those very shapes: the time the step would take if it did nothing but its
   products at full speed. **Efficiency** is floor / median;
@@ -35,9 +35,14 @@ by one with ``time.perf_counter``. Per row it prints:
   where steps run back to back.
 
 ``--profile`` adds, per row, where minipeft's time goes: every op's forward
-and backward (see :func:`~minipeft.autograd.function.profile_ops`), the
+and backward (see :func:`~minipeft.autograd.profile.profile_ops`), the
 optimizer, and what is left (module code, the loop). The profiled steps are
 extra steps, not the timed ones.
+
+``--reference`` adds, per row, what the reference engine costs: the same
+step timed with the plain ops of ``autograd/ops.py`` and their walk
+(:func:`~minipeft.autograd.reference_ops`), beside the fast path's time, and
+both paths profiled per op, so each line shows what that op's fast kernel buys.
 
 The BLAS library and its kernel are printed (threadpoolctl). OpenBLAS picks
 its kernel by CPU unless ``OPENBLAS_CORETYPE`` forces one (some machines force
@@ -64,8 +69,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend
-from .autograd import ops
-from .autograd.function import blas_own_threads, get_num_threads, profile_ops, set_num_threads, split_matmul
+from .autograd import profile as op_profile
+from .autograd import reference_ops
+from .autograd.parallel import blas_own_threads, get_num_threads, set_num_threads, split_matmul
+from .autograd.profile import profile_ops
 from .nn.gpt import GPT, GPTConfig
 from .optim import AdamW
 from .peft import LoraConfig, get_peft_model
@@ -224,12 +231,12 @@ class MinipeftStep:
 
     def matmul_shapes(self) -> list[tuple[int, int, int, int]]:
         """(batch, m, k, n) of every matrix product one step forms."""
-        ops.matmul_log = []
+        op_profile.matmul_log = []
         try:
             self.run()
-            return ops.matmul_log
+            return op_profile.matmul_log
         finally:
-            ops.matmul_log = None
+            op_profile.matmul_log = None
 
 
 def matmul_flops(shapes) -> int:
@@ -401,7 +408,8 @@ def _spread(times) -> dict:
 
 
 def bench_row(case: BenchCase, method: str, device: str, steps: int, warmup: int,
-              compare: bool, profile: bool, rate_cache: dict, threads: int | None = None) -> dict:
+              compare: bool, profile: bool, rate_cache: dict, threads: int | None = None,
+              reference: bool = False) -> dict:
     """Time one (case, method) row; returns its numbers (see :func:`run_bench`)
     and, under ``"notes"``, lines to print beneath it (the loss check)."""
     ours = MinipeftStep(case, method, device)
@@ -451,7 +459,40 @@ def bench_row(case: BenchCase, method: str, device: str, steps: int, warmup: int
         row["ratio"] = float(np.median(np.asarray(mine) / np.asarray(theirs)))
     if profile:
         row["profile"] = profile_steps(ours, n=3)
+    if reference:
+        row["reference"] = reference_steps(ours, steps, warmup)
     return row
+
+
+def reference_steps(step: MinipeftStep, steps: int, warmup: int) -> dict:
+    """The same step on the reference path: its median and spread over ``steps`` steps,
+    and both paths profiled per op (three extra steps each)."""
+    with reference_ops():
+        for _ in range(warmup):
+            step.run()
+        spread = _spread([_timed(step.run) for _ in range(steps)])
+        slow = profile_steps(step, n=3)
+    return {**spread, "profile": slow, "fast_profile": profile_steps(step, n=3)}
+
+
+def format_reference(row: dict) -> list[str]:
+    """What the reference path costs beside the fast one: the step, then each op."""
+    r = row["reference"]
+    fast = {name: f + b for name, f, b, _, _ in r["fast_profile"]["rows"]}
+    slow = {name: f + b for name, f, b, _, _ in r["profile"]["rows"]}
+    lines = [f"  the reference path: {r['median_ms']:.1f} ms per step "
+             f"(p10-p90 {r['p10_ms']:.1f}-{r['p90_ms']:.1f}), {r['median_ms'] / row['median_ms']:.2f}x "
+             f"the fast path's {row['median_ms']:.1f} ms; per op, ms per profiled step:",
+             f"    {'op':<26} {'fast':>9} {'reference':>10} {'ref/fast':>9}"]
+    for name in sorted(set(fast) | set(slow), key=lambda n: -slow.get(n, fast.get(n, 0.0))):
+        f, sl = fast.get(name), slow.get(name)
+        ratio = f"{sl / f:>8.2f}x" if f and sl is not None else f"{'-':>9}"
+        lines.append(f"    {name:<26} {'-' if f is None else f'{f:.2f}':>9} "
+                     f"{'-' if sl is None else f'{sl:.2f}':>10} {ratio}")
+    lines.append(f"    {'profiled step':<26} {r['fast_profile']['step_ms']:>9.2f} "
+                 f"{r['profile']['step_ms']:>10.2f} "
+                 f"{r['profile']['step_ms'] / r['fast_profile']['step_ms']:>8.2f}x")
+    return lines
 
 
 def profile_steps(step: MinipeftStep, n: int = 3) -> dict:
@@ -612,10 +653,12 @@ def run_bench(args) -> int:
             rate_cache: dict = {}
             for method in methods:
                 r = bench_row(CASES[name], method, device, steps, warmup, compare,
-                              bool(getattr(args, "profile", False)), rate_cache, n_threads)
+                              bool(getattr(args, "profile", False)), rate_cache, n_threads,
+                              bool(getattr(args, "reference", False)))
                 results.append(r)
                 print(format_row(r))
-                for line in r["notes"] + (format_profile(r) if "profile" in r else []):
+                for line in (r["notes"] + (format_profile(r) if "profile" in r else [])
+                             + (format_reference(r) if "reference" in r else [])):
                     print(line)
                 sys.stdout.flush()
         for line in summary(results):

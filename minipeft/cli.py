@@ -1110,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time PyTorch eager too (auto: when torch, transformers and peft import)")
     s.add_argument("--profile", action="store_true",
                    help="print where minipeft's time goes, per op, forward and backward")
+    s.add_argument("--reference", action="store_true",
+                   help="time the reference ops too (autograd/ops.py, no fast kernels): per step "
+                        "and per op, beside the fast path")
     s.add_argument("--threads", type=_positive_int, default=None,
                    help="threads for minipeft and for PyTorch (default: MINIPEFT_NUM_THREADS, "
                         "else as many as NumPy's BLAS uses)")

@@ -272,7 +272,7 @@ class CompareSettings:
 @contextlib.contextmanager
 def cpu_threads(n: int | None):
     """Run the block on ``n`` CPU threads in all (the engine's, each product's
-    parts on one BLAS thread; see :func:`~minipeft.autograd.function.using_threads`);
+    parts on one BLAS thread; see :func:`~minipeft.autograd.parallel.using_threads`);
     yields what was used, in words.
 
     One thread is the default because this model is tiny: its matrix
@@ -284,7 +284,7 @@ def cpu_threads(n: int | None):
     if n is None:
         yield "the engine's default"
         return
-    from .autograd.function import using_threads  # noqa: PLC0415
+    from .autograd.parallel import using_threads  # noqa: PLC0415
     with using_threads(int(n)):
         yield f"{int(n)}"
 

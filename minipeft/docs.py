@@ -74,6 +74,10 @@ INSTALL_COMMAND = "pip install -e '.[docs]'"
 #: other (DESIGN.md's tree); the rest follow alphabetically.
 LAYER_ORDER = [
     "minipeft/__init__.py", "minipeft/backend.py", "minipeft/validate.py",
+    # the reference engine first, then the fast path beside it
+    "minipeft/autograd/__init__.py", "minipeft/autograd/tensor.py", "minipeft/autograd/function.py",
+    "minipeft/autograd/ops.py", "minipeft/autograd/gradcheck.py", "minipeft/autograd/parallel.py",
+    "minipeft/autograd/fused.py", "minipeft/autograd/profile.py",
     "minipeft/autograd/", "minipeft/nn/", "minipeft/optim.py", "minipeft/peft/",
     "minipeft/memory/", "minipeft/data/", "minipeft/train.py", "minipeft/io.py",
     "minipeft/base.py", "minipeft/finetune.py", "minipeft/evaluation.py",

@@ -150,11 +150,11 @@ class FlopCount:
 def count_flops():
     r"""Count the FLOPs of every matrix product formed inside the ``with`` block.
 
-    The engine logs each product it forms while
-    :data:`minipeft.autograd.ops.matmul_log` is a list, as ``(batch, m, k,
-    n)``: :math:`2\,b\,m\,k\,n` FLOPs. Read ``.total`` of what this yields at
-    any point (after the forward pass, after backward); the log is switched
-    off again on leaving the block, even on an error::
+    The engine's fast kernels (the default path) log each product they form
+    while :data:`minipeft.autograd.profile.matmul_log` is a list, as
+    ``(batch, m, k, n)``: :math:`2\,b\,m\,k\,n` FLOPs. Read ``.total`` of what
+    this yields at any point (after the forward pass, after backward); the
+    log is switched off again on leaving the block, even on an error::
 
         with lessons.count_flops() as flops:
             _, loss = model(idx, targets)
@@ -162,14 +162,17 @@ def count_flops():
             loss.backward()
         backward = flops.total - forward
     """
-    from .autograd import ops
+    from .autograd import fast_path_on, profile
 
+    if not fast_path_on():
+        raise RuntimeError("count_flops counts the products of the fast kernels; the reference "
+                           "ops are on (reference_ops() or MINIPEFT_REFERENCE=1): count outside them")
     log = []
-    previous, ops.matmul_log = ops.matmul_log, log
+    previous, profile.matmul_log = profile.matmul_log, log
     try:
         yield FlopCount(log)
     finally:
-        ops.matmul_log = previous
+        profile.matmul_log = previous
 
 
 def forward_flops(model, idx) -> int:

@@ -38,7 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import backend
-from .autograd.function import in_blocks, no_grad
+from .autograd.function import no_grad
+from .autograd.parallel import in_blocks
 from .autograd.tensor import Tensor
 from .nn.module import Module
 from .validate import Choice, Float, Int, KnobTypeError

@@ -17,6 +17,7 @@ Arrays are small (at most 3 axes of at most 3), because
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -27,6 +28,10 @@ from minipeft import Tensor, backend
 # examples is safe; a modest example count keeps the suite fast on 2 cores.
 engine = settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 few = settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+#: A test of the fast kernels themselves (threads, row blocks, owned buffers), in a
+#: file whose tests otherwise run on both engine paths: the fast path only.
+fast_only = pytest.mark.parametrize("engine_path", ["fast"], indirect=True)
 
 MAX_SIDE = 3
 

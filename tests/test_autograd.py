@@ -17,6 +17,9 @@ from strategies import leaf, on
 from minipeft import Tensor, backend
 from minipeft.autograd import LEDGER, gradcheck, is_grad_enabled, no_grad, ops, vjp_check
 
+# every test here runs on the fast path and on the reference ops (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 
 def host(a):
     return backend.asnumpy(a.data if isinstance(a, Tensor) else a)

@@ -60,6 +60,23 @@ def test_lora_row_and_profile_on_the_strict_backend(capsys):
     assert "CausalAttention" in out and "Linear" in out and "AdamW step" in out
 
 
+def test_reference_prints_both_paths_per_step_and_per_op(capsys):
+    """--reference: the step on the reference ops beside the fast path's, and per op."""
+    rc = main(["bench", "--case", "tiny", "--method", "full", "--steps", "1", "--warmup", "0",
+               "--compare", "off", "--reference", "--keep-blas-env"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    line = next(x for x in out.splitlines() if "the reference path:" in x)
+    ref_ms, ratio = re.search(r"path: ([\d.]+) ms per step .*, ([\d.]+)x the fast", line).groups()
+    assert float(ref_ms) > 0 and float(ratio) > 0
+    ops_seen = {x.split()[0]: x.split() for x in out.splitlines()[out.splitlines().index(line):]
+                if x.startswith("    ") and len(x.split()) == 4}
+    for op in ("GELU", "LayerNorm", "CausalAttention", "Linear", "Embedding"):
+        assert ops_seen[op][3].endswith("x"), ops_seen[op]  # timed on both paths
+    from minipeft.autograd import fast_path_on
+    assert fast_path_on()                                   # the switch is back
+
+
 @pytest.mark.skipif(backend.gpu_available(), reason="a GPU is present here")
 def test_gpu_without_cupy_says_what_to_install(capsys):
     rc = main(["bench", "--device", "gpu", "--steps", "1", "--keep-blas-env"])

@@ -104,6 +104,15 @@ def test_the_resolver_refuses_what_does_not_exist():
     assert not docs.resolve_reference("minipeft/no_such_file.py::f", ROOT)
 
 
+def test_the_annotated_pages_show_the_reference_engine_before_the_fast_path():
+    files = docs.source_files(ROOT, tests=False)
+    order = [f"minipeft/autograd/{name}.py" for name in
+             ("tensor", "function", "ops", "gradcheck", "parallel", "fused", "profile")]
+    assert [f for f in files if f in order] == order
+    assert files.index("minipeft/backend.py") < files.index(order[0])
+    assert files.index(order[-1]) < files.index("minipeft/nn/gpt.py")
+
+
 #: The story of DESIGN.md, concept by concept: each must have a row.
 STORY = [
     "memory categories", "bytes-per-parameter", "activation ledger",

@@ -12,6 +12,9 @@ from minipeft import GPT, GPTConfig, Tensor, backend, no_grad
 from minipeft.autograd import LEDGER, ops, vjp_check
 from minipeft.nn import KVCache, Module, Parameter, sample_next_token
 
+# every test here runs on the fast path and on the reference ops (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 SMALL = dict(n_layer=2, n_head=2, n_embd=16, vocab_size=11, n_positions=16)
 B, T = 2, 5
 

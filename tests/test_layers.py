@@ -14,6 +14,9 @@ from minipeft.nn import (
     replay_dropout_masks,
 )
 
+# every test here runs on the fast path and on the reference ops (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 
 def f64(shape, device, seed=0, requires_grad=True):
     data = np.random.default_rng(seed).standard_normal(shape)

@@ -154,7 +154,7 @@ def test_the_flop_counters_agree_and_switch_the_log_off():
     import numpy as np
 
     from minipeft import lessons
-    from minipeft.autograd import ops
+    from minipeft.autograd import profile
     from minipeft.base import load_base
     from minipeft.data import get_task
     from minipeft.peft import LoraConfig, get_peft_model
@@ -168,10 +168,10 @@ def test_the_flop_counters_agree_and_switch_the_log_off():
     with lessons.count_flops() as flops:
         base(np.asarray(idx))
         assert flops.total == lessons.forward_flops(base, idx) > 0
-    assert ops.matmul_log is None
+    assert profile.matmul_log is None
     with pytest.raises(RuntimeError), lessons.count_flops():
         raise RuntimeError("a cell fails halfway")
-    assert ops.matmul_log is None
+    assert profile.matmul_log is None
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from strategies import (
     broadcast_pairs,
     distinct,
     engine,
+    fast_only,
     few,
     index_array,
     leaf,
@@ -31,6 +32,9 @@ from strategies import (
 
 from minipeft import Tensor, backend
 from minipeft.autograd import gradcheck, ops
+
+# every test here runs on the fast path and on the reference ops (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
 
 # ---------------------------------------------------------------------------
 # Elementwise arithmetic, broadcasting included
@@ -206,12 +210,13 @@ def _check_attention(device, data, qkv, n_head, keep, p):
     qkv.grad = None
 
 
+@fast_only
 @few
 @given(data=st.data(), T=st.integers(2, 9), dropout=st.booleans())
 def test_causal_attention_in_row_blocks(device, data, T, dropout):
     """With blocks of one or two query rows (the blocks skip everything above the
     diagonal), still the composition's values and the differences' gradient."""
-    import minipeft.autograd.ops as ops_module
+    from minipeft.autograd import fused as ops_module
     B, n_head, hs = 2, 2, 2
     qkv = leaf(data.draw(values((B, T, 3 * n_head * hs))), device)
     keep, p = None, 0.0
@@ -236,13 +241,15 @@ def test_causal_attention_without_a_mask_ignores_p(device):
                                   ops.causal_attention(qkv, 2).numpy())
 
 
-def test_causal_attention_saves_heads_and_probabilities_only(device):
+def test_causal_attention_saves_heads_and_probabilities_only(device, engine_path):
     from minipeft.autograd import LEDGER
     B, T, nh, hs = 2, 5, 2, 3
     qkv = leaf(np.random.default_rng(0).standard_normal((B, T, 3 * nh * hs)), device)
     y = ops.causal_attention(qkv, nh)
-    # q, k and v (qkv's size, as one array), E (B, nh, T, T) and 1/z (B, nh, T, 1), in float64
-    assert LEDGER.nbytes() == qkv.nbytes + B * nh * T * T * 8 + B * nh * T * 8
+    # q, k and v (qkv's size: the fast kernel's copy, or qkv itself) and P or E
+    # (B, nh, T, T), in float64; the fast kernel keeps 1/z (B, nh, T, 1) too
+    rz = B * nh * T * 8 if engine_path == "fast" else 0
+    assert LEDGER.nbytes() == qkv.nbytes + B * nh * T * T * 8 + rz
     y.sum().backward()
     assert LEDGER.nbytes() == 0
     with pytest.raises(ValueError, match="divisible by n_head=4"):
@@ -541,12 +548,13 @@ def test_other_shape_errors(device):
 # ---------------------------------------------------------------------------
 
 
+@fast_only
 def test_ops_split_over_threads_equal_one_block(monkeypatch):
     """GELU, layer norm, causal attention, linear's bias, add and AdamW split their large
     elementwise work into blocks of rows, one per thread, walked in small pieces; every
     entry must come out bit-identical to one call on the whole array."""
-    from minipeft.autograd import function
-    from minipeft.autograd.function import set_num_threads
+    from minipeft.autograd import parallel
+    from minipeft.autograd.parallel import set_num_threads
     from minipeft.optim import AdamW
 
     rng = np.random.default_rng(0)
@@ -578,7 +586,7 @@ def test_ops_split_over_threads_equal_one_block(monkeypatch):
     try:
         set_num_threads(1)
         with monkeypatch.context() as m:
-            m.setattr(function, "_PIECE", 1 << 40)      # no pieces: one call on the whole
+            m.setattr(parallel, "_PIECE", 1 << 40)      # no pieces: one call on the whole
             whole = run()
         one = run()
         set_num_threads(4)
@@ -590,6 +598,7 @@ def test_ops_split_over_threads_equal_one_block(monkeypatch):
         np.testing.assert_array_equal(a, c)
 
 
+@fast_only
 @pytest.mark.parametrize("a_shape, b_shape, axis", [
     ((6, 40, 30), (6, 30, 50), 0),          # a stack: by batch entry
     ((6, 2, 40, 30), (30, 50), 0),          # b broadcast along the batch
@@ -599,38 +608,39 @@ def test_ops_split_over_threads_equal_one_block(monkeypatch):
 ])
 def test_a_split_product_equals_numpys(monkeypatch, a_shape, b_shape, axis):
     """Each part is BLAS's product on a slice; together, NumPy's product (float64)."""
-    from minipeft.autograd import function
+    from minipeft.autograd import parallel
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
     want = np.matmul(a, b)
     parts = []
-    real = function.in_parts
+    real = parallel.in_parts
 
     def spy(fn, length):
         parts.append(length)
         return real(fn, length)
 
-    monkeypatch.setattr(function, "in_parts", spy)
-    monkeypatch.setattr(function, "_SPLIT_FLOPS", 0)
+    monkeypatch.setattr(parallel, "in_parts", spy)
+    monkeypatch.setattr(parallel, "_SPLIT_FLOPS", 0)
     try:
-        function.set_num_threads(3)
-        got = function.split_matmul(a, b)
+        parallel.set_num_threads(3)
+        got = parallel.split_matmul(a, b)
         out = np.full(want.shape[:-1] + (want.shape[-1] + 3,), np.nan)[..., :want.shape[-1]]
-        function.split_matmul(a, b, out=out)                 # into a strided view
+        parallel.split_matmul(a, b, out=out)                 # into a strided view
     finally:
-        function.set_num_threads(None)
+        parallel.set_num_threads(None)
     assert parts == [want.shape[axis]] * 2
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-13)
 
 
+@fast_only
 def test_parts_cover_the_range_once_and_raise_what_a_part_raises():
-    from minipeft.autograd import function
+    from minipeft.autograd import parallel
     try:
-        function.set_num_threads(3)
+        parallel.set_num_threads(3)
         for length in (1, 2, 3, 10):
             seen = []
-            function.in_parts(lambda lo, hi, seen=seen: seen.append((lo, hi)), length)
+            parallel.in_parts(lambda lo, hi, seen=seen: seen.append((lo, hi)), length)
             assert sorted(i for lo, hi in seen for i in range(lo, hi)) == list(range(length))
             assert len(seen) == min(3, length)
 
@@ -639,31 +649,32 @@ def test_parts_cover_the_range_once_and_raise_what_a_part_raises():
                 raise ZeroDivisionError("a part failed")
 
         with pytest.raises(ZeroDivisionError, match="a part failed"):
-            function.in_parts(fail, 6)
+            parallel.in_parts(fail, 6)
     finally:
-        function.set_num_threads(None)
+        parallel.set_num_threads(None)
 
 
+@fast_only
 def test_engine_threads_hold_blas_to_one_and_give_it_back():
     """With more than one engine thread, OpenBLAS is held to one (its idle threads
     would spin on the cores the engine uses); with one, BLAS gets its count back."""
-    from minipeft.autograd import function
-    if function.blas_threads() is None:
+    from minipeft.autograd import parallel
+    if parallel.blas_threads() is None:
         pytest.skip("NumPy's BLAS is not OpenBLAS: nothing to hold")
     x = np.ones((512, 512), np.float32)
     try:
-        function.set_num_threads(2)
-        function.split_matmul(x, x)
-        assert function.blas_threads() == 1
-        with function.blas_own_threads(2):
-            assert function.blas_threads() == 2
-        assert function.blas_threads() == 1
-        function.set_num_threads(1)
-        assert function.blas_threads() == function._blas["initial"]     # what BLAS first had
+        parallel.set_num_threads(2)
+        parallel.split_matmul(x, x)
+        assert parallel.blas_threads() == 1
+        with parallel.blas_own_threads(2):
+            assert parallel.blas_threads() == 2
+        assert parallel.blas_threads() == 1
+        parallel.set_num_threads(1)
+        assert parallel.blas_threads() == parallel._blas["initial"]     # what BLAS first had
     finally:
-        function.set_num_threads(None)
+        parallel.set_num_threads(None)
     with pytest.raises(ValueError, match="at least 1"):
-        function.set_num_threads(0)
+        parallel.set_num_threads(0)
 
 
 # ---------------------------------------------------------------------------
@@ -671,10 +682,14 @@ def test_engine_threads_hold_blas_to_one_and_give_it_back():
 # ---------------------------------------------------------------------------
 
 
+@fast_only
 @pytest.mark.parametrize("name", ["gelu", "layer_norm", "causal_attention", "mul", "dropout"])
 def test_backward_in_place_in_an_owned_gradient_gives_the_same_gradient(device, name, monkeypatch):
-    """``f(x) * 2`` hands f's backward a fresh gradient (the product's), which f may
+    """The fast kernels' in-place backward (the reference never writes into g).
+
+    ``f(x) * 2`` hands f's backward a fresh gradient (the product's), which f may
     overwrite; the seeded ``f(x)`` with 2 G hands it the caller's, which it must not."""
+    from minipeft.autograd import fused
     rng = np.random.default_rng(0)
     shape = (2, 3, 12)
     x = leaf(rng.standard_normal(shape), device)
@@ -686,8 +701,8 @@ def test_backward_in_place_in_an_owned_gradient_gives_the_same_gradient(device, 
          "mul": lambda t: t * Tensor(b.data),             # one input needs its gradient
          "dropout": lambda t: ops.dropout(t, 0.3, mask)}[name]
     used = []
-    real = ops._owned
-    monkeypatch.setattr(ops, "_owned", lambda *a: used.append(real(*a)) or used[-1])
+    real = fused._owned
+    monkeypatch.setattr(fused, "_owned", lambda *a: used.append(real(*a)) or used[-1])
 
     y = f(x)
     G = on(device, rng.standard_normal(y.shape))

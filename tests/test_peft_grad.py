@@ -22,6 +22,9 @@ from minipeft import backend
 from minipeft.autograd import no_grad, vjp_check
 from minipeft.peft import PrefixTuningConfig, get_peft_model
 
+# every test here runs on the fast path and on the reference ops (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 DENSE = [n for n in CASES if n not in MASKS]
 
 

@@ -27,6 +27,9 @@ from peft_cases import (
 from minipeft.optim import AdamW
 from minipeft.peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
+# every test here runs on the fast path and on the reference ops (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 # ---------------------------------------------------------------------------
 # The identity at initialisation
 # ---------------------------------------------------------------------------

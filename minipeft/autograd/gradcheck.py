@@ -24,7 +24,6 @@ import numpy as np
 
 from .. import backend
 from .function import no_grad
-from .tensor import Tensor
 
 
 def _require_f64(tensors):
@@ -149,8 +148,3 @@ def vjp_check(fn, inputs, trials=3, eps=1e-6, rtol=1e-5, atol=1e-9, seed=0) -> b
                 f"(relative error {abs(lhs - rhs) / max(abs(lhs), abs(rhs), 1e-300):.3g})"
             )
     return True
-
-
-def as_f64_leaf(array, device="cpu") -> Tensor:
-    """A float64 leaf tensor requiring grad, for building checks."""
-    return Tensor(np.asarray(array, dtype=np.float64), requires_grad=True, device=device)

@@ -19,6 +19,10 @@ Three rules hold for every op here:
 
 Every array is handled through its own module (``xp = backend.xp(a)``), so the
 same code runs on NumPy, CuPy and the strict stand-in.
+
+This is the reference engine: each op in its plainest correct form. On the
+fast path (the default; see :mod:`.fused`) some of them run as in-place,
+blocked and threaded kernels of the same maths, held equal to these by the tests.
 """
 
 from __future__ import annotations
@@ -26,42 +30,16 @@ from __future__ import annotations
 import builtins
 import collections
 import math
-import time
 
 import numpy as np
 
 from .. import backend
-from . import function as _function
-from .function import Function, in_blocks, split_matmul
+from .function import Function
 from .tensor import Tensor
 
 # How many matrix products each backward formed, by kind. Tests read it to
 # prove that a frozen weight's gradient product is never computed.
 counters: collections.Counter = collections.Counter()
-
-#: When set to a list, every matrix product an op forms appends its shape
-#: ``(batch, m, k, n)`` here: ``minipeft bench`` reads it to count a step's
-#: matmul FLOPs (2 batch m k n each). ``None`` (the default) costs one test.
-matmul_log: list | None = None
-
-
-def _matmul(xp, a, b, out=None):
-    """``a @ b`` (into ``out`` when given), noted in :data:`matmul_log` when it is on,
-    and timed for the op profiler when that is on."""
-    if matmul_log is not None:
-        batch = 1
-        for n in np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2])):
-            batch *= n
-        matmul_log.append((batch, a.shape[-2], a.shape[-1], b.shape[-1]))
-    prof = _function._profile
-    if prof is not None:
-        t0 = time.perf_counter()
-    y = split_matmul(a, b, out) if xp is np else (
-        xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out))
-    if prof is not None:
-        backend.synchronize(y)
-        prof.matmul[prof.current] += time.perf_counter() - t0
-    return y
 
 
 def unbroadcast(grad, shape):
@@ -94,15 +72,6 @@ def _broadcast_shape(name, a, b):
         ) from None
 
 
-def _owned(ctx, g, shape, dtype):
-    """g itself when backward may overwrite it (see ``Context.grad_owned``) and it has
-    the given shape and dtype; otherwise None (then backward allocates)."""
-    if (ctx.grad_owned and tuple(g.shape) == tuple(shape) and g.dtype == dtype
-            and getattr(g, "ndim", 0) > 0 and getattr(g.flags, "writeable", True)):
-        return g
-    return None
-
-
 # ---------------------------------------------------------------------------
 # Elementwise arithmetic
 # ---------------------------------------------------------------------------
@@ -115,12 +84,7 @@ class Add(Function):
     def forward(ctx, a, b):
         _broadcast_shape("add", a, b)
         ctx.shapes = (a.shape, b.shape)
-        if a.shape != b.shape or a.ndim == 0:
-            return a + b
-        # same shapes (the residual stream): in blocks of rows, on every core
-        y = backend.xp(a).empty_like(a)
-        in_blocks(lambda a_, b_, y_: backend.xp(y_).add(a_, b_, out=y_), a, b, y)
-        return y
+        return a + b
 
     @staticmethod
     def backward(ctx, g):
@@ -148,9 +112,7 @@ class Sub(Function):
 class Mul(Function):
     r"""y = a * b;  dy/da = b, dy/db = a.
 
-    Saves b only if a needs a gradient, and a only if b does. When only one
-    input needs its gradient, has g's shape, and g is backward's to
-    overwrite, the product is formed in place in g.
+    Saves b only if a needs a gradient, and a only if b does.
     """
 
     @staticmethod
@@ -166,11 +128,6 @@ class Mul(Function):
         b, a = ctx.saved
         sa, sb = ctx.shapes
         na, nb = ctx.needs_input_grad
-        if na != nb:
-            mine = _owned(ctx, g, sa if na else sb, g.dtype)
-            if mine is not None:
-                mine *= b if na else a
-                return (mine, None) if na else (None, mine)
         return (unbroadcast(g * b, sa) if na else None, unbroadcast(g * a, sb) if nb else None)
 
 
@@ -210,16 +167,14 @@ class Neg(Function):
 class PowScalar(Function):
     r""":math:`y = x^p` for a constant p; :math:`dy/dx = p\,x^{p-1}`.
 
-    Small integer powers are spelled as products: on float32 ``x**3`` has run
-    from 2 to 100 times slower than ``x*x*x`` on the machines this was tuned on.
+    :math:`x^1` and :math:`x^0` have derivatives 1 and 0, which need no x.
     """
 
     @staticmethod
     def forward(ctx, x, p):
         ctx.p = p
-        # x^1 and x^0 have derivatives 1 and 0, which need no x
         ctx.save_for_backward(x if p not in (0, 1) else None)
-        return _ipow(x, p)
+        return x ** p
 
     @staticmethod
     def backward(ctx, g):
@@ -230,25 +185,7 @@ class PowScalar(Function):
         if p == 0:
             # d/dx x^0 = 0 everywhere; p * x^{-1} would give 0 * inf = nan at x = 0
             return backend.xp(g).zeros_like(g)
-        return g * (p * _ipow(x, p - 1))
-
-
-def _ipow(x, p):
-    """x**p with products for p in {0, 1, 2, 3, 4} and 0.5 as sqrt."""
-    if p == 2:
-        return x * x
-    if p == 3:
-        return x * x * x
-    if p == 4:
-        x2 = x * x
-        return x2 * x2
-    if p == 1:
-        return x.copy()
-    if p == 0:
-        return backend.xp(x).ones_like(x)
-    if p == 0.5:
-        return backend.xp(x).sqrt(x)
-    return x ** p
+        return g * (p * x ** (p - 1))
 
 
 class Pow(Function):
@@ -385,69 +322,21 @@ class GELU(Function):
             + \tfrac12 x\,(1 - \tanh^2 u)\,k\,(1 + 3\cdot 0.044715\,x^2)
 
     Saves only x; tanh u is recomputed in backward (one tanh is cheaper
-    than keeping a second activation-sized array alive). Both directions work
-    in place in as few arrays of x's size as the formula allows (one forward,
-    three backward): on the MLP's (N, 4C) hidden layer every extra temporary
-    is a pass over memory; and the work is split into blocks of rows run on
-    every core (:func:`~minipeft.autograd.function.in_blocks`). ``x * x * x``,
-    never ``x ** 3``: the power is many times slower on float32.
+    than keeping a second activation-sized array alive).
     """
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        y = backend.xp(x).empty_like(x)
-        in_blocks(_gelu_into, x, y)
-        return y
+        t = backend.xp(x).tanh(_GELU_K * (x + 0.044715 * x * x * x))       # tanh u
+        return 0.5 * x * (1.0 + t)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved
-        gx = _owned(ctx, g, x.shape, x.dtype)                  # in place in g when it may be
-        if gx is None:
-            gx = backend.xp(x).empty_like(x)
-        in_blocks(_gelu_grad_into, x, g, gx)
-        return gx
-
-
-def _gelu_into(x, y):
-    """y = GELU(x), in y's buffer (one block of rows)."""
-    xp = backend.xp(x)
-    # u = k x (1 + 0.044715 x^2)
-    xp.multiply(x, x, out=y)
-    y *= 0.044715 * _GELU_K
-    y += _GELU_K
-    y *= x
-    xp.tanh(y, out=y)                                   # tanh u
-    # y = 0.5 x (1 + tanh u)
-    y += 1.0
-    y *= x
-    y *= 0.5
-
-
-def _gelu_grad_into(x, g, out):
-    """out = g dGELU/dx (one block of rows; out may be g itself), with three
-    temporaries of the block's size."""
-    xp = backend.xp(x)
-    # a = x^2, then t = tanh u with u = k x (1 + 0.044715 a)
-    a = xp.multiply(x, x, out=xp.empty_like(x))
-    t = xp.multiply(a, 0.044715 * _GELU_K, out=xp.empty_like(x))
-    t += _GELU_K
-    t *= x
-    xp.tanh(t, out=t)
-    # a <- 0.5 k x (1 + 0.134145 x^2)   (0.134145 = 3 * 0.044715: du/dx / k)
-    a *= 0.134145 * 0.5 * _GELU_K
-    a += 0.5 * _GELU_K
-    a *= x
-    # s <- (1 - t^2) a  = 0.5 x (1 - tanh^2 u) du/dx
-    s = xp.multiply(t, t, out=xp.empty_like(x))
-    xp.subtract(1.0, s, out=s)
-    s *= a
-    # dy/dx = 0.5 (1 + t) + s;  dL/dx = g dy/dx
-    t += 1.0
-    t *= 0.5
-    t += s
-    xp.multiply(t, g, out=out)
+        t = backend.xp(x).tanh(_GELU_K * (x + 0.044715 * x * x * x))       # tanh u
+        du = _GELU_K * (1.0 + 3 * 0.044715 * x * x)                          # du/dx
+        return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
 
 
 class Cast(Function):
@@ -468,6 +357,27 @@ class Cast(Function):
 # ---------------------------------------------------------------------------
 
 
+def _check_matmul(a, b) -> None:
+    """Both operands at least 2-D, inner axes equal, batch axes broadcastable."""
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(
+            f"matmul: both operands need at least 2 dimensions, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)} (reshape a vector to (1, n) or (n, 1))"
+        )
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not align: "
+            f"a's last axis ({a.shape[-1]}) must equal b's second-to-last ({b.shape[-2]})"
+        )
+    try:
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"matmul: batch axes {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} "
+            "cannot be broadcast together"
+        ) from None
+
+
 class MatMul(Function):
     r"""Y = A @ B over the last two axes, leading axes broadcast (batched).
 
@@ -478,41 +388,15 @@ class MatMul(Function):
     input needs a gradient, and each input is saved only for the *other*
     input's gradient: with a frozen weight B, A is not kept and
     :math:`A^\top G` is never computed. This is "frozen means not computed".
-
-    For the common layer case, A of shape (..., in) and a 2-D weight B of
-    shape (in, out), every product is one 2-D product over the N flattened
-    leading positions: forward (N, in) @ (in, out), :math:`G B^\top` as
-    (N, out) @ (out, in), :math:`A^\top G` as (in, N) @ (N, out). NumPy would
-    otherwise loop over the leading axes with one small product each.
     """
 
     @staticmethod
     def forward(ctx, a, b):
-        if a.ndim < 2 or b.ndim < 2:
-            raise ValueError(
-                f"matmul: both operands need at least 2 dimensions, got shapes "
-                f"{tuple(a.shape)} and {tuple(b.shape)} (reshape a vector to (1, n) or (n, 1))"
-            )
-        if a.shape[-1] != b.shape[-2]:
-            raise ValueError(
-                f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not align: "
-                f"a's last axis ({a.shape[-1]}) must equal b's second-to-last ({b.shape[-2]})"
-            )
-        try:
-            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        except ValueError:
-            raise ValueError(
-                f"matmul: batch axes {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} "
-                "cannot be broadcast together"
-            ) from None
+        _check_matmul(a, b)
         na, nb = ctx.needs_input_grad
         ctx.shapes = (a.shape, b.shape)
         ctx.save_for_backward(b if na else None, a if nb else None)
-        xp = backend.xp(a)
-        if b.ndim == 2 and a.ndim > 2:
-            y = _matmul(xp, a.reshape(-1, a.shape[-1]), b)        # (N, in) @ (in, out)
-            return y.reshape(a.shape[:-1] + (b.shape[-1],))       # (..., out)
-        return _matmul(xp, a, b)
+        return a @ b
 
     @staticmethod
     def backward(ctx, g):
@@ -523,21 +407,24 @@ class MatMul(Function):
         ga = gb = None
         if na:
             counters["matmul.dA"] += 1
-            if len(sb) == 2 and len(sa) > 2:
-                g2 = g.reshape(-1, sb[1])                          # (N, out)
-                ga = _matmul(xp, g2, b.T).reshape(sa)              # (N, in) -> (..., in)
-            else:
-                ga = unbroadcast(_matmul(xp, g, xp.swapaxes(b, -1, -2)), sa)
+            ga = unbroadcast(g @ xp.swapaxes(b, -1, -2), sa)
         if nb:
             counters["matmul.dB"] += 1
-            if len(sb) == 2:
-                # (N, in)^T @ (N, out) with N = all leading positions flattened
-                a2 = a.reshape(-1, sb[0])                 # (N, in)
-                g2 = g.reshape(-1, sb[1])                 # (N, out)
-                gb = _matmul(xp, a2.T, g2)                # (in, out)
-            else:
-                gb = unbroadcast(_matmul(xp, xp.swapaxes(a, -1, -2), g), sb)
+            gb = unbroadcast(xp.swapaxes(a, -1, -2) @ g, sb)
         return ga, gb
+
+
+def _check_linear(x, w, bias) -> None:
+    """x (..., in), the weight (in, out), the bias (out,) or absent."""
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"linear: x of shape {tuple(x.shape)} and weight of shape {tuple(w.shape)} do "
+            f"not align: the weight must be (in, out) with in = x's last axis"
+        )
+    if bias and tuple(bias[0].shape) != (w.shape[1],):
+        raise ValueError(
+            f"linear: bias must have shape ({w.shape[1]},), got {tuple(bias[0].shape)}"
+        )
 
 
 class Linear(Function):
@@ -551,53 +438,35 @@ class Linear(Function):
         \frac{\partial L}{\partial W} = x^\top G, \qquad
         \frac{\partial L}{\partial b} = \textstyle\sum_n G_n
 
-    It is :class:`MatMul` followed by :class:`Add`, fused: the bias is added
-    in place into the product (no second array of y's size, no broadcast to
-    undo), and every product is one 2-D product over the N rows. As in
-    MatMul, x is kept only if W needs a gradient and W only if x does: a
-    frozen weight's :math:`x^\top G` is never formed.
+    As in MatMul, x is kept only if W needs a gradient and W only if x does:
+    a frozen weight's :math:`x^\top G` is never formed.
     """
 
     @staticmethod
     def forward(ctx, x, w, *bias):
-        if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-            raise ValueError(
-                f"linear: x of shape {tuple(x.shape)} and weight of shape {tuple(w.shape)} do "
-                f"not align: the weight must be (in, out) with in = x's last axis"
-            )
-        if bias and tuple(bias[0].shape) != (w.shape[1],):
-            raise ValueError(
-                f"linear: bias must have shape ({w.shape[1]},), got {tuple(bias[0].shape)}"
-            )
+        _check_linear(x, w, bias)
         nx, nw = ctx.needs_input_grad[:2]
         ctx.shapes = (x.shape, w.shape)
         ctx.save_for_backward(w if nx else None, x if nw else None)
-        y = _matmul(backend.xp(x), x.reshape(-1, w.shape[0]), w)  # (N, in) @ (in, out)
-        if bias:
-            in_blocks(lambda y_: _add_into(y_, bias[0]), y)        # y += b, on every core
-        return y.reshape(x.shape[:-1] + (w.shape[1],))             # (..., out)
+        y = x @ w                                                  # (..., out)
+        return y + bias[0] if bias else y
 
     @staticmethod
     def backward(ctx, g):
         w, x = ctx.saved
         sx, sw = ctx.shapes
         needs = ctx.needs_input_grad
-        xp = backend.xp(g)
         g2 = g.reshape(-1, sw[1])                                  # (N, out)
-        gx = gw = None
+        gx = gw = gb = None
         if needs[0]:
             counters["linear.dx"] += 1
-            gx = _matmul(xp, g2, w.T).reshape(sx)                  # (N, out) @ (out, in)
+            gx = g @ w.T                                           # (..., out) @ (out, in)
         if needs[1]:
             counters["linear.dW"] += 1
-            gw = _matmul(xp, x.reshape(-1, sw[0]).T, g2)           # (in, N) @ (N, out)
-        if len(needs) == 2:
-            return gx, gw
-        gb = None
-        if needs[2]:
-            # sum over the N rows, as the product 1^T G: BLAS runs it on every core
-            gb = _matmul(xp, xp.ones((1, g2.shape[0]), dtype=g.dtype), g2)[0]  # (out,)
-        return gx, gw, gb
+            gw = x.reshape(-1, sw[0]).T @ g2                       # (in, N) @ (N, out)
+        if len(needs) == 3 and needs[2]:
+            gb = g2.sum(axis=0)                                    # (out,)
+        return (gx, gw) if len(needs) == 2 else (gx, gw, gb)
 
 
 # ---------------------------------------------------------------------------
@@ -869,6 +738,15 @@ class LogSoftmax(Function):
         return g - xp.exp(y) * g.sum(axis=ctx.axis, keepdims=True)
 
 
+def _check_layer_norm(x, w, b) -> None:
+    C = x.shape[-1]
+    if w.shape != (C,) or b.shape != (C,):
+        raise ValueError(
+            f"layer_norm: weight and bias must have shape ({C},), "
+            f"got {tuple(w.shape)} and {tuple(b.shape)}"
+        )
+
+
 class LayerNorm(Function):
     r"""Layer normalisation over the last axis, with an analytic backward.
 
@@ -886,85 +764,41 @@ class LayerNorm(Function):
 
     (bars are means over the last axis; the sums run over all leading axes).
     Saves :math:`\hat x` and r only when x or w needs a gradient, w only when x does.
-    Forward and backward each allocate two arrays of x's size (the output and
-    :math:`\hat x`; :math:`\hat g` and one product) and work in place in them.
     """
 
     @staticmethod
     def forward(ctx, x, w, b, eps=1e-5):
-        xp = backend.xp(x)
-        C = x.shape[-1]
-        if w.shape != (C,) or b.shape != (C,):
-            raise ValueError(
-                f"layer_norm: weight and bias must have shape ({C},), "
-                f"got {tuple(w.shape)} and {tuple(b.shape)}"
-            )
-        x2 = x.reshape(-1, C)                                         # (N, C)
-        xhat, y = xp.empty_like(x2), xp.empty_like(x2)                # (N, C) each
-        r = xp.empty((x2.shape[0], 1), dtype=x.dtype)                 # (N, 1)
-        in_blocks(lambda *a: _layer_norm_into(*a, w, b, eps), x2, xhat, r, y)
+        _check_layer_norm(x, w, b)
+        d = x - x.mean(axis=-1, keepdims=True)                               # x - mu
+        r = 1.0 / backend.xp(x).sqrt((d * d).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+        xhat = d * r
         nx, nw, nb = ctx.needs_input_grad
-        ctx.save_for_backward(
-            xhat if (nx or nw) else None, r if nx else None, w if nx else None
-        )
-        return y.reshape(x.shape)
+        ctx.save_for_backward(xhat if (nx or nw) else None, r if nx else None, w if nx else None)
+        return xhat * w + b
 
     @staticmethod
     def backward(ctx, g):
-        xhat, r, w = ctx.saved                                        # (N, C), (N, 1), (C,)
+        xhat, r, w = ctx.saved
         nx, nw, nb = ctx.needs_input_grad
-        xp = backend.xp(g)
-        C = g.shape[-1]
-        g2 = g.reshape(-1, C)                                         # (N, C)
-        gb = g2.sum(axis=0) if nb else None
-        gw = gx = None
-        if nw:
-            gw = xp.einsum("nc,nc->c", xhat, g2)                      # sum over rows of xhat g
+        rows = tuple(range(g.ndim - 1))                                      # every axis but the last
+        gx = gw = gb = None
         if nx:
-            gx = _owned(ctx, g2, g2.shape, g.dtype)                 # in place in g when it may be
-            if gx is None:
-                gx = xp.empty(g2.shape, dtype=g.dtype)
-            in_blocks(lambda *a: _layer_norm_grad_into(*a, w), g2, xhat, r, gx)
-            gx = g if gx is g2 else gx.reshape(g.shape)
+            gh = g * w                                                       # g-hat
+            gx = r * (gh - gh.mean(axis=-1, keepdims=True)
+                      - xhat * (gh * xhat).mean(axis=-1, keepdims=True))
+        if nw:
+            gw = (xhat * g).sum(axis=rows)
+        if nb:
+            gb = g.sum(axis=rows)
         return gx, gw, gb
 
 
-def _layer_norm_into(x, xhat, r, y, w, b, eps):
-    """One block of rows (N, C): xhat, r = (var + eps)^(-1/2) and y = xhat w + b.
-
-    Row dot products go through einsum, which reads its operands once and
-    writes no product array.
-    """
-    xp = backend.xp(x)
-    C = x.shape[-1]
-    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)         # x - mu
-    var = xp.einsum("nc,nc->n", xhat, xhat)[:, None]                 # (N, 1) C var
-    xp.multiply(var, 1.0 / C, out=r)
-    r += eps
-    xp.sqrt(r, out=r)
-    xp.divide(1.0, r, out=r)                                          # r = (var + eps)^(-1/2)
-    xhat *= r
-    xp.multiply(xhat, w, out=y)                                       # y = xhat w + b
-    y += b
-
-
-def _layer_norm_grad_into(g, xhat, r, gx, w):
-    """One block of rows: gx = r (gh - mean(gh) - xhat mean(gh xhat)), with gh = g w."""
-    xp = backend.xp(g)
-    C = g.shape[-1]
-    xp.multiply(g, w, out=gx)                                         # g-hat
-    m2 = xp.einsum("nc,nc->n", gx, xhat)[:, None]                     # (N, 1) C mean(gh xhat)
-    m2 *= 1.0 / C
-    gx -= gx.mean(axis=-1, keepdims=True)
-    prod = xp.multiply(xhat, m2, out=xp.empty_like(gx))
-    gx -= prod
-    gx *= r
-
-
-#: Causal attention's query blocks (see :class:`CausalAttention`): at least
-#: this many rows each, and at most this many blocks.
-_ATTN_BLOCK = 64
-_ATTN_MAX_BLOCKS = 2
+def _check_attention(qkv, n_head) -> None:
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head) != 0:
+        raise ValueError(
+            f"causal_attention: expected qkv shaped (B, T, 3C) with C divisible by "
+            f"n_head={n_head}, got {tuple(qkv.shape)}"
+        )
 
 
 class CausalAttention(Function):
@@ -995,162 +829,51 @@ class CausalAttention(Function):
 
     (the middle line is softmax's Jacobian applied row by row; a masked entry
     has P = 0, so its :math:`\partial S` is 0 and nothing flows to the future).
-
-    The same maths as composing reshape, transpose, matmul, masked_fill,
-    softmax and dropout, without their copies: q, k and v are gathered into
-    one (B, 3, nh, T, hs) array (q pre-scaled by s), the scores are masked and
-    exponentiated in place, and Y is written straight into the (B, T, C)
-    layout. Its gradient comes back as one (B, T, 3C) array, not three
-    zero-padded slices to be summed.
-
-    **The (T, T) matrix is never normalised.** With :math:`E = e^{S - m}` (m the
-    row maximum) and row sums z, P = E / z, so :math:`Y = ((E \odot D) v) / z`
-    scales the (T, hs) result instead; and in backward, with
-    :math:`G' = G / z` (row-wise) and
-    :math:`\partial P' = (G' v^\top) \odot D = \partial P / z`,
-
-    .. math::
-        \partial v = (E \odot D)^\top G', \qquad
-        \partial S = E \odot \big(\partial P' - \tfrac1z \textstyle\sum_j E_{\cdot j}\,
-            \partial P'_{\cdot j}\big)
-
-    (substitute P = E/z and :math:`\partial P = z\,\partial P'` above).
-
-    **Little above the diagonal is computed.** The query rows are cut into
-    blocks; rows r0..r1-1 can only see keys 0..r1-1, so their scores are the
-    product of those rows of q with the first r1 keys, and every later product
-    and pass touches that part only. Key block c0..c1-1 is seen only by
-    queries c0..T-1, so :math:`\partial v` and :math:`\partial k` for it are
-    one product each over those rows. Two halves cover 3/4 of the (T, T)
-    matrix (the quarter left out is all masked). More, smaller blocks would
-    skip more, but BLAS runs 64-row products less efficiently: on the medium
-    model (T = 256) four blocks took 1.05x and two 0.96x the time of one, at
-    T = 128 two took 0.86x; so blocks have at least ``_ATTN_BLOCK`` rows and
-    there are at most ``_ATTN_MAX_BLOCKS``. Saves the q/k/v array, E and 1/z
-    (plus the dropout mask), nothing else.
+    It is the composition of reshape, transpose, matmul, masked_fill, softmax
+    and dropout that ``gpt.py`` runs with a KV cache, as one op. Saves qkv, P
+    and the dropout mask.
     """
 
     @staticmethod
     def forward(ctx, qkv, n_head, keep=None, p=0.0):
+        _check_attention(qkv, n_head)
         xp = backend.xp(qkv)
-        if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head) != 0:
-            raise ValueError(
-                f"causal_attention: expected qkv shaped (B, T, 3C) with C divisible by "
-                f"n_head={n_head}, got {tuple(qkv.shape)}"
-            )
         B, T, C3 = qkv.shape
-        C = C3 // 3
-        nh, hs = n_head, C // n_head
+        nh, hs = n_head, C3 // (3 * n_head)
         s = 1.0 / math.sqrt(hs)
-        if keep is None:
-            p = 0.0  # no mask, no dropout (eval mode): p must not rescale anything
-        # (B, T, 3C) -> (B, T, 3, nh, hs) -> (B, 3, nh, T, hs): one copy, every
-        # head's (T, hs) matrix contiguous (copied in blocks of the batch)
-        h = xp.empty((B, 3, nh, T, hs), dtype=qkv.dtype)
-        in_blocks(_copy_into, h, qkv.reshape(B, T, 3, nh, hs).transpose(0, 2, 3, 1, 4))
-        q, k, v = h[:, 0], h[:, 1], h[:, 2]                         # each (B, nh, T, hs)
-        q *= s  # scaling q is cheaper than scaling the T x T scores
-        att = xp.empty((B, nh, T, T), dtype=qkv.dtype)              # E, below the diagonal
-        rz = xp.empty((B, nh, T, 1), dtype=qkv.dtype)               # 1/z (and 1/(1-p))
-        y = xp.empty((B, T, C), dtype=qkv.dtype)
-        yh = y.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs) view
-        for r0, r1 in _causal_blocks(T):
-            # query rows r0..r1-1 against keys 0..r1-1
-            e = att[:, :, r0:r1, :r1]                               # (B, nh, rows, r1) view
-            _matmul(xp, q[:, :, r0:r1], k[:, :, :r1].transpose(0, 1, 3, 2), out=e)
-            # E = exp(S - m), masked entries 0; rz = 1 / (row sums) / (1 - p)
-            mask = xp.triu(xp.ones((r1 - r0, r1), dtype=bool), k=r0 + 1)   # key j > query i
-            in_blocks(lambda e_, z_, m_=mask: _masked_exp_into(e_, z_, m_, 1.0 / (1.0 - p)),
-                      e, rz[:, :, r0:r1])
-            # Y = ((E * D) v) rz, written into the (B, T, nh, hs) layout of the output
-            ed = e if keep is None else e * keep[:, :, r0:r1, :r1]
-            _matmul(xp, ed, v[:, :, :r1], out=yh[:, :, r0:r1])
-        in_blocks(_mul_into, yh, rz)                                # yh *= rz
-        ctx.meta = (B, T, C, nh, hs, s, 1.0 - p)
-        ctx.save_for_backward(h, att, rz, keep)
-        return y                                                    # (B, T, C)
+        scale = 1.0 if keep is None else 1.0 / (1.0 - p)                     # dropout's 1/(1-p)
+        h = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)             # (3, B, nh, T, hs)
+        q, k, v = h[0], h[1], h[2]                                           # each (B, nh, T, hs)
+        S = (q @ xp.swapaxes(k, -1, -2)) * s                                 # (B, nh, T, T)
+        S = xp.where(causal_mask(T, S), -math.inf, S)                        # no looking ahead
+        P = xp.exp(S - S.max(axis=-1, keepdims=True))
+        P /= P.sum(axis=-1, keepdims=True)                                   # softmax by rows
+        PD = P if keep is None else P * keep * scale                          # P D
+        y = PD @ v                                                           # (B, nh, T, hs)
+        ctx.meta = (s, scale)
+        ctx.save_for_backward(qkv, P, keep)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)                # (B, T, C)
 
     @staticmethod
     def backward(ctx, g):
-        h, att, rz, keep = ctx.saved                                # att holds E
-        B, T, C, nh, hs, s, q_keep = ctx.meta
+        qkv, P, keep = ctx.saved
+        s, scale = ctx.meta
         xp = backend.xp(g)
-        q, k, v = h[:, 0], h[:, 1], h[:, 2]                         # q holds s q
-        # G' = G rz = G / z (and 1/(1-p)), per row: in place in g when it may be
-        # overwritten, else in a new array
-        gv = g.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs) view
-        if _owned(ctx, g, (B, T, C), g.dtype) is not None:
-            gh = gv
-            in_blocks(_mul_into, gh, rz)
-        else:
-            gh = xp.empty((B, nh, T, hs), dtype=g.dtype)
-            in_blocks(lambda o, a, z: xp.multiply(a, z, out=o), gh, gv, rz)
-        # dq, dk, dv are written straight into the (B, T, 3C) layout of qkv
-        gqkv = xp.empty((B, T, 3 * C), dtype=g.dtype)
-        d = gqkv.reshape(B, T, 3, nh, hs).transpose(0, 2, 3, 1, 4)  # (B, 3, nh, T, hs) view
-        dq, dk, dv = d[:, 0], d[:, 1], d[:, 2]
-        dp = xp.empty_like(att)                                     # dP', then dS, below the diagonal
-        blocks = _causal_blocks(T)
-        for r0, r1 in blocks:
-            # dP' = (G' v^T) * D for query rows r0..r1-1, keys 0..r1-1
-            dpb = dp[:, :, r0:r1, :r1]
-            _matmul(xp, gh[:, :, r0:r1], v[:, :, :r1].transpose(0, 1, 3, 2), out=dpb)
-            if keep is not None:
-                dpb *= keep[:, :, r0:r1, :r1]
-            # dS = E * (dP' - rowsum(E * dP') / z), in place   (1/z = rz (1 - p))
-            in_blocks(lambda d_, e_, z_: _softmax_grad_into(d_, e_, z_, q_keep),
-                      dpb, att[:, :, r0:r1, :r1], rz[:, :, r0:r1])
-            # dq = s dS k
-            _matmul(xp, dpb, k[:, :, :r1], out=dq[:, :, r0:r1])
-        dq *= s
-        for c0, c1 in blocks:
-            # keys c0..c1-1 are seen by queries c0..T-1 only
-            e = att[:, :, c0:, c0:c1]                               # (B, nh, T - c0, keys)
-            ed = e if keep is None else e * keep[:, :, c0:, c0:c1]
-            _matmul(xp, ed.transpose(0, 1, 3, 2), gh[:, :, c0:], out=dv[:, :, c0:c1])  # (E*D)^T G'
-            _matmul(xp, dp[:, :, c0:, c0:c1].transpose(0, 1, 3, 2), q[:, :, c0:],
-                    out=dk[:, :, c0:c1])                                                # dS^T (s q)
-        return gqkv
-
-
-def _causal_blocks(T: int) -> list[tuple[int, int]]:
-    """(r0, r1) ranges cutting T query rows into equal blocks of at least _ATTN_BLOCK rows."""
-    n = builtins.max(1, builtins.min(T // _ATTN_BLOCK, _ATTN_MAX_BLOCKS))
-    cuts = [T * i // n for i in range(n + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def _add_into(a, b):
-    a += b
-
-
-def _copy_into(dst, src):
-    backend.xp(dst).copyto(dst, src)
-
-
-def _mul_into(a, b):
-    a *= b
-
-
-def _masked_exp_into(att, rz, mask, c):
-    """Score rows (..., rows, keys): E = exp(S - rowmax) with the mask's entries set to
-    -inf first (so E = 0 there), and rz = c / rowsum(E)."""
-    xp = backend.xp(att)
-    xp.copyto(att, -math.inf, where=mask)                          # (rows, keys) broadcast
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    xp.sum(att, axis=-1, keepdims=True, out=rz)                     # (..., rows, 1)
-    xp.divide(c, rz, out=rz)
-
-
-def _softmax_grad_into(dp, e, rz, q_keep):
-    """Rows (..., rows, keys): dp <- E * (dp - rowsum(E * dp) rz q_keep), i.e. dS."""
-    xp = backend.xp(dp)
-    rowdot = xp.einsum("...ij,...ij->...i", e, dp)[..., None]       # (..., rows, 1)
-    rowdot *= rz
-    rowdot *= q_keep
-    dp -= rowdot
-    dp *= e
+        B, T, C3 = qkv.shape
+        nh = P.shape[1]
+        hs = C3 // (3 * nh)
+        h = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)             # (3, B, nh, T, hs)
+        q, k, v = h[0], h[1], h[2]
+        G = g.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)                    # (B, nh, T, hs)
+        PD = P if keep is None else P * keep * scale                          # P D
+        dv = xp.swapaxes(PD, -1, -2) @ G                                      # (P D)^T G
+        dP = G @ xp.swapaxes(v, -1, -2)                                      # G v^T
+        dP = dP if keep is None else dP * keep * scale                        # (G v^T) D
+        dS = P * (dP - (P * dP).sum(axis=-1, keepdims=True))                  # softmax's Jacobian
+        dq = (dS @ k) * s
+        dk = (xp.swapaxes(dS, -1, -2) @ q) * s
+        d = xp.stack([dq, dk, dv])                                           # (3, B, nh, T, hs)
+        return d.transpose(1, 3, 0, 2, 4).reshape(B, T, C3)                  # (B, T, 3C)
 
 
 class Embedding(Function):
@@ -1170,23 +893,8 @@ class Embedding(Function):
     def backward(ctx, g):
         (idx,) = ctx.saved
         shape, dtype = ctx.meta
-        xp = backend.xp(g)
-        gw = xp.zeros(shape, dtype=dtype)
-        ids, g2 = idx.reshape(-1), g.reshape(-1, shape[1])               # (N,), (N, C)
-        if ids.size == 0:
-            return gw
-        if backend.device_of(g) == "gpu":
-            backend.scatter_add(gw, ids, g2)    # one atomic add per entry on the GPU
-            return gw
-        # On the host, sort the ids so repeats sit together, then sum each run
-        # of equal ids with one reduceat: several times faster than add.at's
-        # entry-by-entry loop, with the same sums (every occurrence counted).
-        order = xp.argsort(ids, kind="stable")
-        sorted_ids = ids[order]                                             # (N,)
-        first = xp.ones(ids.shape, dtype=bool)                              # a run starts here
-        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-        starts = xp.flatnonzero(first)                                      # (runs,)
-        gw[sorted_ids[starts]] = xp.add.reduceat(g2[order], starts, axis=0)  # (runs, C)
+        gw = backend.xp(g).zeros(shape, dtype=dtype)
+        backend.scatter_add(gw, idx.reshape(-1), g.reshape(-1, shape[1]))   # (N,), (N, C)
         return gw
 
 
@@ -1216,29 +924,25 @@ class CrossEntropy(Function):
                 f"{tuple(z.shape)} and {tuple(targets.shape)}"
             )
         valid = targets != ignore_index
-        n_valid = int(valid.sum())
+        n = builtins.max(int(valid.sum()), 1)
         safe_t = xp.where(valid, targets, 0)
         m = z.max(axis=1, keepdims=True)
-        p = z - m
-        xp.exp(p, out=p)
-        s = p.sum(axis=1, keepdims=True)
-        rows = xp.arange(z.shape[0])
+        e = xp.exp(z - m)
+        s = e.sum(axis=1, keepdims=True)
         # loss_n = log(sum e^{z-m}) + m - z_t
-        nll = (xp.log(s[:, 0]) + m[:, 0] - z[rows, safe_t]) * valid
-        p /= s
-        ctx.meta = (builtins.max(n_valid, 1),)
-        ctx.save_for_backward(p, safe_t, valid)
-        return (nll.sum() / builtins.max(n_valid, 1)).astype(z.dtype)
+        nll = (xp.log(s[:, 0]) + m[:, 0] - z[xp.arange(z.shape[0]), safe_t]) * valid
+        ctx.meta = (n,)
+        ctx.save_for_backward(e / s, safe_t, valid)                      # the softmax
+        return (nll.sum() / n).astype(z.dtype)
 
     @staticmethod
     def backward(ctx, g):
         p, t, valid = ctx.saved
         (n,) = ctx.meta
         xp = backend.xp(p)
-        gz = p  # reuse the saved buffer: it is released right after this backward
+        gz = p.copy()                                                     # softmax - onehot(t)
         gz[xp.arange(gz.shape[0]), t] -= 1.0
-        gz *= (valid[:, None] * (g / n)).astype(gz.dtype)
-        return gz
+        return gz * (valid[:, None] * (g / n)).astype(gz.dtype)
 
 
 class Dropout(Function):
@@ -1260,11 +964,6 @@ class Dropout(Function):
     @staticmethod
     def backward(ctx, g):
         (mask,) = ctx.saved
-        mine = _owned(ctx, g, mask.shape, g.dtype)
-        if mine is not None:
-            mine *= mask
-            mine *= ctx.scale
-            return mine
         return g * mask * ctx.scale
 
 

@@ -22,8 +22,6 @@ returning a silently wrong gradient. Writing to ``.data`` directly is
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from .. import backend
@@ -50,7 +48,7 @@ class Tensor:
             data = data.data
         if isinstance(data, np.generic):  # a NumPy scalar keeps its dtype
             data = np.asarray(data)
-        if not _is_array(data):
+        if not backend.is_array(data):
             data = np.asarray(data, dtype=dtype or _default_dtype(data))
         elif dtype is not None and data.dtype != np.dtype(dtype):
             data = data.astype(dtype)
@@ -215,9 +213,9 @@ class Tensor:
                     f"expected {self.shape}"
                 )
         if self._node is None:  # a leaf: its gradient is the seed itself
-            _accumulate_leaf(self, grad, owned=False)
+            _accumulate_leaf(self, grad)
             return
-        run_backward(self._node, grad)
+        backward_walk(self._node, grad)
 
 
 # Observers of backward, for the memory accountant (:mod:`minipeft.memory`).
@@ -225,97 +223,57 @@ class Tensor:
 # "computed" right after a node's backward returned its input gradients
 # (the node's saved arrays are still held), and "passed" once those were
 # handed on (``grads`` maps pending nodes to the gradients waiting for them).
-# The list is empty unless someone is measuring: then the loop pays nothing.
 BACKWARD_HOOKS: list = []
 
 
 def run_backward(root, grad) -> None:
     """Chain rule over the graph below ``root`` (a Context), seeded with ``grad``.
 
-    A tensor used twice (the residual stream: a block's input feeds both the
-    LayerNorm and the residual add) receives two gradients, which are summed.
-    The sum is formed in place whenever one of the two arrays is *fresh*: a
-    new buffer (not a view) that a backward made and handed to this receiver
-    alone. An array that is also held elsewhere (``Add`` hands the same g to
-    both its inputs; the seed is the caller's) is only ever read.
-
-    The same bookkeeping tells a node whether the gradient it receives is
-    its own to overwrite (``ctx.grad_owned``): GELU, LayerNorm, attention and
-    the products with a constant then work in place in g instead of
-    allocating an array of its size, and what they hand on (g itself) stays
-    owned by its one receiver.
+    Nodes are visited consumers first, so a node's gradient is complete
+    (every use of its output summed) when its turn comes. Its backward turns
+    it into one gradient per input; each goes to a leaf's ``.grad`` or is
+    added to what its producer has received so far. Right after its
+    backward a node releases what it saved.
     """
-    from .function import _profile as prof  # the op profiler (bench --profile), or None
-    order = _topological_order(root)
-    grads = {id(root): grad}
-    # ids of arrays already passed to some receiver. The seed counts: it may
-    # be the caller's array, which must never become (and be added into as)
-    # a leaf's .grad buffer.
-    handed = {id(grad)}
-    leaf_owned = set()  # ids of arrays that became a leaf's .grad buffer
-    owned = set()       # keys of entries of `grads` whose array no one else refers to
-    for node in order:
+    watch = root.fn.observer             # the op profiler, when it runs
+    grads = {id(root): grad}             # node id -> dL/d(its output), summed so far
+    for node in _topological_order(root):
         g = grads.pop(id(node), None)
-        node.grad_owned = id(node) in owned
-        owned.discard(id(node))
-        if g is None:  # no gradient reached this node (all its uses were cut)
+        if g is None:                    # no gradient reached this node (all its uses were cut)
             node.release()
             continue
-        if prof is None:
-            in_grads = node.fn.backward(node, g)
-        else:
-            t0, prof.current = time.perf_counter(), node.fn.__name__
-            in_grads = node.fn.backward(node, g)
-            prof.add(node.fn.__name__, "backward", time.perf_counter() - t0)
-            t0 = time.perf_counter()
+        if watch is not None:
+            watch.enter(node.fn.__name__)
+        in_grads = node.fn.backward(node, g)
+        if watch is not None:
+            watch.leave("backward")
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
-        if BACKWARD_HOOKS:
-            for hook in BACKWARD_HOOKS:
-                hook("computed", node, in_grads, grads)
-        node.release()  # its saved activations are no longer needed
-        for i, (parent, ig) in enumerate(zip(node.parents, in_grads)):
+        for hook in BACKWARD_HOOKS:
+            hook("computed", node, in_grads, grads)
+        node.release()                   # its saved activations are no longer needed
+        for parent, ig in zip(node.parents, in_grads):
             if parent is None or ig is None:
                 continue
-            single = not any(o is ig for j, o in enumerate(in_grads) if j != i)
-            fresh = single and (
-                (id(ig) not in handed and getattr(ig, "base", None) is None)
-                or (ig is g and node.grad_owned))      # g, owned here, handed on once
             if isinstance(parent, Tensor):
-                if _accumulate_leaf(parent, ig, owned=fresh):
-                    leaf_owned.add(id(parent.grad))
+                _accumulate_leaf(parent, ig)
+            elif id(parent) in grads:
+                grads[id(parent)] = grads[id(parent)] + ig
             else:
-                key = id(parent)
-                cur = grads.get(key)
-                if cur is None:                    # the first gradient to arrive
-                    if id(ig) in leaf_owned:
-                        ig, fresh = ig.copy(), True
-                    grads[key] = ig
-                    if fresh:
-                        owned.add(key)
-                elif key in owned:                 # add into the buffer held here alone
-                    cur += ig
-                    grads[key] = cur  # (a NumPy scalar is rebound, not changed in place)
-                elif fresh:                        # add into the new one instead
-                    ig += cur
-                    grads[key] = ig
-                    owned.add(key)
-                else:                              # neither is ours alone: a new array
-                    grads[key] = cur + ig
-                    owned.add(key)
-            handed.add(id(ig))
-        if prof is not None:
-            prof.add("(gradient accumulation)", "backward", time.perf_counter() - t0)
-        if BACKWARD_HOOKS:
-            for hook in BACKWARD_HOOKS:
-                hook("passed", node, in_grads, grads)
+                grads[id(parent)] = ig
+        for hook in BACKWARD_HOOKS:
+            hook("passed", node, in_grads, grads)
 
 
-def _accumulate_leaf(leaf: Tensor, g, owned: bool) -> bool:
-    """Add ``g`` into ``leaf.grad``; returns True when a new buffer was adopted.
+#: The walk :meth:`Tensor.backward` runs: :func:`run_backward`, or on the fast
+#: path its own (``fused.run_backward``), which also tells each node whether
+#: it may overwrite the gradient it receives.
+backward_walk = run_backward
 
-    The first gradient is adopted without a copy when nothing else refers to
-    it (``owned``); later ones are added in place into that buffer.
+
+def _accumulate_leaf(leaf: Tensor, g) -> None:
+    """Add ``g`` into ``leaf.grad`` (a copy of the first, so the buffer is the leaf's own).
+
     A ``grad_mask`` (masked means computed, then masked) zeroes the entries
     the method does not train.
     """
@@ -323,17 +281,14 @@ def _accumulate_leaf(leaf: Tensor, g, owned: bool) -> bool:
         raise RuntimeError(
             f"internal error: gradient of shape {tuple(g.shape)} for a leaf of shape {leaf.shape}"
         )
-    if isinstance(g, np.generic):  # NumPy's 0-d ufunc results are scalars: keep arrays
-        g = np.asarray(g)
-        owned = True
     if leaf.grad_mask is not None:
         g = g * leaf.grad_mask
-        owned = True
+    if isinstance(g, np.generic):        # NumPy's 0-d ufunc results are scalars: keep arrays
+        g = np.asarray(g)
     if leaf.grad is None:
-        leaf.grad = g if owned else g.copy()
-        return True
-    leaf.grad += g
-    return False
+        leaf.grad = g.copy()
+    else:
+        leaf.grad += g
 
 
 def _topological_order(root) -> list:
@@ -364,14 +319,6 @@ def _topological_order(root) -> list:
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def _is_array(x) -> bool:
-    try:
-        backend.xp(x)
-    except TypeError:
-        return False
-    return not np.isscalar(x)
 
 
 def _default_dtype(data):

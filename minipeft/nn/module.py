@@ -73,10 +73,6 @@ class Module:
         object.__setattr__(self, name, array)
         self._buffers[name] = array
 
-    def _set_buffer(self, name, array):
-        self._buffers[name] = array
-        object.__setattr__(self, name, array)
-
     # -- walking the tree --------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
         """Every module in the tree with its dotted name ('' for the root), depth first."""
@@ -182,7 +178,7 @@ class Module:
         mod = self.get_submodule(mod_name)
         old = mod._buffers[bname]
         dev = backend.device_of(old)
-        mod._set_buffer(bname, backend.to_device(backend.asnumpy(value).astype(old.dtype), dev))
+        mod.register_buffer(bname, backend.to_device(backend.asnumpy(value).astype(old.dtype), dev))
 
     # -- modes and moves ---------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
@@ -209,7 +205,7 @@ class Module:
                     b = b.astype(dtype)
                 if device is not None:
                     b = backend.to_device(b, device)
-                m._set_buffer(bname, b)
+                m.register_buffer(bname, b)
         return self
 
     @property
