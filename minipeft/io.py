@@ -260,25 +260,43 @@ COPY_KEY = "copy:"
 LEFTOVER_SUFFIXES = (".tmp", ".new", ".old")
 
 
+#: folder -> (descriptor, (st_dev, st_ino)) of the folder locks this process holds
+_HELD: dict[str, tuple[int, tuple[int, int]]] = {}
+
+
 @contextlib.contextmanager
 def folder_lock(folder) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself: no lock file).
 
     Two saves into one folder take turns, so neither removes the other's
     temporary files as leftovers. Readers take no lock: they never write.
-    Where ``flock`` is missing (Windows) saves are not serialised.
+    A lock that this process failed to release (a Ctrl-C in a notebook
+    between taking and closing it) is dropped when the folder is locked
+    again, instead of waiting for it forever. Where ``flock`` is missing
+    (Windows) saves are not serialised.
     """
     try:
         import fcntl
     except ImportError:                     # pragma: no cover - Windows
         yield
         return
+    key = os.path.realpath(folder)
+    stale = _HELD.pop(key, None)
+    if stale is not None:
+        # close the leaked descriptor only if it still is this folder (numbers are reused)
+        with contextlib.suppress(OSError):
+            st = os.fstat(stale[0])
+            if (st.st_dev, st.st_ino) == stale[1]:
+                os.close(stale[0])
     fd = os.open(folder, os.O_RDONLY)
     try:
+        st = os.fstat(fd)
+        _HELD[key] = (fd, (st.st_dev, st.st_ino))
         fcntl.flock(fd, fcntl.LOCK_EX)      # released when the descriptor closes
         yield
     finally:
         os.close(fd)
+        _HELD.pop(key, None)
 
 
 def remove_leftovers(folder, names) -> list[str]:
@@ -329,9 +347,11 @@ def commit_files(directory, name: str, tensors: Mapping, build, drop=()) -> Path
         raise _folder_error(folder, exc, name) from exc
     target = folder / name
     with folder_lock(folder):
+        # what is being replaced: a file that cannot be read stops the save (the caller
+        # stamps the copies with it); one that is not safetensors is replaced as nothing
         previous = {}
         if target.is_file():
-            with contextlib.suppress(ValueError, OSError):
+            with contextlib.suppress(ValueError):
                 previous = load_tensors(target)[1]
         metadata, copies = build(previous)
         remove_leftovers(folder, [name, *copies, *drop])
