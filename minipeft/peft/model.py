@@ -9,6 +9,8 @@ fine-tuning), injects the method (see :mod:`.tuner`) and returns a
 * reports it: ``print_trainable_parameters()`` prints peft's line;
 * saves and loads only the adapter (``save_pretrained`` / ``from_pretrained``
   / ``load_adapter``), with a fingerprint of the base that refuses a wrong base;
+  a save is one commit (:func:`minipeft.io.commit_files`), and a refused load
+  changes nothing (it is tried on a copy of the model first);
 * holds several named adapters over one shared base: ``add_adapter``,
   ``set_adapter``, ``disable_adapter()``; the base is never modified by switching;
 * merges where the maths allows (``merge_adapter``, ``merge_and_unload``).
@@ -557,6 +559,10 @@ def _read_object(path: str, what: str) -> dict:
     return obj
 
 
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted names of the fields whose values differ between two JSON objects."""
     out = []
@@ -595,7 +601,8 @@ def _resolve_copy(directory: str, name: str, saved: dict | None, digest: str,
     own, before = on_disk.get(WEIGHTS_DIGEST), on_disk.get(REPLACES_DIGEST)
     if own == digest:
         # this file was saved with these weights; a difference is the user's edit
-        if saved is not None and on_disk != saved:
+        # (compared as canonical text: a NaN score equals itself there)
+        if saved is not None and _canonical(on_disk) != _canonical(saved):
             warnings.warn(
                 f"{path} differs from the copy saved inside {ADAPTER_WEIGHTS} in "
                 f"{', '.join(_differences(saved, on_disk))}: it was edited after saving, and the "
@@ -636,12 +643,14 @@ def read_adapter_files(directory) -> AdapterFiles:
     * used, when it was saved with these weights. If it differs from the
       copy inside the weights file, it was edited by hand: the edit is what
       loads (so a user may change a knob, as in Hugging Face peft), a
-      warning names the fields, and the edit is validated like any config
-      (:func:`config_from_dict`, then against the weights and the base), so
-      a NaN or a rank that does not fit the weights is refused, naming the
-      field. Why not refuse every edit: the readable file is the one people
-      are told to read and change, and it is checked as strictly as the
-      saved one;
+      warning names the fields, and the edit goes through every check a
+      saved config does (:func:`config_from_dict`, then against the weights
+      and the base, see :meth:`PeftModel.from_pretrained`), so a value the
+      config refuses, or a rank that does not fit the weights, is refused.
+      Why not refuse every edit: the readable file is the one people are
+      told to read and change, and it is checked as strictly as the saved
+      one; why not ignore it: an edit that silently did nothing would be a
+      surprise of its own;
     * ignored, with a warning, in favour of the copy inside the weights file
       when it belongs to a save that stopped around the commit: written for
       weights that never replaced these, or left from the adapter these
