@@ -239,9 +239,12 @@ print("ready", flush=True)
 for _ in sys.stdin:
     pid = os.fork()
     if pid == 0:
+        # before each save, which adapter it writes (one small write: whole or not at all)
+        progress = os.open({progress!r}, os.O_WRONLY | os.O_CREAT)
         n = 0
         while True:
             pm, record = pairs[n % 2]
+            os.pwrite(progress, b"AB"[n % 2:n % 2 + 1], 0)
             pm.save_pretrained({folder!r}, run_record=record)
             n += 1
     print(pid, flush=True)
@@ -254,14 +257,16 @@ def test_a_save_killed_at_random_moments_loads_as_one_adapter(pair, tmp_path):
     folder = tmp_path / "adapter"
     shutil.copytree(pair["root"] / "a", folder)
     refs = [str(pair["root"] / n) for n in "ab"]
-    code = SAVER.format(tests=os.path.dirname(__file__), refs=refs, folder=str(folder))
+    progress = tmp_path / "saving"
+    code = SAVER.format(tests=os.path.dirname(__file__), refs=refs, folder=str(folder),
+                        progress=str(progress))
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     # one process imports once and forks each saver, so that a kill costs milliseconds
     zygote = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     rng = random.Random(0)
     wanted = {"old": _unstamped(pair["old"]), "new": _unstamped(pair["new"])}
-    seen = {"A": 0, "B": 0, "stale copy ignored": 0, "leftovers": 0}
+    seen = {"A": 0, "B": 0, "old": 0, "new": 0, "stale copy ignored": 0, "leftovers": 0}
     kills, start, pid = 0, time.monotonic(), None
     try:
         assert zygote.stdout.readline().strip() == "ready"
@@ -279,6 +284,8 @@ def test_a_save_killed_at_random_moments_loads_as_one_adapter(pair, tmp_path):
             assert got in wanted.values(), f"kill {kills}: a mix of two adapters"
             name = "A" if got == wanted["old"] else "B"
             seen[name] += 1
+            # new: the save the kill stopped had committed (or it had just finished)
+            seen["new" if progress.read_text() == name else "old"] += 1
             seen["stale copy ignored"] += warned
             seen["leftovers"] += any(n.startswith(".") for n in os.listdir(folder))
             # the run record is the one saved with these weights
@@ -292,7 +299,7 @@ def test_a_save_killed_at_random_moments_loads_as_one_adapter(pair, tmp_path):
         zygote.wait()
     print(f"\n{kills} kills: {seen}")
     assert kills >= 50
-    assert seen["A"] and seen["B"]
+    assert seen["A"] and seen["B"] and seen["old"] and seen["new"]
 
 
 # ---------------------------------------------------------------------------
