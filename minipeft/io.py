@@ -254,7 +254,7 @@ def load_into(model: Module, path, strict: bool = True) -> dict[str, str]:
 # A folder that changes in one step: one committed file, readable copies beside it
 # ---------------------------------------------------------------------------
 
-#: the metadata key, in a committed file, that holds the exact text of a copy beside it
+#: the metadata key prefix, in a committed file, of each copy beside it (compact JSON)
 COPY_KEY = "copy:"
 #: what a stopped write leaves: ``.NAME.<random>.tmp`` (and ``.new`` / ``.old`` from before)
 LEFTOVER_SUFFIXES = (".tmp", ".new", ".old")
@@ -272,8 +272,9 @@ def folder_lock(folder) -> Iterator[None]:
     temporary files as leftovers. Readers take no lock: they never write.
     A lock that this process failed to release (a Ctrl-C in a notebook
     between taking and closing it) is dropped when the folder is locked
-    again, instead of waiting for it forever. Where ``flock`` is missing
-    (Windows) saves are not serialised.
+    again, instead of waiting for it forever; so saves from two threads of
+    one process are not serialised. Where ``flock`` is missing (Windows)
+    saves are not serialised.
     """
     try:
         import fcntl

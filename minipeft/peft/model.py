@@ -407,8 +407,11 @@ class PeftModel(Module):
             _load_checked(pm, adapter_name, files)
             pm.set_adapter(adapter_name)
 
-        # the dry run: every check the method makes runs on a copy
-        put(copy.deepcopy(self))
+        # the dry run: every check the method makes runs on a copy (its warnings are
+        # given once, by the real run)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            put(copy.deepcopy(self))
         previous = self.active_adapter
         try:
             put(self)
