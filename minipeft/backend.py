@@ -221,6 +221,10 @@ class StrictArray(numpy.lib.mixins.NDArrayOperatorsMixin):
     def __reduce__(self):
         raise StrictError("Pickling a device array is refused; use backend.asnumpy first.")
 
+    def __deepcopy__(self, memo):
+        # a copy on the same device, as copy.deepcopy of a cupy.ndarray gives
+        return StrictArray(self._a.copy())
+
 
 class _StrictModule(types.ModuleType):
     """The ``xp`` of strict arrays: numpy's namespace with CuPy's manners.

@@ -12,7 +12,9 @@ One function does the whole job the ``minipeft finetune`` command runs:
 The saved folder holds ``adapter_config.json`` and
 ``adapter_model.safetensors`` (see :meth:`PeftModel.save_pretrained`) plus
 ``finetune.json``: the task, the settings (with the learning rate the run
-really used) and the scores.
+really used) and the scores. The record is saved with the adapter in one
+commit (it travels inside the weights file), so a stopped save never leaves
+one run's record beside another run's weights.
 
 Bad settings are refused before anything is loaded or trained, with a
 message that names the setting and what it may be.
@@ -20,8 +22,8 @@ message that names the setting and what it may be.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,10 +36,11 @@ from .evaluation import evaluate
 from .optim import AdamW, LRSchedule
 from .peft import PeftModel, get_peft_model
 from .peft.config import PeftConfig
+from .peft.model import RUN_RECORD, read_adapter_files
 from .train import train
 from .validate import Float, Int, check_fields, knob
 
-FINETUNE_INFO = "finetune.json"
+FINETUNE_INFO = RUN_RECORD      # "finetune.json"
 
 
 @dataclass
@@ -146,8 +149,36 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
         # "" would mean the current folder, and replace any adapter saved there
         raise ValueError("out is empty: name the folder to save the adapter in, or pass None "
                          "not to save it")
-    if out is not None:
-        io.ensure_writable_dir(out)         # a folder that cannot be written fails before training
+    # a folder that cannot be written fails before training; one this run creates is
+    # removed again if the run stops before saving into it
+    made = _make_folder(out) if out is not None else []
+    try:
+        return _finetune(config, task, st, device, out, progress, zero_shot, base)
+    except BaseException:
+        for folder in reversed(made):       # the deepest first; only what is still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+def _make_folder(out) -> list[str]:
+    """Create ``out`` (checked writable) and return the folders this made, outermost first."""
+    made, folder = [], os.path.abspath(os.fspath(out))
+    while not os.path.exists(folder):
+        made.insert(0, folder)
+        folder = os.path.dirname(folder)
+    try:
+        io.ensure_writable_dir(out)
+    except BaseException:
+        for f in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(f)
+        raise
+    return made
+
+
+def _finetune(config, task, st, device, out, progress, zero_shot, base) -> FinetuneResult:
+    """The run itself (see :func:`finetune`); ``st`` is validated and its rate resolved."""
     model = base if base is not None else load_base(device=device)
     n_all = len(task.examples("test"))
     n_test = n_all if st.eval_limit is None else min(st.eval_limit, n_all)
@@ -178,27 +209,21 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
         final_loss=history.last_loss, settings=dataclasses.asdict(st), out=out,
     )
     # 4. save the adapter (the whole model for full fine-tuning) and what the run was
+    # (the run record travels inside the adapter's weights file: one commit for both)
     if out is not None:
-        pm.save_pretrained(out)
-        io.atomic_write_json(os.path.join(out, FINETUNE_INFO),
-                             {**dataclasses.asdict(result), "config": config.to_dict()})
+        pm.save_pretrained(out, run_record={**dataclasses.asdict(result),
+                                            "config": config.to_dict()})
     result.model, result.history = pm, history
     return result
 
 
 def load_finetuned(directory: str, device: str = "cpu"):
-    """(model with the adapter applied, finetune.json contents) from a saved folder."""
-    model = PeftModel.from_pretrained(load_base(device=device), directory)
-    info_path = os.path.join(directory, FINETUNE_INFO)
-    meta = {}
-    if os.path.isfile(info_path):
-        with open(info_path, encoding="utf-8") as f:
-            try:
-                meta = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{info_path} is not valid JSON ({exc}): the adapter beside it "
-                                 f"is intact; remove or repair {FINETUNE_INFO} to load it") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{info_path} should hold a JSON object (written by finetune), "
-                             f"got {type(meta).__name__}")
-    return model, meta
+    """(model with the adapter applied, finetune.json contents) from a saved folder.
+
+    One read gives both, so the record always belongs to the weights loaded
+    (see :func:`minipeft.peft.model.read_adapter_files`); an adapter saved
+    without a record (``minipeft import``) gives ``{}``.
+    """
+    files = read_adapter_files(directory)
+    model = PeftModel.from_pretrained(load_base(device=device), files)
+    return model, dict(files.run_record or {})

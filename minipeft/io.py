@@ -17,7 +17,10 @@ one, never a half-written mix, and never destroys an existing good
 checkpoint. The temporary file is removed when the write fails.
 
 The generic helpers (:func:`atomic_write_bytes`, :func:`atomic_write_json`,
-:func:`save_tensors`) are what the PEFT adapter files reuse.
+:func:`save_tensors`) are what the PEFT adapter files reuse, and
+:func:`commit_files` makes a whole adapter folder change in one step: one
+file holds everything (the weights, and the JSON files beside them in its
+metadata), so its single rename is the commit.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from . import backend
@@ -38,8 +41,9 @@ from .autograd.tensor import Tensor
 from .nn.module import Module
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_json", "ensure_writable_dir", "fsync_folder",
-    "load_checkpoint", "load_into", "load_tensors", "save_checkpoint", "save_tensors",
+    "atomic_write_bytes", "atomic_write_json", "commit_files", "committed_copies",
+    "ensure_writable_dir", "folder_lock", "fsync_folder", "load_checkpoint", "load_into",
+    "load_tensors", "remove_leftovers", "save_checkpoint", "save_tensors",
 ]
 
 
@@ -198,19 +202,25 @@ def save_checkpoint(model_or_state_dict, path, metadata: dict[str, str] | None =
 def load_tensors(path, what: str = "file") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors file: ``(name -> NumPy array on the host, metadata)``.
 
-    Raises FileNotFoundError for a missing file and ValueError for a file
-    that is not safetensors (a truncated one included); ``what`` names the
-    file in those messages ("checkpoint", "adapter weights").
+    The file is read once, and arrays and metadata are parsed from those
+    bytes, so both come from the same file even while another process
+    replaces it (a save's ``os.replace``). Raises FileNotFoundError for a
+    missing file and ValueError for a file that is not safetensors (a
+    truncated one included); ``what`` names the file in those messages
+    ("checkpoint", "adapter weights").
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: '{path}'")
     if path.is_dir():
         raise IsADirectoryError(f"{what} path is a folder, expected a file: '{path}'")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        tensors = safetensors.numpy.load_file(str(path))
-        with safetensors.safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
+        tensors = safetensors.numpy.load(data)
+        # the header: an 8-byte little-endian length, then that many bytes of JSON
+        (n,) = struct.unpack("<Q", data[:8])
+        metadata = json.loads(data[8:8 + n]).get("__metadata__") or {}
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise ValueError(
             f"'{path}' is not a readable safetensors file ({exc}); "
@@ -238,3 +248,137 @@ def load_into(model: Module, path, strict: bool = True) -> dict[str, str]:
         raise ValueError(f"checkpoint '{path}' does not fit {type(model).__name__}: {exc}") \
             from exc
     return metadata
+
+
+# ---------------------------------------------------------------------------
+# A folder that changes in one step: one committed file, readable copies beside it
+# ---------------------------------------------------------------------------
+
+#: the metadata key prefix, in a committed file, of each copy beside it (compact JSON)
+COPY_KEY = "copy:"
+#: what a stopped write leaves: ``.NAME.<random>.tmp`` (and ``.new`` / ``.old`` from before)
+LEFTOVER_SUFFIXES = (".tmp", ".new", ".old")
+
+
+#: folder -> (descriptor, (st_dev, st_ino)) of the folder locks this process holds
+_HELD: dict[str, tuple[int, tuple[int, int]]] = {}
+
+
+@contextlib.contextmanager
+def folder_lock(folder) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself: no lock file).
+
+    Two saves into one folder take turns, so neither removes the other's
+    temporary files as leftovers. Readers take no lock: they never write.
+    A lock that this process failed to release (a Ctrl-C in a notebook
+    between taking and closing it) is dropped when the folder is locked
+    again, instead of waiting for it forever; so saves from two threads of
+    one process are not serialised. Where ``flock`` is missing (Windows)
+    saves are not serialised.
+    """
+    try:
+        import fcntl
+    except ImportError:                     # pragma: no cover - Windows
+        yield
+        return
+    key = os.path.realpath(folder)
+    stale = _HELD.pop(key, None)
+    if stale is not None:
+        # close the leaked descriptor only if it still is this folder (numbers are reused)
+        with contextlib.suppress(OSError):
+            st = os.fstat(stale[0])
+            if (st.st_dev, st.st_ino) == stale[1]:
+                os.close(stale[0])
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        _HELD[key] = (fd, (st.st_dev, st.st_ino))
+        fcntl.flock(fd, fcntl.LOCK_EX)      # released when the descriptor closes
+        yield
+    finally:
+        os.close(fd)
+        _HELD.pop(key, None)
+
+
+def remove_leftovers(folder, names) -> list[str]:
+    """Remove the temporary files that stopped writes of ``names`` left in ``folder``.
+
+    Only hidden names of the form ``.NAME.<anything>.tmp`` (and ``.new`` /
+    ``.old``, the helper files of an older save) are touched. Call it only
+    under :func:`folder_lock`: a concurrent save's staged file looks the same.
+    Returns the names removed.
+    """
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        if any(entry.startswith(f".{n}.") for n in names) and entry.endswith(LEFTOVER_SUFFIXES):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, entry))
+                removed.append(entry)
+    return removed
+
+
+def commit_files(directory, name: str, tensors: Mapping, build, drop=()) -> Path:
+    r"""Save ``tensors`` as ``directory/name`` with readable JSON copies beside it, as one commit.
+
+    ``build(previous)`` is called with the metadata of the file being
+    replaced (``{}`` if none) and returns ``(metadata, copies)``: the
+    ``str -> str`` metadata of the new file and ``{file name: JSON object}``,
+    the copies to write beside it. Each copy also travels in the new file's
+    metadata (as compact JSON, under ``copy:<file name>``), so the one file
+    ``name`` holds everything and its ``os.replace`` is **the commit**:
+    before it the folder is the previous save, after it the new one.
+
+    The steps, under :func:`folder_lock`:
+
+    1. remove what stopped saves left (:func:`remove_leftovers`);
+    2. write each copy (atomically: temporary file, fsync, rename);
+    3. write ``name`` the same way: the commit;
+    4. remove the files named in ``drop`` that this save has no copy of.
+
+    A save stopped after 2 leaves new copies beside the previous file, one
+    stopped after 3 may leave a copy the new save dropped: the caller puts in
+    each copy what tells a reader which file it belongs to (see
+    :func:`minipeft.peft.model.read_adapter`), and the reader takes the
+    committed text instead of a copy that belongs to another save.
+    """
+    folder = Path(os.fspath(directory))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _folder_error(folder, exc, name) from exc
+    target = folder / name
+    with folder_lock(folder):
+        # what is being replaced: a file that cannot be read stops the save (the caller
+        # stamps the copies with it); one that is not safetensors is replaced as nothing
+        previous = {}
+        if target.is_file():
+            with contextlib.suppress(ValueError):
+                previous = load_tensors(target)[1]
+        metadata, copies = build(previous)
+        remove_leftovers(folder, [name, *copies, *drop])
+        for n, obj in copies.items():
+            atomic_write_json(folder / n, obj)
+        # the metadata keeps each copy compact (the header stays small); a reader compares
+        # the parsed objects, not the text
+        packed = {COPY_KEY + n: json.dumps(obj, sort_keys=True, separators=(",", ":"))
+                  for n, obj in copies.items()}
+        save_tensors(tensors, target, {**metadata, **packed})
+        for n in drop:
+            if n not in copies:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder / n)
+        fsync_folder(folder)
+    return target
+
+
+def committed_copies(metadata: Mapping[str, str]) -> dict[str, object]:
+    """``{file name: JSON object}`` of the copies a committed file's metadata holds."""
+    out = {}
+    for key, text in metadata.items():
+        if key.startswith(COPY_KEY):
+            try:
+                out[key[len(COPY_KEY):]] = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the metadata entry {key!r} is not valid JSON ({exc}): the "
+                                 "file was changed after it was saved; save it again") from None
+    return out

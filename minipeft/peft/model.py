@@ -9,6 +9,8 @@ fine-tuning), injects the method (see :mod:`.tuner`) and returns a
 * reports it: ``print_trainable_parameters()`` prints peft's line;
 * saves and loads only the adapter (``save_pretrained`` / ``from_pretrained``
   / ``load_adapter``), with a fingerprint of the base that refuses a wrong base;
+  a save is one commit (:func:`minipeft.io.commit_files`), and a refused load
+  changes nothing (it is tried on a copy of the model first);
 * holds several named adapters over one shared base: ``add_adapter``,
   ``set_adapter``, ``disable_adapter()``; the base is never modified by switching;
 * merges where the maths allows (``merge_adapter``, ``merge_and_unload``).
@@ -17,16 +19,14 @@ fine-tuning), injects the method (see :mod:`.tuner`) and returns a
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
-import secrets
-import shutil
 import warnings
+from typing import NamedTuple
 
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from .. import backend
 from ..nn.module import Module
@@ -38,8 +38,13 @@ METHOD_CLASSES: dict[str, type[Method]] = {}
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: the key, in both files of an adapter, of the digest of its weights (they must agree)
+#: a fine-tuning run's record (task, settings, scores), saved with the adapter when given
+RUN_RECORD = "finetune.json"
+#: the key, in every file of an adapter, of the digest of the weights it was saved with
 WEIGHTS_DIGEST = "weights_sha256"
+#: the key, in the JSON files, of the digest of the weights that save replaced (or null)
+REPLACES_DIGEST = "replaces_sha256"
+FORMAT = "minipeft-adapter-1"
 
 
 def register_method(peft_type: str):
@@ -327,86 +332,161 @@ class PeftModel(Module):
         return self.active_method
 
     # -- files -----------------------------------------------------------------
-    def save_pretrained(self, directory: str, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (only the adapter).
+    def save_pretrained(self, directory: str, adapter_name: str | None = None, *,
+                        run_record: dict | None = None) -> None:
+        """Write the adapter (only the adapter) into ``directory``, as one commit.
 
-        The two files are one adapter, so they change together. Both are
-        written in full, under temporary names in ``directory``, before
-        either replaces anything; then the weights replace the old weights
-        and the config the old config. If a step fails before the new config
-        is in place, the old weights are put back (or the new ones removed,
-        where there were none): the folder holds the previous adapter exactly
-        as it was, and the error is raised. Only a crash between the two
-        renames (a killed process, a power cut) can leave new weights beside
-        an old config; both files record the same digest of the weights
-        (``weights_sha256``), so loading refuses such a pair and says how to
-        recover either adapter (see :func:`read_adapter`).
+        The folder gets ``adapter_model.safetensors`` (the arrays),
+        ``adapter_config.json`` (the config, the base's fingerprint, the
+        trainable count) and, given ``run_record`` (a JSON object: what the
+        run was, e.g. finetune's task and scores), ``finetune.json``. The
+        weights file is the commit point: it holds the config and the run
+        record too, in its metadata, and replacing it is one ``os.replace``
+        (:func:`minipeft.io.commit_files`). So a save stopped at any moment
+        (an exception, Ctrl-C, a killed process) leaves a folder that loads as
+        exactly the previous adapter or exactly this one, and the next save
+        removes what it left. A ``finetune.json`` from an earlier save that
+        this one has no record for is removed.
         """
         from .. import io
 
+        if not isinstance(directory, str | os.PathLike) or not os.fspath(directory).strip():
+            # "" would mean the current folder, and replace any adapter saved there
+            raise ValueError(f"save_pretrained needs a folder to save the adapter in, got "
+                             f"{directory!r}; name one, e.g. save_pretrained('out/lora')")
         name = adapter_name or self.active_adapter
         if name not in self.adapters:
             raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(self.adapters)}")
+        if run_record is not None:
+            if not isinstance(run_record, dict):
+                raise TypeError(f"run_record must be a dict (a JSON object), got "
+                                f"{type(run_record).__name__}")
+            json.dumps(run_record)          # refuse what JSON cannot hold, before writing
         method = self.adapters[name]
-        io.ensure_writable_dir(directory)
         state = {k: np.ascontiguousarray(backend.asnumpy(v))
                  for k, v in method.state_dict(self).items()}
         digest = _digest(state.items())
-        meta = {
+        config = {
             "config": self.peft_config[name].to_dict(),
             "base_fingerprint": self.base_fingerprint,
             "base_config": _config_dict(self.base_model),
             "trainable_count": int(method.trainable_count(self)),
-            "format": "minipeft-adapter-1",
-            WEIGHTS_DIGEST: digest,
+            "format": FORMAT,
         }
-        weights = safetensors.numpy.save(
-            state, metadata={"format": "minipeft-adapter-1", WEIGHTS_DIGEST: digest})
-        config = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        _replace_pair(directory, weights, config)
 
-    def load_adapter(self, directory: str, adapter_name: str = "default",
+        def build(previous):
+            # each file names the weights it is saved with and the weights it replaces:
+            # what tells a reader, after a stopped save, which copy belongs to which file
+            stamp = {WEIGHTS_DIGEST: digest, REPLACES_DIGEST: previous.get(WEIGHTS_DIGEST)}
+            copies = {ADAPTER_CONFIG: {**config, **stamp}}
+            if run_record is not None:
+                copies[RUN_RECORD] = {**run_record, **stamp}
+            return {"format": FORMAT, WEIGHTS_DIGEST: digest}, copies
+
+        io.commit_files(directory, ADAPTER_WEIGHTS, state, build, drop=(RUN_RECORD,))
+
+    def load_adapter(self, directory, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:
-        """Add the adapter saved in ``directory`` under ``adapter_name`` and activate it."""
-        from .. import io
+        """Add the adapter saved in ``directory`` under ``adapter_name`` and activate it.
 
-        meta, state = read_adapter(directory)
-        if meta["base_fingerprint"] != self.base_fingerprint:
-            raise ValueError(
-                f"the adapter in {directory} was trained on another base model "
-                f"(fingerprint {meta['base_fingerprint'][:12]}..., this base "
-                f"{self.base_fingerprint[:12]}...): load it onto the base it was made for"
-            )
-        config = config_from_dict(meta["config"])
-        self.add_adapter(adapter_name, config, **_loading_kwargs(config, state))
-        self.adapters[adapter_name].load_state_dict(self, state)
-        self.set_adapter(adapter_name)
+        Everything is checked before this model changes: the base's
+        fingerprint, then the config against the weights (names, shapes,
+        rank, counts), by loading them into a copy of this model. A refused
+        load leaves this model exactly as it was. ``directory`` may also be
+        what :func:`read_adapter_files` read.
+        """
+        files = directory if isinstance(directory, AdapterFiles) else read_adapter_files(directory)
+        _check_base(files, self.base_fingerprint)
+        if adapter_name in self.adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        config = config_from_dict(files.meta["config"])
+        kwargs = _loading_kwargs(config, files.state)
+
+        def put(pm):
+            pm.add_adapter(adapter_name, config, **kwargs)
+            _load_checked(pm, adapter_name, files)
+            pm.set_adapter(adapter_name)
+
+        # the dry run: every check the method makes runs on a copy (its warnings are
+        # given once, by the real run)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            put(copy.deepcopy(self))
+        previous = self.active_adapter
+        try:
+            put(self)
+        except BaseException:
+            # not expected once the copy took it (a MemoryError, Ctrl-C): undo
+            with contextlib.suppress(Exception):
+                if adapter_name in self.adapters:
+                    self.delete_adapter(adapter_name)
+                if previous is not None:
+                    self.set_adapter(previous)
+            raise
         if not is_trainable:
             self.adapters[adapter_name].deactivate_training(self)
-        del io
 
     @classmethod
-    def from_pretrained(cls, model: Module, directory: str, adapter_name: str = "default",
+    def from_pretrained(cls, model: Module, directory, adapter_name: str = "default",
                         is_trainable: bool = False) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``directory``.
 
-        Refuses (before touching ``model``) an adapter made for another base.
+        Refuses, before touching ``model``, an adapter made for another base,
+        and a config that does not fit its weights: the adapter is first
+        built and loaded on a copy of ``model``, where every check of the
+        method runs (names, shapes, rank, counts, mask indices); only then is
+        ``model`` wrapped. ``directory`` may also be what
+        :func:`read_adapter_files` read (one read for the adapter and its run
+        record).
         """
-        meta, state = read_adapter(directory)
-        fp = fingerprint(model)
-        if meta["base_fingerprint"] != fp:
-            raise ValueError(
-                f"the adapter in {directory} was trained on another base model "
-                f"(fingerprint {meta['base_fingerprint'][:12]}..., this base {fp[:12]}...): "
-                "load it onto the base it was made for"
-            )
-        config = config_from_dict(meta["config"])
-        pm = cls(model, config, adapter_name, **_loading_kwargs(config, state))
-        pm.adapters[adapter_name].load_state_dict(pm, state)
-        pm.set_adapter(adapter_name)
+        files = directory if isinstance(directory, AdapterFiles) else read_adapter_files(directory)
+        _check_base(files, fingerprint(model))
+        config = config_from_dict(files.meta["config"])
+        kwargs = _loading_kwargs(config, files.state)
+
+        def fill(pm):
+            _load_checked(pm, adapter_name, files)
+            pm.set_adapter(adapter_name)
+
+        fill(cls(copy.deepcopy(model), config, adapter_name, **kwargs))   # the dry run
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        pm = cls(model, config, adapter_name, **kwargs)
+        try:
+            fill(pm)
+        except BaseException:
+            # not expected once the copy took it (a MemoryError, Ctrl-C): undo
+            with contextlib.suppress(Exception):
+                pm.unload()
+            for p, flag in flags:
+                p.requires_grad = flag
+            raise
         if not is_trainable:
             pm.adapters[adapter_name].deactivate_training(pm)
         return pm
+
+
+def _check_base(files, fp: str) -> None:
+    """Refuse an adapter saved for a base with another fingerprint."""
+    saved = files.meta["base_fingerprint"]
+    if saved != fp:
+        raise ValueError(
+            f"the adapter in {files.directory} was trained on another base model "
+            f"(fingerprint {str(saved)[:12]}..., this base {fp[:12]}...): "
+            "load it onto the base it was made for"
+        )
+
+
+def _load_checked(pm, adapter_name: str, files) -> None:
+    """Load the saved arrays into a fresh adapter and check the count the config recorded."""
+    method = pm.adapters[adapter_name]
+    method.load_state_dict(pm, files.state)
+    saved = files.meta.get("trainable_count")
+    if saved is not None and int(saved) != method.trainable_count(pm):
+        raise ValueError(
+            f"{ADAPTER_CONFIG} in {files.directory} records trainable_count {saved}, but its "
+            f"config and weights give {method.trainable_count(pm)}: the files do not describe "
+            "one adapter; save the adapter again from the model"
+        )
 
 
 def _loading_kwargs(config, state) -> dict:
@@ -416,70 +496,27 @@ def _loading_kwargs(config, state) -> dict:
     return METHOD_CLASSES[config.peft_type].loading_kwargs(state)
 
 
-def _replace_pair(directory, weights: bytes, config: bytes) -> None:
-    """Put new weights and a new config in ``directory`` together, or leave it as it was.
+# ---------------------------------------------------------------------------
+# Reading an adapter folder
+# ---------------------------------------------------------------------------
 
-    1. Both files are written completely, flushed to disk, under names no
-       reader opens (``.adapter_model.safetensors.<token>.new``, ...).
-    2. The old weights get a second name (``...<token>.old``, a hard link: no
-       copy), so that they can be put back.
-    3. The new weights replace the old, then the new config the old (each
-       ``os.replace``, atomic).
-    4. On any failure in 3, the old weights go back (or the new ones are
-       removed, where there were none), and the error is raised. The helper
-       files are removed in every case but one: when even putting the old
-       weights back fails, they are kept, and the error names them.
-    """
-    from .. import io
 
-    folder = os.fspath(directory)
-    token = secrets.token_hex(4)
-    w_path, c_path = os.path.join(folder, ADAPTER_WEIGHTS), os.path.join(folder, ADAPTER_CONFIG)
-    staged_w = os.path.join(folder, f".{ADAPTER_WEIGHTS}.{token}.new")
-    staged_c = os.path.join(folder, f".{ADAPTER_CONFIG}.{token}.new")
-    kept = os.path.join(folder, f".{ADAPTER_WEIGHTS}.{token}.old")
-    keep_old = False
-    try:
-        for staged, final, data in ((staged_w, w_path, weights), (staged_c, c_path, config)):
-            io.atomic_write_bytes(staged, data)
-            if os.path.exists(final):       # keep the mode of the file it replaces
-                os.chmod(staged, os.stat(final).st_mode & 0o777)
-        had_weights = os.path.exists(w_path)
-        if had_weights:
-            try:
-                os.link(w_path, kept)
-            except OSError:                 # a filesystem without hard links
-                shutil.copy2(w_path, kept)
-        try:
-            os.replace(staged_w, w_path)
-            os.replace(staged_c, c_path)
-        except BaseException as exc:
-            try:
-                if had_weights:
-                    os.replace(kept, w_path)
-                elif os.path.exists(w_path):
-                    os.unlink(w_path)
-            except OSError as undo:
-                keep_old = True
-                raise OSError(
-                    f"saving the adapter in {folder} failed ({exc!r}), and so did putting the "
-                    f"previous weights back ({undo}): they are kept as {kept}; rename it to "
-                    f"{ADAPTER_WEIGHTS} to have the previous adapter again, or save again"
-                ) from exc
-            raise
-    finally:
-        for path in (staged_w, staged_c) if keep_old else (staged_w, staged_c, kept):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-    io.fsync_folder(folder)         # the renames themselves survive a crash
+class AdapterFiles(NamedTuple):
+    """What one read of an adapter folder gives (see :func:`read_adapter_files`)."""
+
+    meta: dict                  # adapter_config.json: config, base_fingerprint, ...
+    state: dict                 # name -> host array
+    run_record: dict | None     # finetune.json, or None where the adapter has none
+    directory: str
 
 
 def _recorded_digest(path, weights: bool) -> str | None:
     """The ``weights_sha256`` a weights file (or a config file) records, if any."""
+    from .. import io
+
     try:
         if weights:
-            with safetensors.safe_open(path, framework="np") as f:
-                return (f.metadata() or {}).get(WEIGHTS_DIGEST)
+            return io.load_tensors(path)[1].get(WEIGHTS_DIGEST)
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
         return meta.get(WEIGHTS_DIGEST) if isinstance(meta, dict) else None
@@ -488,15 +525,15 @@ def _recorded_digest(path, weights: bool) -> str | None:
 
 
 def _mismatch_message(directory, cfg_digest, w_digest) -> str:
-    """What happened to a folder whose config and weights do not belong together, and the way out."""
+    """What happened to a folder of the older layout whose two files do not belong together."""
     expects = f"expects {str(cfg_digest)[:12]}..." if cfg_digest else "records no digest"
     lines = [
         f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} in {directory} do not belong together (the "
         f"weights' digest is {w_digest[:12]}..., the config {expects}): a save_pretrained into "
-        "this folder was stopped between writing the two files (a killed process, a power "
-        "cut), or one file was copied in from another adapter.",
+        "this folder by an older minipeft was stopped between writing the two files (a killed "
+        "process, a power cut), or one file was copied in from another adapter.",
     ]
-    # what a stopped save leaves behind: the new config, the old weights (see _replace_pair)
+    # what such a stopped save left behind: the new config, the old weights
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if name.startswith(f".{ADAPTER_CONFIG}.") and name.endswith(".new") \
@@ -512,35 +549,183 @@ def _mismatch_message(directory, cfg_digest, w_digest) -> str:
     return " ".join(lines)
 
 
-def read_adapter(directory: str) -> tuple[dict, dict]:
-    """(metadata, arrays) of an adapter folder, with clear errors for what is missing.
+def _read_object(path: str, what: str) -> dict:
+    """A JSON object from ``path``, or a ValueError that names the file and the problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): {what}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} should hold a JSON object (written by save_pretrained), got "
+                         f"{type(obj).__name__}: {what}")
+    return obj
 
-    A weights file written by :meth:`PeftModel.save_pretrained` records the
-    digest of its arrays (``weights_sha256``), and so does the config saved
-    with it: a pair whose digests differ is refused (a save stopped between
-    its two renames), and so are weights whose arrays no longer give their
-    own digest (damaged). Files written without a digest (by hand, or by an
-    older version) are read as they are.
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two JSON objects."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y or (key in a) != (key in b):
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _resolve_copy(directory: str, name: str, saved: dict | None, digest: str,
+                  replaced: str | None, required: bool) -> dict | None:
+    r"""The contents of the JSON file ``name`` beside committed weights (see read_adapter_files).
+
+    ``saved`` is the copy the weights file holds (None: it was saved without
+    one), ``digest`` the weights' digest, ``replaced`` the digest of the
+    weights this save replaced.
+    """
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        if required:
+            raise FileNotFoundError(
+                f"{path} not found: an adapter folder holds {ADAPTER_CONFIG} and "
+                f"{ADAPTER_WEIGHTS} (written by save_pretrained); put it back, or save the "
+                "adapter again")
+        return None
+    how = (f"the adapter beside it is intact; remove or repair {name} to load it" if not required
+           else "repair it, or save the adapter again")
+    on_disk = _read_object(path, how)
+    if name == ADAPTER_CONFIG:
+        for key in ("config", "base_fingerprint"):
+            if key not in on_disk:
+                raise ValueError(f"{path} is not a minipeft adapter config (no {key!r})")
+    own, before = on_disk.get(WEIGHTS_DIGEST), on_disk.get(REPLACES_DIGEST)
+    if own == digest:
+        # this file was saved with these weights; a difference is the user's edit
+        # (compared as canonical text: a NaN score equals itself there)
+        if saved is not None and _canonical(on_disk) != _canonical(saved):
+            warnings.warn(
+                f"{path} differs from the copy saved inside {ADAPTER_WEIGHTS} in "
+                f"{', '.join(_differences(saved, on_disk))}: it was edited after saving, and the "
+                "edited file is what loads", stacklevel=4)
+        return on_disk
+    if own is None or before == digest or (replaced is not None and own == replaced):
+        if own is None:
+            why = "records no weights digest (written by hand or by an older minipeft)"
+        elif before == digest:
+            why = "was written by a save that stopped before its weights replaced these"
+        else:
+            why = "belongs to the adapter these weights replaced (its save stopped before " \
+                  "rewriting it)"
+        warnings.warn(f"{path} {why}: it is ignored, and the copy saved inside "
+                      f"{ADAPTER_WEIGHTS} is used; the next save_pretrained rewrites it",
+                      stacklevel=4)
+        return saved
+    raise ValueError(
+        f"{name} and {ADAPTER_WEIGHTS} in {directory} do not belong together ({name} was "
+        f"saved with weights {str(own)[:12]}..., the weights here are {digest[:12]}...): one of "
+        f"them was copied in from another adapter. Copy its partner in too, remove {name} "
+        f"(the weights file holds its own copy{'' if not required else ', but the folder needs one'}"
+        "), or save the adapter again from the model."
+    )
+
+
+def read_adapter_files(directory) -> AdapterFiles:
+    r"""Read an adapter folder once: its config, its arrays and its run record.
+
+    **Which file is the truth.** ``adapter_model.safetensors`` is the commit
+    point of a save (see :meth:`PeftModel.save_pretrained`): it holds the
+    arrays, their digest (``weights_sha256``) and, in its metadata, the
+    config and the run record it was saved with. ``adapter_config.json`` and
+    ``finetune.json`` beside it are readable copies, and each records the
+    digest of the weights it was saved with and of the weights those
+    replaced (``replaces_sha256``). A copy is read and then
+
+    * used, when it was saved with these weights. If it differs from the
+      copy inside the weights file, it was edited by hand: the edit is what
+      loads (so a user may change a knob, as in Hugging Face peft), a
+      warning names the fields, and the edit goes through every check a
+      saved config does (:func:`config_from_dict`, then against the weights
+      and the base, see :meth:`PeftModel.from_pretrained`), so a value the
+      config refuses, or a rank that does not fit the weights, is refused.
+      Why not refuse every edit: the readable file is the one people are
+      told to read and change, and it is checked as strictly as the saved
+      one; why not ignore it: an edit that silently did nothing would be a
+      surprise of its own;
+    * ignored, with a warning, in favour of the copy inside the weights file
+      when it belongs to a save that stopped around the commit: written for
+      weights that never replaced these, or left from the adapter these
+      replaced (or it records no digest at all). That is how a stopped save
+      loads as exactly one adapter with no manual step;
+    * refused when it was saved with other weights altogether (copied in
+      from another adapter).
+
+    A missing ``adapter_config.json`` is refused (the folder holds both
+    files); a missing ``finetune.json`` means no run record. Reading never
+    writes (folders may be read-only; a concurrent save's staged files are
+    left alone); the next save rewrites stale copies and removes leftovers.
+
+    Folders of the older layout (weights without copies in their metadata)
+    load as before: the config file and the weights must record the same
+    digest, and a stopped save of that layout is refused with the way to
+    recover either adapter.
     """
     from .. import io
 
+    directory = os.fspath(directory)
+    w_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(w_path):
+        raise FileNotFoundError(
+            f"{w_path} not found: an adapter folder holds {ADAPTER_CONFIG} and "
+            f"{ADAPTER_WEIGHTS} (written by save_pretrained)"
+        )
+    state, w_meta = io.load_tensors(w_path, what="adapter weights")
+    saved = io.committed_copies(w_meta)
+    if ADAPTER_CONFIG not in saved:
+        meta, state = _read_pair(directory, state, w_meta)
+        record_path = os.path.join(directory, RUN_RECORD)
+        record = (_read_object(record_path, "the adapter beside it is intact; remove or repair "
+                                            f"{RUN_RECORD} to load it")
+                  if os.path.isfile(record_path) else None)
+        return AdapterFiles(meta, state, record, directory)
+    digest = w_meta.get(WEIGHTS_DIGEST)
+    if digest is None or _digest(state.items()) != digest:
+        raise ValueError(
+            f"{w_path} is damaged: its arrays no longer give the digest recorded when they "
+            f"were saved ({str(digest)[:12]}...). Save the adapter again from the model.")
+    replaced = saved[ADAPTER_CONFIG].get(REPLACES_DIGEST)
+    meta = _resolve_copy(directory, ADAPTER_CONFIG, saved[ADAPTER_CONFIG], digest, replaced,
+                         required=True)
+    record = _resolve_copy(directory, RUN_RECORD, saved.get(RUN_RECORD), digest, replaced,
+                           required=False)
+    return AdapterFiles(meta, state, record, directory)
+
+
+def read_adapter(directory) -> tuple[dict, dict]:
+    """(config file contents, arrays) of an adapter folder (see :func:`read_adapter_files`)."""
+    files = read_adapter_files(directory)
+    return files.meta, files.state
+
+
+def _read_pair(directory: str, state: dict, w_meta: dict) -> tuple[dict, dict]:
+    """The older layout: a config file and a weights file that record the same digest.
+
+    Files written without a digest (by hand, or by an older version) are read
+    as they are.
+    """
     cfg_path = os.path.join(directory, ADAPTER_CONFIG)
     w_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    for path in (cfg_path, w_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: an adapter folder holds {ADAPTER_CONFIG} and "
-                f"{ADAPTER_WEIGHTS} (written by save_pretrained)"
-            )
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(
+            f"{cfg_path} not found: an adapter folder holds {ADAPTER_CONFIG} and "
+            f"{ADAPTER_WEIGHTS} (written by save_pretrained)"
+        )
+    meta = _read_object(cfg_path, "repair it, or save the adapter again")
     for key in ("config", "base_fingerprint"):
         if key not in meta:
             raise ValueError(f"{cfg_path} is not a minipeft adapter config (no {key!r})")
-    state, w_meta = io.load_tensors(w_path)
     w_digest = w_meta.get(WEIGHTS_DIGEST)
     if w_digest is not None:
         if meta.get(WEIGHTS_DIGEST) != w_digest:
