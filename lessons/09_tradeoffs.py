@@ -88,7 +88,7 @@ settings = CompareSettings(
 result = compare(settings, progress=False)
 rows = {r["method"]: r for r in result.rows}
 ctx = result.context
-print(result.table())
+print(result.table(wide=True))          # every column: the sections below read them all
 
 # %% [markdown]
 # The figure `minipeft compare` writes beside the table (`results.png`):

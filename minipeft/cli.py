@@ -952,13 +952,15 @@ def _cmd_compare(args) -> int:
     settings.validate()                       # bad input fails before the output folder is made
     io.ensure_writable_dir(args.out)          # and an unwritable folder before any training
     result = compare(settings, configs, progress=not args.quiet)
-    print(result.table())
+    print(result.table(wide=args.wide))
     paths = result.write(args.out)
     print(f"wrote {', '.join(paths)}")
     return 0
 
 
 def _add_compare_parser(sub) -> None:
+    from .compare import DEFAULT_TIME, QUICK_TIME, TABLE_WIDTH
+
     s = sub.add_parser("compare", help="every method on one task: parameters, memory, speed, "
                                        "quality, inference cost, storage, forgetting")
     s.add_argument("--task", default="sentiment", help="sentiment (default), addition or reverse")
@@ -969,7 +971,8 @@ def _add_compare_parser(sub) -> None:
                    help="comma-separated seeds (default 0,1,2; --quick: 0); the first picks the lr")
     s.add_argument("--quick", action="store_true",
                    help="a smoke test: one lr per method (the best known), one seed, 8 steps, "
-                        "small evaluation subsets (about a minute)")
+                        f"small evaluation subsets ({QUICK_TIME} on one CPU thread; the default "
+                        f"run: {DEFAULT_TIME})")
     s.add_argument("--steps", type=int, default=None,
                    help="the one budget: optimizer steps for every method (default 150; --quick 8)")
     s.add_argument("--batch-size", type=int, default=None, help="examples per step (default 16)")
@@ -990,6 +993,10 @@ def _add_compare_parser(sub) -> None:
                    help="folder for results.csv, results.json, results.png (default runs/compare)")
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--wide", action="store_true",
+                   help=f"every column (the measured peak, seconds to the target, ms per token, "
+                        f"storage, the loss with the adapter detached); the default table fits "
+                        f"{TABLE_WIDTH} columns")
     _add_method_options(s)
     s.set_defaults(func=_cmd_compare)
 

@@ -37,10 +37,11 @@ Fairness is the point, so the rules are fixed and printed with the table:
 
 Time goes mostly into training (every method x (grid + seeds - 1) runs of
 the same budget) and into greedy decoding for the validation checks and the
-test scores. The default (150 steps, a grid of 3, seeds 0,1,2) is about a
-quarter of an hour on a laptop's two cores; the ``quick`` settings
-(:meth:`CompareSettings.quick_settings`: one rate, one seed, 8 steps) take
-about half a minute, for smoke tests: their numbers are not worth reading.
+test scores. The default (150 steps, a grid of 3, seeds 0,1,2) takes
+:data:`DEFAULT_TIME` on one CPU thread (the default ``threads``); the
+``quick`` settings (:meth:`CompareSettings.quick_settings`: one rate, one
+seed, 8 steps) take :data:`QUICK_TIME`, for smoke tests: their numbers are
+not worth reading. ``compare --help`` and the README quote these two.
 
 Nothing is written until everything is computed: the CSV, JSON and PNG are
 rendered in memory first and then each written atomically
@@ -120,6 +121,17 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 
 #: the output files, in the order they are written
 RESULT_FILES = ("results.csv", "results.json", "results.png")
+
+# How long a run takes on one CPU thread (the default), as ``compare --help``
+# and the README say it: the default settings on a 2-core machine (about 18
+# minutes), and ``minipeft compare --quick`` (18 s on that machine, shared).
+#: the default settings' run time, in words
+DEFAULT_TIME = "about 18 minutes"
+#: the ``quick`` settings' run time, in words
+QUICK_TIME = "about 20 seconds"
+
+#: columns of a terminal the default table fits in (``wide`` lifts the limit)
+TABLE_WIDTH = 120
 
 
 def best_known_lr(method: str) -> float:
@@ -281,12 +293,17 @@ def cpu_threads(n: int | None):
     each other make every product several times slower. One thread also
     makes the timing columns steadier.
     """
+    from .autograd.parallel import get_num_threads, using_threads  # noqa: PLC0415
     if n is None:
-        yield "the engine's default"
+        yield f"{get_num_threads()} (the engine's default)"
         return
-    from .autograd.parallel import using_threads  # noqa: PLC0415
     with using_threads(int(n)):
         yield f"{int(n)}"
+
+
+def threads_line(threads: str, cores: int | None) -> str:
+    """What the header says of the CPU: the threads the run used, of how many cores."""
+    return f"CPU threads: {threads}" + ("" if not cores else f" (of {cores} cores)")
 
 
 def default_target(task, val_limit: int | None = None) -> float:
@@ -467,36 +484,47 @@ class CompareResult:
     peaks: dict              # per method: the accounted breakdown at the peak (for the figure)
 
     # -- the table -------------------------------------------------------------
-    def table(self) -> str:
-        """The header (the rules), a row per method under grouped columns, the differences."""
+    def table(self, wide: bool = False) -> str:
+        """The header (the rules), a row per method under grouped columns, the differences.
+
+        The default layout fits a terminal of :data:`TABLE_WIDTH` columns: an axis
+        each, mostly in one column. ``wide`` (``compare --wide``) adds the measured
+        peak, the seconds to the target, ms per token, the adapter's file size and
+        the loss with the adapter detached, and the percentage to four places.
+        """
         c = self.context
         t = c["target"]
-        # (group, column title, width, cell of a row)
+        pct = ".4f" if wide else ".2f"
+        # (group, column title, width, cell of a row, in the default layout too)
         cols = [
-            ("", "method", 8, lambda r: r["method"]),
-            ("", "lr", 5, lambda r: _lr(r["lr"]) + ("*" if r.get("lr_at_grid_edge") else "")),
-            ("parameters", "trainable", 9, lambda r: f"{r['trainable']:,d}"),
-            ("parameters", "%", 8, lambda r: f"{r['trainable_pct']:.4f}"),
-            ("memory, MiB", "peak", 6, lambda r: f"{r['mem_accounted_peak_mib']:.1f}"),
-            ("memory, MiB", "(meas.)", 7, lambda r: f"({r['mem_measured_peak_mib']:.1f})"),
-            ("memory, MiB", "grad+opt", 8, lambda r: f"{r['mem_grad_opt_mib']:.3f}"),
-            ("training speed", "ms/step", 7, lambda r: f"{r['ms_per_step']:.0f}"),
-            ("training speed", f"steps>={t:g}", 11, _steps_cell),
-            ("training speed", "s", 5, _secs_cell),
-            (f"quality ({c['n_test']} ex.)", f"test {c['metric'][:8]}", 13,
-             lambda r: _pm(r["test_mean"], r["test_std"], 3)),
-            ("inference (merged)", "ms/token", 11,
-             lambda r: _merged(r["ms_per_token"], r["ms_per_token_merged"], ".2f")),
-            ("inference (merged)", "+FLOPs/tok", 13,
-             lambda r: _merged(r["extra_flops"], r["extra_flops_merged"], "flops")),
+            ("", "method", 8, lambda r: r["method"], True),
+            ("", "lr", 5, lambda r: _lr(r["lr"]) + ("*" if r.get("lr_at_grid_edge") else ""),
+             True),
+            ("parameters", "trainable", 9, lambda r: f"{r['trainable']:,d}", True),
+            ("parameters", "%", 8 if wide else 6, lambda r: f"{r['trainable_pct']:{pct}}", True),
+            ("memory, MiB", "peak", 6, lambda r: f"{r['mem_accounted_peak_mib']:.1f}", True),
+            ("memory, MiB", "(meas.)", 7, lambda r: f"({r['mem_measured_peak_mib']:.1f})", False),
+            ("memory, MiB", "grad+opt", 8, lambda r: f"{r['mem_grad_opt_mib']:.3f}", True),
+            ("training speed", "ms/step", 7, lambda r: f"{r['ms_per_step']:.0f}", True),
+            ("training speed", f"steps>={t:g}", 11, _steps_cell, True),
+            ("training speed", "s", 5, _secs_cell, False),
+            # the default layout's group titles are short: a longer one widens its column
+            (f"quality ({c['n_test']} ex.)" if wide else "quality", f"test {c['metric'][:8]}",
+             13, lambda r: _pm(r["test_mean"], r["test_std"], 3), True),
+            ("inference (merged)" if wide else "inference", "ms/token", 11,
+             lambda r: _merged(r["ms_per_token"], r["ms_per_token_merged"], ".2f"), False),
+            ("inference (merged)" if wide else "inference", "+FLOPs/tok", 13 if wide else 10,
+             lambda r: _merged(r["extra_flops"], r["extra_flops_merged"], "flops"), True),
             ("storage", "KB (% full)", 15,
-             lambda r: f"{r['adapter_bytes'] / 1000:,.1f} ({100 * r['adapter_fraction']:.1f}%)"),
+             lambda r: f"{r['adapter_bytes'] / 1000:,.1f} ({100 * r['adapter_fraction']:.1f}%)",
+             False),
             ("forgetting", "dloss on", 14,
-             lambda r: _pm(r["dloss_active_mean"], r["dloss_active_std"], 3, signed=True)),
+             lambda r: _pm(r["dloss_active_mean"], r["dloss_active_std"], 3, signed=True), True),
             ("forgetting", "detached", 8,
              lambda r: "n/a" if r["dloss_detached_mean"] is None
-             else f"{r['dloss_detached_mean']:+.3f}"),
+             else f"{r['dloss_detached_mean']:+.3f}", False),
         ]
+        cols = [col[:4] for col in cols if wide or col[4]]
         cells = [[f(r) for *_, f in cols] for r in self.rows]
         widths = [max([w, len(title)] + [len(row[i]) for row in cells])
                   for i, (_, title, w, _) in enumerate(cols)]
@@ -518,6 +546,9 @@ class CompareResult:
         for row in cells:
             lines.append("  ".join(f"{v:{'<' if i in left else '>'}{widths[i]}}"
                                    for i, v in enumerate(row)))
+        if not wide:
+            lines.append("(--wide adds: measured peak, seconds to target, ms/token, storage, "
+                         "loss with the adapter detached)")
         lines += ["", self.footer()]
         return "\n".join(lines)
 
@@ -566,14 +597,15 @@ class CompareResult:
             f"inference: greedy decoding with the key/value cache, batch 1, {c['gen_tokens']} tokens "
             f"from each of {c['gen_prompts']} validation prompts, prefill included (the base: "
             f"{c['base_ms_per_token']:.2f} ms/token); extra FLOPs per token against the base's "
-            f"{c['base_flops']:,d} (weight products; attention scores left out)",
+            f"{c['base_flops']:,d} (weight products; attention scores left out); in parentheses: "
+            f"after merging, for a method that can merge",
             f"storage: adapter_model.safetensors against a full checkpoint of "
             f"{c['full_bytes'] / 1000:,.1f} KB",
             f"forgetting: change in pretraining validation loss over {s['forget_batches']} x 16 "
             f"windows of {s['forget_seq_len']} characters (base {c['base_val_loss']:.4f} nats/char), "
             f"adapter on (full fine-tuning: its new weights) and detached (disable_adapter)",
-            f"device {c['device']}, CPU threads: {c['blas_threads']}; timings are for comparing "
-            f"rows of one run, not runs",
+            f"device {c['device']}, {threads_line(c['blas_threads'], c.get('cpu_cores'))}; "
+            f"timings are for comparing rows of one run, not runs",
         ]
         return "\n".join(textwrap.fill(line, 110, subsequent_indent="  ") for line in lines)
 
@@ -585,11 +617,15 @@ class CompareResult:
         two standard deviations of a baseline. With one seed there is no
         standard deviation, and the footer says to run more seeds instead.
         """
+        return "\n".join(textwrap.fill(line, 110, subsequent_indent="    ")
+                         for line in self._footer_lines())
+
+    def _footer_lines(self) -> list[str]:
         c = self.context
         seps = separations(self.rows)
         if not seps:
-            return ("differences: one seed per method, so no standard deviation: "
-                    "run with --seeds 0,1,2 to tell real differences from noise")
+            return ["differences: one seed per method, so no standard deviation: "
+                    "run with --seeds 0,1,2 to tell real differences from noise"]
         clear = [p for p in seps if p["separated"]]
         lines = [f"test {c['metric']} differences beyond two standard deviations "
                  f"(|mean_a - mean_b| > 2 sqrt(sd_a^2 + sd_b^2)), {len(clear)} of {len(seps)} pairs:"]
@@ -608,7 +644,7 @@ class CompareResult:
             if near:
                 lines.append(f"  within two standard deviations of the {name} ({c[key]:.3f}): "
                              + ", ".join(near))
-        return "\n".join(lines)
+        return lines
 
     # -- files -------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -699,14 +735,22 @@ def _merged(before, after, fmt):
     return f(before) if after is None else f"{f(before)} ({f(after)})"
 
 
+def score_axis_label(context: dict, seeds) -> str:
+    """The figure's score axis: a mean and its spread only when there were seeds to spread."""
+    what = f"test {context['metric']} ({context['n_test']} examples)"
+    if len(seeds) > 1:
+        return f"{what}, mean ± sd over {len(seeds)} seeds"
+    return f"{what}, one seed ({seeds[0]})"
+
+
 def _render_png(result: CompareResult) -> bytes:
     """The figure as PNG bytes (written by :meth:`CompareResult.write` with the rest).
 
     Two panels: on the left, each method's accounted memory at the peak of a
     training step, stacked by category in :mod:`minipeft.memory`'s colours,
     with the measured peak as a black tick; on the right, the test score
-    (mean, with a bar of one standard deviation over seeds) against the
-    trainable fraction on a log axis, with the majority and zero-shot
+    (mean, with a bar of one standard deviation when there were several
+    seeds) against the trainable fraction on a log axis, with the majority and zero-shot
     baselines as lines. matplotlib is imported here only, and drawn on its
     Agg canvas: no display is needed.
     """
@@ -743,7 +787,8 @@ def _render_png(result: CompareResult) -> bytes:
     # Quality against parameter efficiency: one point per method, named.
     for r in rows:
         x = r["trainable"] / r["total"]
-        bx.errorbar([x], [r["test_mean"]], yerr=[r["test_std"] or 0.0], fmt="o", capsize=3)
+        bx.errorbar([x], [r["test_mean"]], yerr=None if r["test_std"] is None else [r["test_std"]],
+                    fmt="o", capsize=3)
         bx.annotate(r["method"], (x, r["test_mean"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=8)
     bx.axhline(c["majority"], ls="--", color="grey", lw=1, label=f"majority {c['majority']:.2f}")
@@ -752,7 +797,7 @@ def _render_png(result: CompareResult) -> bytes:
                    label=f"base zero-shot {c['zero_shot']:.2f}")
     bx.set_xscale("log")
     bx.set_xlabel("trainable fraction of all parameters (log scale)")
-    bx.set_ylabel(f"test {c['metric']} ({c['n_test']} examples), mean ± sd over seeds")
+    bx.set_ylabel(score_axis_label(c, result.settings["seeds"]))
     bx.set_title(f"quality against parameter efficiency: {c['task']}, {result.settings['steps']} steps",
                  fontsize=9)
     bx.legend(fontsize=7, loc="lower right", frameon=False)
@@ -829,6 +874,7 @@ def compare(settings: CompareSettings | None = None, configs: dict | None = None
             "base_flops": base_flops_per_token(base), "gen_tokens": gen_tokens,
             "gen_prompts": len(prompts), "memory_seq_len": int(np.shape(mem_batch[0])[1]),
             "full_bytes": checkpoint_bytes(base), "device": st.device, "blas_threads": threads,
+            "cpu_cores": os.cpu_count(),
         }
         del base
         rows, details, peaks = [], {}, {}

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -52,12 +54,19 @@ def test_quick_run_prints_a_row_for_every_method_and_every_column(quick):
     for m in METHODS:
         assert any(line.startswith(f"{m} ") for line in lines), m
     header = next(line for line in lines if line.startswith("method "))
-    for title in ("lr", "trainable", "%", "peak", "(meas.)", "grad+opt", "ms/step", "steps>=",
-                  "test accuracy", "ms/token", "+FLOPs/tok", "KB (% full)", "dloss on", "detached"):
+    for title in ("lr", "trainable", "%", "peak", "grad+opt", "ms/step", "steps>=",
+                  "test accuracy", "+FLOPs/tok", "dloss on"):
         assert title in header, title
     groups = lines[lines.index(header) - 1]
-    for g in ("parameters", "memory", "training speed", "quality (32 ex.)", "inference (merged)",
-              "storage", "forgetting"):
+    for g in ("parameters", "memory", "training speed", "quality", "inference", "forgetting"):
+        assert g in groups, g
+    # every column behind --wide
+    wide = C.CompareResult.from_json(data).table(wide=True).splitlines()
+    header = next(line for line in wide if line.startswith("method "))
+    for title in ("(meas.)", " s ", "ms/token", "+FLOPs/tok", "KB (% full)", "detached"):
+        assert title in header, title
+    groups = wide[wide.index(header) - 1]
+    for g in ("quality (32 ex.)", "inference (merged)", "storage"):
         assert g in groups, g
     # the rules and the baselines are stated with the numbers (lines wrap at 110 columns)
     flat = " ".join(text.split())
@@ -102,7 +111,10 @@ def test_trainable_counts_equal_print_trainable_parameters(quick, capsys):
         assert line == (f"trainable params: {row['trainable']:,d} || all params: {row['total']:,d} "
                         f"|| trainable%: {row['trainable_pct']:.4f}")
         table_row = next(x for x in text.splitlines() if x.startswith(f"{m} "))
-        assert f"{row['trainable']:,d}" in table_row and f"{row['trainable_pct']:.4f}" in table_row
+        assert f"{row['trainable']:,d}" in table_row and f"{row['trainable_pct']:.2f}" in table_row
+        wide_row = next(x for x in C.CompareResult.from_json(data).table(wide=True).splitlines()
+                        if x.startswith(f"{m} "))
+        assert f"{row['trainable_pct']:.4f}" in wide_row
 
 
 def test_memory_columns_equal_the_memory_reports_accounted_view(quick):
@@ -299,3 +311,139 @@ def test_settings_refuse_what_cannot_run():
     assert quick.lr_grid["lora"] == (C.best_known_lr("lora"),) and len(quick.seeds) == 1
     assert all(len(g) == 3 for g in C.LR_GRID.values())
     assert C.default_target(get_task("sentiment")) == 0.75
+
+
+# ---------------------------------------------------------------------------
+# What is printed agrees with what happens
+# ---------------------------------------------------------------------------
+
+#: the README's table (150 steps, seeds 0,1,2): method, lr, trainable, peak, measured
+#: peak, grad+opt, ms/step, steps to target, seconds, test mean, test sd, ms/token
+#: (merged), extra FLOPs (merged), adapter bytes, dloss on (sd)
+README_ROWS = [
+    ("full", 3e-4, 822016, 57.8, 58.4, 9.407, 141, 58, 8.4, .999, .002, 2.59, None, 0, None,
+     3292500, .256, .011),
+    ("bitfit", 3e-2, 5760, 36.0, 36.6, .066, 98, 108, 10.8, .658, .063, 2.83, None, 0, None,
+     25000, 2.791, .113),
+    ("layers", 3e-3, 198272, 20.5, 21.0, 2.269, 68, 75, 5.1, .833, .114, 2.49, None, 0, None,
+     794100, .288, .018),
+    ("mask", 1e-1, 7864, 51.6, 52.6, 3.120, 131, 75, 10.0, .905, .128, 2.61, None, 0, None,
+     65900, 2.904, .343),
+    ("lora", 1e-2, 16384, 38.7, 39.5, .188, 111, 92, 10.2, .901, .076, 2.87, 2.52, 32768, 0,
+     66300, 1.321, .330),
+    ("adapter", 1e-2, 33920, 38.0, 39.0, .388, 111, 67, 7.4, .897, .043, 3.04, None, 65536, None,
+     138700, 1.984, .122),
+    ("prompt", 3e-1, 2560, 47.2, 48.0, .029, 132, None, None, .556, .038, 2.36, None, 40960, None,
+     10400, 2.263, .127),
+    ("prefix", 1e-1, 20480, 38.2, 39.0, .234, 105, None, None, .563, .029, 1.96, None, 40960, None,
+     82100, 1.889, .061),
+    ("ia3", 1e-1, 3072, 52.9, 55.4, .035, 118, 108, 12.9, .727, .038, 2.35, 2.21, 3072, 0,
+     13000, 1.097, .033),
+]
+
+
+def _fake_result(seeds=(0, 1, 2), **context) -> C.CompareResult:
+    """A CompareResult from the README's numbers, without training anything."""
+    total, full_bytes = 838400, 3292500
+    rows = []
+    for (m, lr, n, peak, meas, go, ms, steps, secs, mean, sd, mst, mstm, fl, flm, ab, dl,
+         dls) in README_ROWS:
+        one = len(seeds) == 1
+        rows.append({
+            "method": m, "lr": lr, "lr_at_grid_edge": m == "mask", "trainable": n,
+            "total": total, "trainable_pct": 100 * n / total, "mem_accounted_peak_mib": peak,
+            "mem_measured_peak_mib": meas, "mem_grad_opt_mib": go, "ms_per_step": ms,
+            "steps_to_target": steps, "seconds_to_target": secs,
+            "seeds_reached": 0 if steps is None else len(seeds), "n_seeds": len(seeds),
+            "test_mean": mean, "test_std": None if one else sd, "ms_per_token": mst,
+            "ms_per_token_merged": mstm, "extra_flops": fl, "extra_flops_merged": flm,
+            "adapter_bytes": ab, "adapter_fraction": ab / full_bytes,
+            "dloss_active_mean": dl, "dloss_active_std": None if one else dls,
+            "dloss_detached_mean": None if m == "full" else 0.0})
+    settings = dict(dataclasses.asdict(C.CompareSettings(seeds=tuple(seeds))),
+                    methods=list(METHODS), seeds=list(seeds),
+                    lr_grid={m: list(g) for m, g in C.LR_GRID.items()})
+    ctx = {"task": "sentiment", "description": "label a short restaurant or shop review "
+           "'positive' or 'negative'", "metric": "accuracy", "n_test": 500, "n_val_split": 200,
+           "majority": 0.5, "zero_shot": 0.0, "target": 0.76,
+           "target_rule": "halfway from the majority answer's validation score to a perfect score",
+           "base_val_loss": 0.6565, "base_ms_per_token": 2.09, "base_flops": 1597440,
+           "gen_tokens": 32, "gen_prompts": 4, "memory_seq_len": 77, "full_bytes": full_bytes,
+           "device": "cpu", "blas_threads": "1", "cpu_cores": 2, **context}
+    return C.CompareResult(settings=settings, context=ctx, rows=rows, details={},
+                           peaks={r[0]: {"parameters": 1 << 20} for r in README_ROWS})
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)])
+def test_the_default_table_fits_a_120_column_terminal(seeds):
+    result = _fake_result(seeds)
+    text = result.table()
+    widest = max(text.splitlines(), key=len)
+    assert len(widest) <= C.TABLE_WIDTH == 120, widest
+    assert "--wide" in text                           # and it says where the rest is
+    # --wide: the full layout, every column (wider than a terminal, on purpose)
+    wide = result.table(wide=True)
+    assert max(len(line) for line in wide.splitlines()) > 120
+    for m, *_ in README_ROWS:
+        assert any(line.startswith(f"{m} ") for line in text.splitlines()), m
+    # the numbers the default leaves out are in the wide table, not lost
+    assert "(58.4)" in wide and "(58.4)" not in text
+    assert "3,292.5 (100.0%)" in wide
+
+
+def test_the_quick_runs_table_fits_too(quick):
+    data = quick[3]
+    table = C.CompareResult.from_json(data).table()
+    assert max(len(line) for line in table.splitlines()) <= C.TABLE_WIDTH
+    assert table in quick[1]
+
+
+def test_the_plot_says_sd_over_seeds_only_with_several_seeds(monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    ctx = {"metric": "accuracy", "n_test": 500}
+    assert "sd" not in C.score_axis_label(ctx, [0]) and "one seed (0)" in C.score_axis_label(ctx, [0])
+    assert C.score_axis_label(ctx, [0, 1, 2]).endswith("mean ± sd over 3 seeds")
+    # the figure itself carries the label
+    labels, real = [], Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda ax, text, *a, **k: (
+        labels.append(text), real(ax, text, *a, **k))[1])
+    for seeds in ((0,), (0, 1, 2)):
+        labels.clear()
+        assert _fake_result(seeds).figure_png()[:4] == b"\x89PNG"
+        assert any(x.startswith("test accuracy") for x in labels), labels
+        assert any("± sd" in x for x in labels) == (len(seeds) > 1), labels
+
+
+def _help_text(capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_and_readme_give_the_same_run_times(capsys):
+    help_text = _help_text(capsys)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    line = next(x for x in readme.splitlines() if x.startswith("minipeft compare ") and "#" in x)
+    for phrase in (C.QUICK_TIME, C.DEFAULT_TIME):
+        assert phrase in help_text, phrase
+        assert phrase in line, (phrase, line)
+    assert line.index("--quick") < line.index(C.QUICK_TIME)
+    assert "--wide" in help_text
+
+
+def test_readme_and_the_run_say_the_same_of_the_cpu(capsys):
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(
+        encoding="utf-8").split())
+    # the default run is on one thread: the settings, the help and the README agree
+    assert C.CompareSettings().threads == 1
+    assert "default 1" in _help_text(capsys)
+    assert "about 18 minutes on one CPU thread (the default)" in readme
+    # the header the README quotes is the header a run prints
+    quoted = C.threads_line("1", 2)
+    assert quoted == "CPU threads: 1 (of 2 cores)" and f'"{quoted}"' in readme
+    header = " ".join(_fake_result().header().split())
+    assert f"device cpu, {quoted};" in header
+    with C.cpu_threads(1) as used:
+        assert used == "1"

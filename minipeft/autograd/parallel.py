@@ -11,7 +11,10 @@ of threads.
 
 Matrix products are split the same way (:func:`split_matmul`): by batch
 entries for a stack of products, else by rows of the output, one part per
-thread, each part BLAS's product on a slice. The engine then holds NumPy's
+thread, each part BLAS's product on a slice. A slice's entries may be summed
+in another order than the whole product's (the BLAS kernel chooses), so a
+split product equals one thread's within float32 rounding, not bit for bit.
+The engine then holds NumPy's
 BLAS to one thread, since OpenBLAS's idle threads spin after each product
 and take the core from the engine's elementwise threads.
 
