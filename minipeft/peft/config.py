@@ -19,6 +19,7 @@ The families of the story:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -185,7 +186,10 @@ class LoraConfig(PeftConfig):
 
     ``r`` is the rank, ``lora_alpha`` the numerator of the scaling
     :math:`\alpha / r`, ``lora_dropout`` the dropout applied to x on the LoRA
-    branch only. ``use_dora`` adds DoRA's learned magnitude.
+    branch only. ``use_dora`` adds DoRA's learned magnitude. ``use_rslora``
+    is rank-stabilised LoRA (Kalajdzievski 2023): the scaling becomes
+    :math:`\alpha / \sqrt r`, so that the update's size does not shrink as r
+    grows (peft's option of the same name).
 
     ``freeze_A`` is LoRA-FA (Zhang et al. 2023): A stays at its random
     initialisation and only B trains. B's gradient
@@ -202,6 +206,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     init_seed: int = 0
     freeze_A: bool = False
+    use_rslora: bool = False
     peft_type: ClassVar[str] = "LORA"
     family: ClassVar[str] = "reparameterization"
 
@@ -219,7 +224,8 @@ class LoraConfig(PeftConfig):
 
     @property
     def scaling(self) -> float:
-        return float(self.lora_alpha) / self.r
+        r""":math:`\alpha / r`, or :math:`\alpha / \sqrt r` with ``use_rslora``."""
+        return float(self.lora_alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 # ---------------------------------------------------------------------------
