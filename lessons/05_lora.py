@@ -417,6 +417,7 @@ ax.bar(list(added), list(added.values()), color=["C0", "C1", "C2", "C7"])
 for i, a in enumerate(added.values()):
     ax.annotate(f"+{a / (flops_base / n_tokens):.1%}", (i, a), ha="center",
                 textcoords="offset points", xytext=(0, 3))
+ax.set_ylim(0, 1.15 * max(added.values()))               # room for the labels
 ax.set_ylabel("added forward FLOPs per token")
 ax.set_title(f"What LoRA adds to the base's {flops_base // n_tokens:,d} FLOPs a token")
 ax.tick_params(axis="x", labelrotation=15)
