@@ -604,7 +604,7 @@ def export_peft_adapter(peft_model, directory, adapter_name: str | None = None,
         cfg = {**common, "peft_type": "LORA", "r": config.r, "lora_alpha": config.lora_alpha,
                "lora_dropout": config.lora_dropout, "target_modules": list(config.target_modules),
                "fan_in_fan_out": True, "bias": "none", "use_dora": bool(config.use_dora),
-               "use_rslora": False, "init_lora_weights": True, "layers_to_transform": None,
+               "use_rslora": bool(config.use_rslora), "init_lora_weights": True, "layers_to_transform": None,
                "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
     elif isinstance(config, IA3Config):
         for module, wrapper in method.wrappers(peft_model):

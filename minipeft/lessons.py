@@ -15,7 +15,8 @@ only the few lines each of them would otherwise copy:
 * :func:`finetune_and_score`: train a PEFT config on a task the way
   ``minipeft finetune`` does (:func:`minipeft.finetune.finetune`), keep it in
   memory, and score it: the training history, the held-out answer loss and
-  the test metric, which is what a lesson plots and asserts.
+  the test metric, which is what a lesson plots and asserts;
+  :func:`finetune_seeds` does it once per seed, for the spread.
 * :func:`count_flops`, :func:`forward_flops` and :func:`step_flops`: the
   FLOPs of every matrix product a forward pass, or a training step forward
   and backward, forms: a count, where a step's milliseconds are a
@@ -111,7 +112,7 @@ class Finetuned:
 
 
 def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
-                       batch_size: int = 16) -> Finetuned:
+                       batch_size: int = 16, seed: int = 0, n_val: int = 200) -> Finetuned:
     r"""Fine-tune the shipped base with ``config`` on ``task``, as ``minipeft finetune`` does.
 
     This is :func:`minipeft.finetune.finetune` (wrap, AdamW over what trains
@@ -122,16 +123,66 @@ def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
     rate (each lesson says why it picked it). The warmup is 20 steps, or a
     fifth of a shorter run (the fast setting), so that a run of a few dozen
     steps still spends most of them at the full rate. ``n_test`` test
-    examples are scored (greedy answers, the task's metric).
+    examples are scored (greedy answers, the task's metric), and the answer
+    loss is taken over the first ``n_val`` validation examples (a multiple
+    of 50). ``seed`` sets the order of the training batches.
     """
     from .finetune import FinetuneSettings, finetune
 
-    settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr,
+    settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 warmup=min(20, steps // 5), eval_limit=n_test)
     result = finetune(config, task.name, settings, out=None, progress=False, zero_shot=False)
     return Finetuned(model=result.model, history=result.history,
-                     answer_loss=answer_loss(result.model, task), score=result.score,
-                     trainable=result.trainable)
+                     answer_loss=answer_loss(result.model, task, n_examples=n_val),
+                     score=result.score, trainable=result.trainable)
+
+
+@dataclass
+class Seeded:
+    """What :func:`finetune_seeds` returns: one :class:`Finetuned` per seed, and their spread."""
+
+    runs: list              #: the :class:`Finetuned` runs, in the order of the seeds
+    seeds: list             #: the seeds, each one both the data order and the init seed
+
+    def _stat(self, key: str):
+        values = np.array([getattr(run, key) for run in self.runs], dtype=np.float64)
+        # the sample standard deviation (n - 1), 0 for a single run
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+    @property
+    def answer_loss(self) -> tuple[float, float]:
+        """(mean, sample standard deviation) of the runs' held-out answer losses."""
+        return self._stat("answer_loss")
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """(mean, sample standard deviation) of the runs' test scores."""
+        return self._stat("score")
+
+    @property
+    def trainable(self) -> int:
+        """Trained parameters (the same for every seed)."""
+        return self.runs[0].trainable
+
+
+def finetune_seeds(config, task, lr: float, steps: int, n_test: int, seeds=(0, 1, 2),
+                   **kwargs) -> Seeded:
+    r""":func:`finetune_and_score` once per seed: the spread a single run hides.
+
+    Each seed sets the order of the training batches and, for a config with
+    an ``init_seed`` (LoRA's A, an adapter's down-projection), the random
+    initialisation too, so two seeds differ in everything that is drawn.
+    Other keywords (``batch_size``, ``n_val``) go to :func:`finetune_and_score`.
+    """
+    import dataclasses
+
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed, e.g. seeds=(0, 1, 2)")
+    has_init = "init_seed" in {f.name for f in dataclasses.fields(config)}
+    runs = [finetune_and_score(dataclasses.replace(config, init_seed=s) if has_init else config,
+                               task, lr, steps, n_test, seed=s, **kwargs) for s in seeds]
+    return Seeded(runs=runs, seeds=seeds)
 
 
 class FlopCount:

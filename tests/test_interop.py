@@ -252,6 +252,11 @@ CASES = {
     "lora": (lambda: LoraConfig(r=4, lora_alpha=8.0, target_modules=["c_attn", "mlp.c_proj"]),
              lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "mlp.c_proj"],
                                      fan_in_fan_out=True, task_type="CAUSAL_LM")),
+    # rsLoRA: the exported config must say use_rslora, or peft scales by alpha / r
+    "rslora": (lambda: LoraConfig(r=4, lora_alpha=8.0, target_modules=["c_attn"], use_rslora=True),
+               lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                       fan_in_fan_out=True, use_rslora=True,
+                                       task_type="CAUSAL_LM")),
     "dora": (lambda: LoraConfig(r=4, lora_alpha=8.0, target_modules=["c_attn", "c_fc"],
                                 use_dora=True),
              lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],

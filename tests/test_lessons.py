@@ -149,6 +149,39 @@ def test_finetune_and_score_is_the_training_loop_the_lessons_wrote_out():
     assert run.trainable == pm.get_nb_trainable_parameters()[0] == 4 * 4 * (128 + 384)
 
 
+def test_finetune_seeds_draws_each_seed_and_reports_the_spread():
+    import dataclasses
+
+    import numpy as np
+
+    from minipeft import lessons
+    from minipeft.data import get_task
+    from minipeft.peft import LoraConfig
+
+    task, config = get_task("reverse"), LoraConfig(r=2, target_modules=["c_attn"])
+    seeded = lessons.finetune_seeds(config, task, 3e-3, 3, 2, seeds=(0, 1, 2), n_val=50)
+    assert seeded.seeds == [0, 1, 2] and len(seeded.runs) == 3
+    # seed 0 is the single run; seed 1 differs in its batches and in LoRA's A
+    single = lessons.finetune_and_score(config, task, 3e-3, 3, 2, n_val=50)
+    assert seeded.runs[0].history.losses == single.history.losses
+    one = lessons.finetune_and_score(dataclasses.replace(config, init_seed=1), task, 3e-3, 3, 2,
+                                     seed=1, n_val=50)
+    assert seeded.runs[1].history.losses == one.history.losses != single.history.losses
+    losses = [run.answer_loss for run in seeded.runs]
+    assert seeded.answer_loss == pytest.approx((np.mean(losses), np.std(losses, ddof=1)))
+    assert seeded.answer_loss[1] > 0 and seeded.trainable == 4 * 2 * (128 + 384)
+    with pytest.raises(ValueError, match="seeds is empty"):
+        lessons.finetune_seeds(config, task, 3e-3, 3, 2, seeds=())
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank():
+    from minipeft.peft import LoraConfig, config_from_dict
+
+    assert LoraConfig(r=16, lora_alpha=8).scaling == 0.5
+    rs = LoraConfig(r=16, lora_alpha=8, use_rslora=True)
+    assert rs.scaling == 2.0 and config_from_dict(rs.to_dict()).scaling == 2.0
+
+
 def test_the_flop_counters_agree_and_switch_the_log_off():
     import numpy as np
 

@@ -28,6 +28,7 @@ The families of the story:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,7 +40,8 @@ CONFIGS: dict[str, type] = {}
 #: without the key is version 1: every field of today's classes, all present.
 #: A field added later declares ``knob(..., since=N)``; a file of an older
 #: version lacks it and gets its default, so older adapters stay loadable.
-#: Version 2 added ``LoraConfig.freeze_A`` (LoRA-FA) and :class:`LSTConfig`.
+#: Version 2 added ``LoraConfig.freeze_A`` (LoRA-FA), ``LoraConfig.use_rslora``
+#: and :class:`LSTConfig`.
 CONFIG_FORMAT = 2
 
 
@@ -233,7 +235,10 @@ class LoraConfig(PeftConfig):
 
     ``r`` is the rank, ``lora_alpha`` the numerator of the scaling
     :math:`\alpha / r`, ``lora_dropout`` the dropout applied to x on the LoRA
-    branch only. ``use_dora`` adds DoRA's learned magnitude.
+    branch only. ``use_dora`` adds DoRA's learned magnitude. ``use_rslora``
+    is rank-stabilised LoRA (Kalajdzievski 2023): the scaling becomes
+    :math:`\alpha / \sqrt r`, so that the update's size does not shrink as r
+    grows (peft's option of the same name).
 
     ``freeze_A`` is LoRA-FA (Zhang et al. 2023): A stays at its random
     initialisation and only B trains. B's gradient
@@ -251,12 +256,14 @@ class LoraConfig(PeftConfig):
     use_dora: bool = knob(False, Bool())
     init_seed: int = knob(0, Int(low=0))
     freeze_A: bool = knob(False, Bool(), since=2)
+    use_rslora: bool = knob(False, Bool(), since=2)
     peft_type: ClassVar[str] = "LORA"
     family: ClassVar[str] = "reparameterization"
 
     @property
     def scaling(self) -> float:
-        return float(self.lora_alpha) / self.r
+        r""":math:`\alpha / r`, or :math:`\alpha / \sqrt r` with ``use_rslora``."""
+        return float(self.lora_alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 # ---------------------------------------------------------------------------
