@@ -37,7 +37,7 @@
 import numpy as np
 
 from minipeft import lessons
-from minipeft.base import load_base
+from minipeft.workflows.base import load_base
 from minipeft.data import get_task
 from minipeft.peft import FullFinetuneConfig, LoraConfig, get_peft_model
 
@@ -75,7 +75,7 @@ print("LoRA at initialisation equals the base, bit for bit:", identical_at_init)
 # ## 2. Training it, and the rank of what it learned
 #
 # Only $A$ and $B$ go to the optimizer. `lessons.finetune_and_score` trains
-# the way `minipeft finetune` does (`minipeft.finetune.finetune`: wrap,
+# the way `minipeft finetune` does (`minipeft.workflows.finetune.finetune`: wrap,
 # AdamW over what trains, warmup and cosine decay), keeps the model in
 # memory, and scores it. After training, the update of each layer,
 # $\Delta W = \frac{\alpha}{r}AB$ (`delta_weight`), is a full 128 × 384

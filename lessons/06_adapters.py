@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from minipeft import lessons
-from minipeft.base import load_base
+from minipeft.workflows.base import load_base
 from minipeft.data import get_task
 from minipeft.peft import AdapterConfig, LoraConfig, get_peft_model
 
