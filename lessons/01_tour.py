@@ -35,7 +35,7 @@
 import numpy as np
 
 from minipeft import GPT, GPTConfig, lessons
-from minipeft.base import base_info, load_base, validation_loss
+from minipeft.workflows.base import base_info, load_base, validation_loss
 from minipeft.data import (
     TASKS,
     CharTokenizer,
@@ -46,7 +46,7 @@ from minipeft.data import (
     pretraining_text,
 )
 from minipeft.data.corpus import uniform_cross_entropy
-from minipeft.evaluation import evaluate
+from minipeft.workflows.evaluation import evaluate
 
 plt = lessons.setup()
 

@@ -51,7 +51,7 @@ import numpy as np
 from IPython.display import Image, display
 
 from minipeft import lessons, memory
-from minipeft.base import load_base
+from minipeft.workflows.base import load_base
 from minipeft.data import CharTokenizer, lm_batches, pretraining_text
 from minipeft.optim import AdamW
 from minipeft.peft import FullFinetuneConfig, LoraConfig, get_peft_model

@@ -45,7 +45,7 @@ import numpy as np
 
 from minipeft import lessons
 from minipeft.autograd import LEDGER, ops
-from minipeft.base import load_base
+from minipeft.workflows.base import load_base
 from minipeft.data import get_task
 from minipeft.optim import AdamW
 from minipeft.peft import (
@@ -248,7 +248,7 @@ plt.show()
 # learning rate: small sets of parameters need larger steps), then answers
 # the test words. Zero-shot the base reverses none of them (lesson 1).
 # `lessons.finetune_and_score` is what `minipeft finetune` runs
-# (`minipeft.finetune.finetune`), kept in memory instead of saved, plus the
+# (`minipeft.workflows.finetune.finetune`), kept in memory instead of saved, plus the
 # held-out answer loss.
 
 # %%

@@ -41,7 +41,7 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from minipeft import Tensor, lessons, no_grad
-from minipeft.base import load_base
+from minipeft.workflows.base import load_base
 from minipeft.data import get_task
 from minipeft.peft import AdapterConfig, LoraConfig, get_peft_model
 

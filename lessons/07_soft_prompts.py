@@ -39,7 +39,7 @@ import numpy as np
 
 from minipeft import lessons
 from minipeft.autograd import LEDGER, ops
-from minipeft.base import load_base
+from minipeft.workflows.base import load_base
 from minipeft.data import get_task
 from minipeft.peft import (
     FullFinetuneConfig,

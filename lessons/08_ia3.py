@@ -35,7 +35,7 @@
 import numpy as np
 
 from minipeft import lessons
-from minipeft.base import load_base
+from minipeft.workflows.base import load_base
 from minipeft.data import get_task
 from minipeft.peft import (
     AdapterConfig,

@@ -46,8 +46,8 @@ import numpy as np
 from IPython.display import Image, display
 
 from minipeft import lessons
-from minipeft.base import load_base
-from minipeft.compare import (LR_GRID, CompareSettings, best_known_lr, build_method, compare,
+from minipeft.workflows.base import load_base
+from minipeft.workflows.compare import (LR_GRID, CompareSettings, best_known_lr, build_method, compare,
                               default_configs, memory_batch)
 from minipeft.data import get_task
 from minipeft.io import load_tensors

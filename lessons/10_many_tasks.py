@@ -38,13 +38,13 @@ import tempfile
 import numpy as np
 
 from minipeft import lessons
-from minipeft.base import BASE_PATH, load_base, validation_loss
+from minipeft.workflows.base import BASE_PATH, load_base, validation_loss
 from minipeft.data import CharTokenizer, get_task, pretraining_text
-from minipeft.evaluation import evaluate
+from minipeft.workflows.evaluation import evaluate
 from minipeft.optim import AdamW, LRSchedule
 from minipeft.peft import FullFinetuneConfig, LoraConfig, PeftModel, get_peft_model
 from minipeft.peft.model import fingerprint
-from minipeft.train import train
+from minipeft.workflows.train import train
 
 plt = lessons.setup()
 

@@ -46,7 +46,7 @@ import numpy as np
 from minipeft import backend, lessons
 from minipeft.autograd import LEDGER
 from minipeft.autograd.parallel import get_num_threads, using_threads
-from minipeft.base import load_base
+from minipeft.workflows.base import load_base
 from minipeft.data import CharTokenizer, lm_batches, pretraining_text
 from minipeft.nn import GPT, GPTConfig
 from minipeft.optim import AdamW

@@ -1,10 +1,18 @@
 r"""minipeft: parameter-efficient fine-tuning, built from scratch to be read.
 
-Layers, bottom up (each imports only from those below it):
-``backend`` (NumPy / CuPy / strict arrays) -> ``autograd`` (Tensor, Function,
-ops, gradient checks) -> ``nn`` (modules, the GPT) -> ``optim`` -> ``peft``
-(every method, wrapped around a frozen base) -> ``memory`` / ``train`` /
-``io`` / ``data`` -> ``cli``.
+Three tiers, each importing only from those below it (and, within the core,
+each layer only from the layers before it):
+
+* the core: ``backend`` (NumPy / CuPy / strict arrays) and ``validate`` (the
+  knobs' rules) -> ``autograd`` (Tensor, Function, the reference ops; the
+  fast path beside them) -> ``nn`` (modules, the GPT, quantized storage) ->
+  ``optim`` -> ``io`` (safetensors files, atomic commits) -> ``data`` ->
+  ``peft`` (every method, wrapped around a frozen base) -> ``memory``
+  (estimated, accounted, measured);
+* ``workflows``: training, scoring, the shipped base, a fine-tuning run,
+  the comparison of every method;
+* ``tools``: the ``minipeft`` command, the benchmark, Hugging Face interop,
+  the docs builder, the lessons' helpers.
 """
 
 from . import backend

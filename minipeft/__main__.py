@@ -1,5 +1,5 @@
 """`python -m minipeft` is the `minipeft` command."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

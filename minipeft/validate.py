@@ -7,7 +7,7 @@ dropout of 1.5 is refused the same way wherever it is given:
 
 * a dataclass declares each field's rule beside its default,
   ``r: int = knob(8, Int(low=1))``, and :func:`check_fields` walks the fields
-  (the PEFT configs and :class:`~minipeft.finetune.FinetuneSettings` do this);
+  (the PEFT configs and :class:`~minipeft.workflows.finetune.FinetuneSettings` do this);
 * a function checks its arguments with the same rules directly,
   ``lr = Float(low=0).check("lr", lr)`` (the optimizers and the training loop).
 

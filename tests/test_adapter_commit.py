@@ -438,7 +438,7 @@ def test_saving_into_no_folder_is_refused(where, tmp_path, monkeypatch):
 
 
 def test_an_interrupted_finetune_leaves_no_folder_it_made(tmp_path, monkeypatch):
-    import minipeft.finetune as ft
+    import minipeft.workflows.finetune as ft
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt

@@ -24,7 +24,6 @@ import pytest
 from peft_cases import small_base, tokens
 
 from minipeft import GPTConfig
-from minipeft.finetune import FinetuneSettings
 from minipeft.nn.module import Parameter
 from minipeft.optim import SGD, AdamW, LRSchedule, clip_grad_norm_, cosine_with_warmup
 from minipeft.peft import (
@@ -42,7 +41,8 @@ from minipeft.peft import (
     get_peft_model,
 )
 from minipeft.peft.config import CONFIG_FORMAT
-from minipeft.train import evaluate_loss, train
+from minipeft.workflows.finetune import FinetuneSettings
+from minipeft.workflows.train import evaluate_loss, train
 
 NAN, INF = math.nan, math.inf
 

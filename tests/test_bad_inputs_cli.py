@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from minipeft.cli import main
+from minipeft.tools.cli import main
 
 # ``{tmp}`` is a fresh folder holding ``dir/`` (an existing folder), ``file`` (an
 # existing file) and ``fake_adapter/`` (a folder that is not an adapter).
@@ -171,13 +171,13 @@ class WorkStarted(BaseException):
 
 def install_tripwires(setattr):
     """Replace every job that loads, trains, profiles or writes with one that raises WorkStarted."""
-    import minipeft.base as B
-    import minipeft.bench as BE
-    import minipeft.compare as C
-    import minipeft.docs as D
-    import minipeft.finetune as F
-    import minipeft.interop as I
     import minipeft.memory as M
+    import minipeft.tools.bench as BE
+    import minipeft.tools.docs as D
+    import minipeft.tools.interop as I
+    import minipeft.workflows.base as B
+    import minipeft.workflows.compare as C
+    import minipeft.workflows.finetune as F
 
     def trip(name):
         def fn(*a, **k):
@@ -233,7 +233,7 @@ def test_bad_input_is_refused_in_one_line_before_any_work(argv, code, fragment, 
 
 
 def test_the_table_covers_every_subcommand_and_enough_kinds():
-    from minipeft.cli import build_parser
+    from minipeft.tools.cli import build_parser
 
     parser = build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)
@@ -280,7 +280,7 @@ def test_generate_refuses_bad_settings_through_the_api(kwargs, fragment):
 
 
 def test_memory_compares_the_estimate_with_the_memory_available(tripwires, capsys, monkeypatch):
-    import minipeft.cli as cli
+    import minipeft.tools.cli as cli
     from minipeft import memory as M
 
     est = M.estimate("reference", cli.build_config("lora", cli.build_parser().parse_args(
@@ -299,7 +299,7 @@ def test_memory_compares_the_estimate_with_the_memory_available(tripwires, capsy
 
 
 def test_available_memory_reads_meminfo():
-    from minipeft.cli import available_memory
+    from minipeft.tools.cli import available_memory
 
     free = available_memory()
     if os.path.isfile("/proc/meminfo"):

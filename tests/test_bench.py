@@ -7,8 +7,8 @@ import re
 import pytest
 
 from minipeft import backend
-from minipeft.bench import reference_available
-from minipeft.cli import main
+from minipeft.tools.bench import reference_available
+from minipeft.tools.cli import main
 
 
 def _row(out: str, case: str, method: str) -> list[str]:

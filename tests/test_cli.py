@@ -10,7 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from minipeft.base import (
+from minipeft.optim import LRSchedule
+from minipeft.tools.cli import main
+from minipeft.workflows.base import (
     BASE_PATH,
     DEFAULT_WARMUP,
     PretrainRecipe,
@@ -18,8 +20,6 @@ from minipeft.base import (
     load_base,
     pretrain,
 )
-from minipeft.cli import main
-from minipeft.optim import LRSchedule
 
 
 def test_info_describes_the_shipped_base(capsys):
@@ -90,7 +90,7 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
 ])
 def test_option_values_out_of_range_are_refused_by_the_parser(argv, option, allowed, capsys,
                                                                monkeypatch):
-    import minipeft.finetune as F
+    import minipeft.workflows.finetune as F
 
     # refused while parsing: nothing is trained, nothing is written
     monkeypatch.setattr(F, "finetune", lambda *a, **k: pytest.fail("ran with a bad option"))
@@ -102,7 +102,7 @@ def test_option_values_out_of_range_are_refused_by_the_parser(argv, option, allo
 
 
 def test_finetune_without_lr_trains_at_the_methods_best_known_rate(tmp_path, capsys):
-    from minipeft.compare import best_known_lr
+    from minipeft.workflows.compare import best_known_lr
 
     out = tmp_path / "ia3"
     assert main(["finetune", "--method", "ia3", "--steps", "1", "--eval-limit", "2",
@@ -147,7 +147,7 @@ def test_eval_reports_the_examples_scored_and_their_majority(tmp_path, capsys):
 
 
 def test_an_empty_out_never_replaces_saved_work(tmp_path, capsys, monkeypatch):
-    import minipeft.base as B
+    import minipeft.workflows.base as B
 
     # pretrain: "" is not "the shipped base" (an unset shell variable must not overwrite it)
     monkeypatch.setattr(B, "BASE_PATH", str(tmp_path / "base.safetensors"))
@@ -214,7 +214,7 @@ def test_a_warmup_longer_than_the_run_is_refused_with_what_to_do():
 def test_pretrain_command_with_fewer_steps_than_the_default_warmup(tmp_path, monkeypatch, capsys):
     # `minipeft pretrain --steps 20` once failed: the warmup was 100 steps whatever the run.
     # (Only the final validation is shortened here, to keep the test quick.)
-    import minipeft.base as B
+    import minipeft.workflows.base as B
 
     monkeypatch.setattr(B, "PretrainRecipe", functools.partial(PretrainRecipe, val_batches=2))
     out = tmp_path / "base.safetensors"
@@ -230,9 +230,9 @@ def test_shipped_base_beats_the_bigram_by_thirty_percent():
     assert os.path.getsize(BASE_PATH) < 4_000_000
     assert info["val_loss"] <= 0.70 * info["bigram_val_loss"]
     # the stored number is what the weights really give (first 20 validation windows)
-    from minipeft.base import validation_loss
     from minipeft.data.corpus import pretraining_text
     from minipeft.data.tokenizer import CharTokenizer
+    from minipeft.workflows.base import validation_loss
 
     model = load_base()
     val_ids = CharTokenizer().encode(pretraining_text("val"))
@@ -240,8 +240,8 @@ def test_shipped_base_beats_the_bigram_by_thirty_percent():
 
 
 def test_finetune_defaults_to_the_rate_compare_measured_best(capsys):
-    from minipeft.cli import default_lr
-    from minipeft.compare import LR_GRID, best_known_lr
+    from minipeft.tools.cli import default_lr
+    from minipeft.workflows.compare import LR_GRID, best_known_lr
 
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
@@ -266,7 +266,7 @@ def _actions(parser, path="minipeft"):
 def test_every_option_of_every_subcommand_has_help():
     import argparse
 
-    from minipeft.cli import build_parser
+    from minipeft.tools.cli import build_parser
 
     missing = [f"{where} {'/'.join(a.option_strings) or a.dest}"
                for where, a in _actions(build_parser())
@@ -277,8 +277,8 @@ def test_every_option_of_every_subcommand_has_help():
 def test_method_options_apply_to_the_methods_whose_config_has_the_field():
     import argparse
 
-    from minipeft.cli import _KNOBS, build_config, build_parser, methods_using
     from minipeft.peft.config import METHODS, config_class
+    from minipeft.tools.cli import _KNOBS, build_config, build_parser, methods_using
 
     assert methods_using("target_modules") == ["bitfit", "mask", "lora", "ia3"]
     assert methods_using("r") == ["lora"]
@@ -311,8 +311,8 @@ def test_method_options_apply_to_the_methods_whose_config_has_the_field():
 
 
 def test_readme_and_generate_help_show_each_tasks_prompt_format(capsys):
-    from minipeft.cli import task_formats
     from minipeft.data.tasks import TASKS
+    from minipeft.tools.cli import task_formats
 
     formats = task_formats()
     for name, spec in TASKS.items():
@@ -324,7 +324,7 @@ def test_readme_and_generate_help_show_each_tasks_prompt_format(capsys):
     assert formats in capsys.readouterr().out
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     # the README's block is this text, regenerated with python -c
-    # "from minipeft.cli import task_formats; print(task_formats())"
+    # "from minipeft.tools.cli import task_formats; print(task_formats())"
     assert formats in readme
 
 
@@ -353,7 +353,7 @@ def test_generate_asks_by_default_for_no_more_tokens_than_fit(capsys):
 
 
 def test_main_keeps_bugs_tracebacks_and_reports_interrupts_in_one_line(monkeypatch, capsys):
-    import minipeft.cli as cli
+    import minipeft.tools.cli as cli
 
     def raising(exc):
         def job(args):

@@ -20,11 +20,11 @@ import pytest
 
 from minipeft import backend
 from minipeft import compare as C
-from minipeft.cli import main
 from minipeft.data.tasks import get_task
 from minipeft.memory import profile_step
 from minipeft.optim import AdamW
 from minipeft.peft.config import METHODS
+from minipeft.tools.cli import main
 
 
 @pytest.fixture(scope="module")

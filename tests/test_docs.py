@@ -1,6 +1,6 @@
 r"""The docs: the build runs, every page is there, every link lands, the maths is MathML.
 
-The whole site is built once for this module (``minipeft.docs.build``), the
+The whole site is built once for this module (``minipeft.tools.docs.build``), the
 way ``minipeft docs`` builds it but without running any lesson: a lesson is
 rendered from its executed copy when ``$MINIPEFT_EXECUTED_DIR`` holds one
 (the lesson tests leave theirs there), and without outputs otherwise. On it:
@@ -132,7 +132,7 @@ def test_the_concept_map_covers_the_story(concept):
 
 
 def test_every_command_line_in_the_guide_parses():
-    from minipeft.cli import build_parser
+    from minipeft.tools.cli import build_parser
 
     text = GUIDE.read_text(encoding="utf-8")
     lines = [line.split(" #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
@@ -449,7 +449,7 @@ def test_save_executed_is_a_no_op_without_a_folder(monkeypatch):
 
 
 def test_the_command_builds_and_says_where(tmp_path, capsys):
-    from minipeft.cli import main
+    from minipeft.tools.cli import main
 
     out = tmp_path / "site"
     assert main(["docs", "--out", str(out), "--no-execute", "--quiet"]) == 0
@@ -459,7 +459,7 @@ def test_the_command_builds_and_says_where(tmp_path, capsys):
 
 
 def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path, capsys):
-    from minipeft.cli import main
+    from minipeft.tools.cli import main
 
     f = tmp_path / "taken"
     f.write_text("x", encoding="utf-8")

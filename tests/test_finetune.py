@@ -16,10 +16,10 @@ import re
 import numpy as np
 import pytest
 
-from minipeft.compare import best_known_lr
 from minipeft.data.tasks import get_task
-from minipeft.finetune import FINETUNE_INFO, FinetuneSettings, finetune, load_finetuned
 from minipeft.peft import IA3Config, LoraConfig, PromptTuningConfig
+from minipeft.workflows.compare import best_known_lr
+from minipeft.workflows.finetune import FINETUNE_INFO, FinetuneSettings, finetune, load_finetuned
 
 
 def quick(**over) -> FinetuneSettings:
@@ -46,7 +46,7 @@ def quick(**over) -> FinetuneSettings:
     ("clip", 0.0, "clip must be a positive finite gradient norm, or None for no clipping"),
 ])
 def test_bad_settings_are_refused_before_any_work(field, value, message, monkeypatch):
-    import minipeft.finetune as F
+    import minipeft.workflows.finetune as F
 
     def no_base(*a, **k):
         raise AssertionError("the base was loaded before the settings were checked")
@@ -62,7 +62,7 @@ def test_settings_accept_what_they_document():
 
 
 def test_bad_config_task_and_settings_types_are_refused(monkeypatch):
-    import minipeft.finetune as F
+    import minipeft.workflows.finetune as F
 
     monkeypatch.setattr(F, "load_base", lambda *a, **k: pytest.fail("loaded the base"))
     with pytest.raises(TypeError, match="finetune needs a PEFT config .*default_configs"):

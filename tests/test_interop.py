@@ -24,16 +24,6 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from minipeft import GPT, GPTConfig, io  # noqa: E402
-from minipeft.base import BASE_PATH, load_base  # noqa: E402
-from minipeft.cli import main  # noqa: E402
-from minipeft.interop import (  # noqa: E402
-    InteropError,
-    export_peft_adapter,
-    import_peft_adapter,
-    load_hf_gpt2,
-    load_hf_tokenizer,
-    save_hf_gpt2,
-)
 from minipeft.optim import AdamW  # noqa: E402
 from minipeft.peft import (  # noqa: E402
     AdapterConfig,
@@ -48,6 +38,16 @@ from minipeft.peft import (  # noqa: E402
     PromptTuningConfig,
     get_peft_model,
 )
+from minipeft.tools.cli import main  # noqa: E402
+from minipeft.tools.interop import (  # noqa: E402
+    InteropError,
+    export_peft_adapter,
+    import_peft_adapter,
+    load_hf_gpt2,
+    load_hf_tokenizer,
+    save_hf_gpt2,
+)
+from minipeft.workflows.base import BASE_PATH, load_base  # noqa: E402
 
 # third-party deprecation notices (peft calling transformers) are not this file's business
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from minipeft.base import load_base
 from minipeft.data.tasks import get_task
-from minipeft.evaluation import evaluate
-from minipeft.finetune import FinetuneSettings, finetune
 from minipeft.peft import (
     AdapterConfig,
     BitFitConfig,
@@ -29,6 +26,9 @@ from minipeft.peft import (
     PrefixTuningConfig,
     PromptTuningConfig,
 )
+from minipeft.workflows.base import load_base
+from minipeft.workflows.evaluation import evaluate
+from minipeft.workflows.finetune import FinetuneSettings, finetune
 
 TASK = "reverse"
 N_TEST = 100

@@ -81,7 +81,7 @@ def test_has_an_assertion_cell(path):
 def test_starts_with_the_setup_cell(path):
     first = code_cells(read(path))[0]
     assert "lessons.setup()" in first, (
-        f"{path.name}: the first code cell must call minipeft.lessons.setup(), which checks "
+        f"{path.name}: the first code cell must call minipeft.tools.lessons.setup(), which checks "
         "the lessons extra and says how to install it")
 
 
@@ -115,7 +115,7 @@ def test_solutions_parse():
 
 
 # ---------------------------------------------------------------------------
-# What the notebooks share (minipeft/lessons.py)
+# What the notebooks share (minipeft/tools/lessons.py)
 # ---------------------------------------------------------------------------
 
 
@@ -125,12 +125,12 @@ def test_finetune_and_score_is_the_training_loop_the_lessons_wrote_out():
     import numpy as np
 
     from minipeft import lessons
-    from minipeft.base import load_base
     from minipeft.data import get_task
-    from minipeft.evaluation import evaluate
     from minipeft.optim import AdamW, LRSchedule
     from minipeft.peft import LoraConfig, get_peft_model
-    from minipeft.train import train
+    from minipeft.workflows.base import load_base
+    from minipeft.workflows.evaluation import evaluate
+    from minipeft.workflows.train import train
 
     task, lr, steps, n_test = get_task("reverse"), 3e-3, 6, 4
     config = LoraConfig(r=4, target_modules=["c_attn"])
@@ -187,9 +187,9 @@ def test_the_flop_counters_agree_and_switch_the_log_off():
 
     from minipeft import lessons
     from minipeft.autograd import profile
-    from minipeft.base import load_base
     from minipeft.data import get_task
     from minipeft.peft import LoraConfig, get_peft_model
+    from minipeft.workflows.base import load_base
 
     idx, targets = next(get_task("reverse").batches("val", 4, shuffle=False))
     base, lora = load_base(), get_peft_model(load_base(), LoraConfig(r=8))
@@ -283,6 +283,6 @@ def test_runs_top_to_bottom(path, timings, monkeypatch):
     assert not any(c.get("outputs") for c in read(path).cells if c.cell_type == "code")
     # with $MINIPEFT_EXECUTED_DIR set (CI sets it), keep this run for `minipeft docs`,
     # which renders it instead of running the lesson a second time
-    from minipeft.docs import save_executed
+    from minipeft.tools.docs import save_executed
 
     save_executed(nb, path.stem)

@@ -17,9 +17,9 @@ import pytest
 from minipeft import GPT, GPTConfig, backend, memory
 from minipeft.autograd import LEDGER
 from minipeft.autograd.tensor import BACKWARD_HOOKS
-from minipeft.cli import main
 from minipeft.optim import SGD, AdamW
 from minipeft.peft import config_class, get_peft_model
+from minipeft.tools.cli import main
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=96, n_positions=64)
 B, T = 3, 16

@@ -173,7 +173,7 @@ def test_export_to_peft_is_a_plain_lora_adapter(tmp_path):
     pytest.importorskip("safetensors")
     from safetensors.numpy import load_file
 
-    from minipeft.interop import export_peft_adapter
+    from minipeft.tools.interop import export_peft_adapter
 
     pm = _lora(targets=["c_attn"])
     perturb(pm)
@@ -194,7 +194,7 @@ def test_exported_lora_fa_gives_peft_the_same_logits(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from minipeft.interop import export_peft_adapter, save_hf_gpt2
+    from minipeft.tools.interop import export_peft_adapter, save_hf_gpt2
 
     base = small_base(seed=1)
     save_hf_gpt2(base, tmp_path / "gpt2")

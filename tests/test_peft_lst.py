@@ -253,7 +253,7 @@ def test_trainable_parameters_are_the_side_network(capsys):
 def test_extra_flops_per_token_are_the_side_network_s_products():
     # every matrix product the side network adds, counted by the engine: the weight
     # products (per token, as stated) plus the side attention's 4·T·d per block and token
-    from minipeft.lessons import forward_flops
+    from minipeft.tools.lessons import forward_flops
     pm = _lst()
     idx = tokens()
     extra = pm.adapters["default"].extra_flops_per_token(pm)

@@ -500,10 +500,10 @@ def test_bitfit_on_a_quantized_base_trains_biases_only():
 
 
 def test_quantization_table_on_the_shipped_base():
-    from minipeft.base import load_base, validation_loss
     from minipeft.data.corpus import pretraining_text
     from minipeft.data.tokenizer import CharTokenizer
-    from minipeft.quant_eval import format_table, quantization_table
+    from minipeft.workflows.base import load_base, validation_loss
+    from minipeft.workflows.quant_eval import format_table, quantization_table
 
     table = quantization_table(rows=(("nf4", True), ("int8", False)), val_batches=1)
     assert [r["format"] for r in table] == ["float32", "nf4", "int8"]

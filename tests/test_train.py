@@ -16,7 +16,7 @@ from minipeft import backend
 from minipeft.autograd import ops
 from minipeft.nn import Module, Parameter
 from minipeft.optim import SGD, AdamW, LRSchedule
-from minipeft.train import History, evaluate_loss, set_seed, train
+from minipeft.workflows.train import History, evaluate_loss, set_seed, train
 
 V = 8  # vocabulary of the toy problem
 

@@ -339,7 +339,7 @@ class LSTMethod(Method):
 
         :math:`2\,\big((L+1)\,D d + 12\,L\,d^2 + d D\big)`: the L + 1 ladders,
         the four Linears of each side block (3d², d², 4d², 4d²) and the
-        up-projection. Like :func:`~minipeft.compare.base_flops_per_token`
+        up-projection. Like :func:`~minipeft.workflows.compare.base_flops_per_token`
         it leaves out the attention scores (the side blocks' grow with the
         context, 4·T·d per block and token), LayerNorms, GELU and gates.
         Nothing merges: this is paid at inference too.

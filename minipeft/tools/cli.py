@@ -13,8 +13,8 @@
     minipeft docs --out DIR            the docs: guide, annotated source, lessons (HTML)
 
 Each subcommand is a thin layer over the package's functions
-(:mod:`minipeft.finetune`, :mod:`minipeft.memory`, :mod:`minipeft.compare`,
-:mod:`minipeft.interop`, :mod:`minipeft.docs`). Bad input is refused before
+(:mod:`minipeft.workflows.finetune`, :mod:`minipeft.memory`, :mod:`minipeft.workflows.compare`,
+:mod:`minipeft.tools.interop`, :mod:`minipeft.tools.docs`). Bad input is refused before
 any work starts (no base is loaded, nothing trains, nothing is written), in
 one line that names the option and what to do:
 
@@ -66,7 +66,7 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------
 
 # A method's default learning rate is the one ``minipeft compare`` measured
-# best on the shipped base (:func:`minipeft.compare.best_known_lr`, the middle
+# best on the shipped base (:func:`minipeft.workflows.compare.best_known_lr`, the middle
 # of the method's grid): one table, kept with the grids it was chosen from.
 # Each method wants its own scale: a soft prompt moves 20 vectors and needs a
 # large step, full fine-tuning moves every weight and needs a small one.
@@ -74,14 +74,14 @@ class _Parser(argparse.ArgumentParser):
 
 def default_lr(method: str) -> float:
     """The learning rate ``minipeft finetune`` uses for ``method`` when ``--lr`` is not given."""
-    from .compare import best_known_lr
+    from ..workflows.compare import best_known_lr
 
     return best_known_lr(method)
 
 
 def _default_lr_help() -> str:
     """The ``--lr`` help: every method's default, read from the one table."""
-    from .compare import LR_GRID
+    from ..workflows.compare import LR_GRID
 
     rates = ", ".join(f"{m} {default_lr(m):g}" for m in LR_GRID)
     return f"learning rate (default: the method's best known on the shipped base: {rates})"
@@ -235,14 +235,14 @@ _KNOBS = (
 
 def _fields(method: str) -> dict:
     """The config fields of ``method``: name -> dataclasses.Field."""
-    from .peft.config import config_class
+    from ..peft.config import config_class
 
     return {f.name: f for f in dataclasses.fields(config_class(method))}
 
 
 def methods_using(field: str) -> list[str]:
     """The methods whose config has ``field`` (the methods an option setting it applies to)."""
-    from .peft.config import METHODS
+    from ..peft.config import METHODS
 
     return [m for m in METHODS if field in _fields(m)]
 
@@ -295,7 +295,7 @@ def build_config(method: str, args) -> object:
     Knobs of other methods are skipped here; :func:`check_knobs_apply` refuses
     one that no chosen method reads.
     """
-    from .peft.config import METHODS, config_class
+    from ..peft.config import METHODS, config_class
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -371,7 +371,7 @@ def check_out_file(option: str, path, example: str, *, overwrite: bool = True) -
 
 def check_adapter_folder(option: str, path, made_by: str = "`minipeft finetune --out DIR`") -> None:
     """Refuse an ``--adapter`` that is not a folder holding adapter_config.json, before loading anything."""
-    from .peft.model import ADAPTER_CONFIG
+    from ..peft.model import ADAPTER_CONFIG
 
     _check_nonempty(option, path)
     if not os.path.exists(path):
@@ -412,7 +412,7 @@ def available_memory() -> int | None:
 
 def task_formats() -> str:
     """Each task's prompt format with an example, from the task definitions (one line per task)."""
-    from .data.tasks import TASKS
+    from ..data.tasks import TASKS
 
     lines = []
     for name, spec in TASKS.items():
@@ -430,14 +430,14 @@ def task_formats() -> str:
 def _cmd_info(args) -> int:
     import numpy as np
 
-    from . import __version__, backend
-    from .base import BASE_PATH, base_info
+    from .. import __version__, backend
+    from ..workflows.base import BASE_PATH, base_info
 
     print(f"minipeft {__version__}  (numpy {np.__version__})")
     print(f"gpu: {'available' if backend.gpu_available() else 'not available'}")
     if os.path.isfile(BASE_PATH):
         info = base_info()
-        from .base import load_base
+        from ..workflows.base import load_base
 
         model = load_base()
         print(f"shipped base: {BASE_PATH} ({os.path.getsize(BASE_PATH) / 1e6:.1f} MB)")
@@ -452,7 +452,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from .base import BASE_PATH, REQUIRED_MARGIN, PretrainRecipe, pretrain, save_base
+    from ..workflows.base import BASE_PATH, REQUIRED_MARGIN, PretrainRecipe, pretrain, save_base
 
     if args.out is not None and not args.out.strip():
         # not the shipped base: an empty --out (an unset shell variable) must not replace it
@@ -473,7 +473,7 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from .finetune import FinetuneSettings, finetune
+    from ..workflows.finetune import FinetuneSettings, finetune
 
     check_knobs_apply([args.method], args)
     cfg = build_config(args.method, args)
@@ -491,9 +491,9 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .data.tasks import TASKS, get_task
-    from .evaluation import evaluate
-    from .finetune import FINETUNE_INFO, load_finetuned, majority_score
+    from ..data.tasks import TASKS, get_task
+    from ..workflows.evaluation import evaluate
+    from ..workflows.finetune import FINETUNE_INFO, load_finetuned, majority_score
 
     if args.task is not None:
         get_task(args.task)                   # an unknown task is refused before loading
@@ -522,7 +522,7 @@ def _adapter_virtual_tokens(folder: str) -> int:
     """Positions an adapter's soft prompt or prefix takes (0 for the other methods), from its config."""
     import json
 
-    from .peft.model import ADAPTER_CONFIG
+    from ..peft.model import ADAPTER_CONFIG
 
     try:
         with open(os.path.join(folder, ADAPTER_CONFIG), encoding="utf-8") as f:
@@ -535,9 +535,9 @@ def _adapter_virtual_tokens(folder: str) -> int:
 def _cmd_generate(args) -> int:
     import numpy as np
 
-    from .base import base_info, load_base
-    from .data.tasks import TASKS, TERMINATOR
-    from .data.tokenizer import CharTokenizer
+    from ..data.tasks import TASKS, TERMINATOR
+    from ..data.tokenizer import CharTokenizer
+    from ..workflows.base import base_info, load_base
 
     tok = CharTokenizer()
     prompt = args.prompt.replace("\\n", "\n")
@@ -574,7 +574,7 @@ def _cmd_generate(args) -> int:
     # every training line): generation stops there, unless --no-stop.
     stop = None
     if args.adapter is not None:
-        from .finetune import load_finetuned
+        from ..workflows.finetune import load_finetuned
 
         model, meta = load_finetuned(args.adapter, device=args.device)
         if meta.get("task") in TASKS and not args.no_stop:
@@ -600,13 +600,13 @@ def _cmd_bench(args) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Hugging Face interop: export and import (minipeft.interop)
+# Hugging Face interop: export and import (minipeft.tools.interop)
 # ---------------------------------------------------------------------------
 
 
 def _interop_base(args):
     """The base the adapters belong to: ``--checkpoint``, or the shipped base."""
-    from .base import load_base
+    from ..workflows.base import load_base
 
     if args.checkpoint is not None:
         _check_nonempty("--checkpoint", args.checkpoint)
@@ -619,8 +619,8 @@ def _interop_base(args):
 
 def _cmd_export(args) -> int:
     """Write a Hugging Face folder: the base as a GPT-2 model, or an adapter as a peft adapter."""
+    from ..peft import FullFinetuneConfig, PeftModel
     from .interop import export_peft_adapter, save_hf_gpt2
-    from .peft import FullFinetuneConfig, PeftModel
 
     if not args.base:
         check_adapter_folder("--adapter", args.adapter)
@@ -694,7 +694,7 @@ _PROFILE_MAX_PARAMS = 20_000_000
 
 
 def _memory_optimizer(name, params):
-    from .optim import SGD, AdamW
+    from ..optim import SGD, AdamW
 
     if name == "adamw":
         return AdamW(params, lr=1e-3)
@@ -705,10 +705,10 @@ def _cmd_memory(args) -> int:
     """Print the three views of one training step for a method (or all), and the estimator's tables."""
     import numpy as np
 
-    from . import memory as M
-    from .nn.gpt import GPT
-    from .peft import get_peft_model
-    from .peft.config import METHODS
+    from .. import memory as M
+    from ..nn.gpt import GPT
+    from ..peft import get_peft_model
+    from ..peft.config import METHODS
 
     cfg = M.preset(args.config)
     if args.gradient_checkpointing:
@@ -805,8 +805,8 @@ def _cmd_memory(args) -> int:
 
 def _add_memory_parser(sub) -> None:
     s = sub.add_parser("memory", help="training memory per category: estimated, accounted, measured")
-    from .memory import DTYPES, PRESETS
-    from .peft.config import METHODS
+    from ..memory import DTYPES, PRESETS
+    from ..peft.config import METHODS
 
     s.add_argument("--method", default="lora",
                    help=f"a method ({', '.join(METHODS)}) or all of them (default lora)")
@@ -837,7 +837,7 @@ def _add_memory_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Docs: the guide, the annotated source and the lessons as HTML (minipeft.docs)
+# Docs: the guide, the annotated source and the lessons as HTML (minipeft.tools.docs)
 # ---------------------------------------------------------------------------
 
 
@@ -875,7 +875,7 @@ def _add_docs_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Compare: every method on the five axes of the trade-off (minipeft.compare)
+# Compare: every method on the five axes of the trade-off (minipeft.workflows.compare)
 # ---------------------------------------------------------------------------
 
 
@@ -890,7 +890,7 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def _parse_methods(text: str) -> tuple[str, ...]:
-    from .peft.config import METHODS
+    from ..peft.config import METHODS
 
     if text.strip() == "all":
         return tuple(METHODS)
@@ -922,8 +922,8 @@ def _cmd_compare(args) -> int:
     """Fine-tune every method on one task, print the trade-off table, write CSV, JSON and PNG."""
     import dataclasses
 
-    from . import io
-    from .compare import CompareSettings, compare
+    from .. import io
+    from ..workflows.compare import CompareSettings, compare
 
     methods = _parse_methods(args.methods)
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
@@ -959,7 +959,7 @@ def _cmd_compare(args) -> int:
 
 
 def _add_compare_parser(sub) -> None:
-    from .compare import DEFAULT_TIME, QUICK_TIME, TABLE_WIDTH
+    from ..workflows.compare import DEFAULT_TIME, QUICK_TIME, TABLE_WIDTH
 
     s = sub.add_parser("compare", help="every method on one task: parameters, memory, speed, "
                                        "quality, inference cost, storage, forgetting")
@@ -1014,13 +1014,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     Every subcommand stores its handler as ``func`` (``set_defaults``), so
     :func:`main` runs ``args.func(args)`` without a table of names. Building
-    the parser imports the package and :mod:`minipeft.compare` (the method
+    the parser imports the package and :mod:`minipeft.workflows.compare` (the method
     names and the default learning rates the help lists); everything else a
     job needs is imported inside its ``_cmd_*`` function, when it runs.
     Every option has help text (a test walks the parser to keep it so).
     """
-    from .data.tasks import DEFAULT_TASK, TASKS
-    from .peft.config import METHODS
+    from ..data.tasks import DEFAULT_TASK, TASKS
+    from ..peft.config import METHODS
 
     p = _Parser(
         prog="minipeft",

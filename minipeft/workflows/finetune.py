@@ -28,17 +28,17 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import io
+from .. import io
+from ..data.tasks import get_task
+from ..optim import AdamW, LRSchedule
+from ..peft import PeftModel, get_peft_model
+from ..peft.config import PeftConfig
+from ..peft.model import RUN_RECORD, read_adapter_files
+from ..validate import Float, Int, check_fields, knob
 from .base import load_base
 from .compare import best_known_lr
-from .data.tasks import get_task
 from .evaluation import evaluate
-from .optim import AdamW, LRSchedule
-from .peft import PeftModel, get_peft_model
-from .peft.config import PeftConfig
-from .peft.model import RUN_RECORD, read_adapter_files
 from .train import train
-from .validate import Float, Int, check_fields, knob
 
 FINETUNE_INFO = RUN_RECORD      # "finetune.json"
 
@@ -48,7 +48,7 @@ class FinetuneSettings:
     """The training budget and optimiser settings of one fine-tuning run.
 
     ``lr=None`` (the default) means the method's best known rate on the
-    shipped base (:func:`minipeft.compare.best_known_lr`: a soft prompt wants
+    shipped base (:func:`minipeft.workflows.compare.best_known_lr`: a soft prompt wants
     a far larger step than full fine-tuning); :func:`finetune` resolves it
     from the config and records the rate it used. ``eval_limit`` scores only
     the first N test examples; ``None`` scores the whole test split.
@@ -132,12 +132,12 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
     ``out=None`` saves nothing. Besides its fields, the result carries what
     stays in memory and is not written to ``finetune.json``: ``result.model``,
     the trained :class:`PeftModel`, and ``result.history``, the training
-    :class:`~minipeft.train.History` (the loss of every step).
+    :class:`~minipeft.workflows.train.History` (the loss of every step).
     """
     # bad input is refused here, before the base is loaded or anything is trained
     if not isinstance(config, PeftConfig):
         raise TypeError(f"finetune needs a PEFT config (e.g. LoraConfig()), got {config!r}; "
-                        "minipeft.compare.default_configs() has one per method")
+                        "minipeft.workflows.compare.default_configs() has one per method")
     st = settings if settings is not None else FinetuneSettings()
     if not isinstance(st, FinetuneSettings):
         raise TypeError(f"settings must be a FinetuneSettings (e.g. FinetuneSettings(steps=100)), "

@@ -13,7 +13,7 @@ only the few lines each of them would otherwise copy:
 * :func:`answer_loss`: the quantity fine-tuning minimises, measured on
   held-out examples (cross-entropy on the answer characters only).
 * :func:`finetune_and_score`: train a PEFT config on a task the way
-  ``minipeft finetune`` does (:func:`minipeft.finetune.finetune`), keep it in
+  ``minipeft finetune`` does (:func:`minipeft.workflows.finetune.finetune`), keep it in
   memory, and score it: the training history, the held-out answer loss and
   the test metric, which is what a lesson plots and asserts;
   :func:`finetune_seeds` does it once per seed, for the spread.
@@ -72,7 +72,7 @@ def setup():
             f"    {INSTALL_COMMAND}\n\n"
             "in the repository root (it adds Jupyter and matplotlib), then restart the kernel."
         ) from None
-    from . import __version__
+    from .. import __version__
 
     setting = ("fast setting (MINIPEFT_FAST=1): fewer steps and examples, the same claims"
                if FAST else "full setting")
@@ -91,7 +91,7 @@ def answer_loss(model, task, split: str = "val", n_examples: int = 200,
     fine-tuning minimises, on examples it never trained on. No gradients,
     eval mode; a few forward passes, far cheaper than generating answers.
     """
-    from .train import evaluate_loss
+    from ..workflows.train import evaluate_loss
 
     if n_examples % batch_size:
         raise ValueError(f"n_examples ({n_examples}) must be a multiple of batch_size "
@@ -105,7 +105,7 @@ class Finetuned:
     """What :func:`finetune_and_score` returns: the trained model and what a lesson reads of it."""
 
     model: object           #: the PeftModel, adapter still attached (unmerged)
-    history: object         #: the training :class:`~minipeft.train.History` (losses by step)
+    history: object         #: the training :class:`~minipeft.workflows.train.History` (losses by step)
     answer_loss: float      #: held-out answer loss (:func:`answer_loss`, validation split)
     score: float            #: the task's metric on the first ``n_test`` test examples
     trainable: int          #: trained parameters (a masked weight counts its selected entries)
@@ -115,7 +115,7 @@ def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
                        batch_size: int = 16, seed: int = 0, n_val: int = 200) -> Finetuned:
     r"""Fine-tune the shipped base with ``config`` on ``task``, as ``minipeft finetune`` does.
 
-    This is :func:`minipeft.finetune.finetune` (wrap, AdamW over what trains
+    This is :func:`minipeft.workflows.finetune.finetune` (wrap, AdamW over what trains
     with no weight decay, warmup and cosine decay to ``lr / 10``, gradient
     clipping at 1, batches of the training split in the order of seed 0),
     with nothing saved to disk and no zero-shot score, followed by
@@ -127,7 +127,7 @@ def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
     loss is taken over the first ``n_val`` validation examples (a multiple
     of 50). ``seed`` sets the order of the training batches.
     """
-    from .finetune import FinetuneSettings, finetune
+    from ..workflows.finetune import FinetuneSettings, finetune
 
     settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 warmup=min(20, steps // 5), eval_limit=n_test)
@@ -213,7 +213,7 @@ def count_flops():
             loss.backward()
         backward = flops.total - forward
     """
-    from .autograd import fast_path_on, profile
+    from ..autograd import fast_path_on, profile
 
     if not fast_path_on():
         raise RuntimeError("count_flops counts the products of the fast kernels; the reference "
@@ -235,7 +235,7 @@ def forward_flops(model, idx) -> int:
     - forward_flops(base, idx)`` is exactly that times ``idx.size`` for a
     method that adds work to every token, and 0 for a merged one.
     """
-    from . import backend, no_grad
+    from .. import backend, no_grad
 
     idx = backend.to_device(np.asarray(idx), model.device)
     with no_grad(), count_flops() as flops:
@@ -254,7 +254,7 @@ def step_flops(model, batch) -> dict:
     never on the machine or the weights' values. The gradients are cleared
     afterwards and no optimizer step is taken: the model is left as it was.
     """
-    from . import backend
+    from .. import backend
 
     idx, targets = (backend.to_device(np.asarray(a), model.device) for a in batch)
     try:

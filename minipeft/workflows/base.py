@@ -20,20 +20,20 @@ import json
 import os
 from dataclasses import dataclass
 
-from . import io
-from .data.corpus import (
+from .. import io
+from ..data.corpus import (
     bigram_cross_entropy,
     fingerprint,
     lm_batches,
     lm_windows,
     pretraining_text,
 )
-from .data.tokenizer import CharTokenizer
-from .nn.gpt import GPT, GPTConfig
-from .optim import AdamW, LRSchedule, param_groups
+from ..data.tokenizer import CharTokenizer
+from ..nn.gpt import GPT, GPTConfig
+from ..optim import AdamW, LRSchedule, param_groups
 from .train import evaluate_loss, train
 
-BASE_PATH = os.path.join(os.path.dirname(__file__), "assets", "base.safetensors")
+BASE_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "base.safetensors")
 
 #: the required margin over the bigram model's validation cross-entropy
 REQUIRED_MARGIN = 0.30

@@ -100,8 +100,8 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from . import backend, io
-from .nn.gpt import GPT, GPTConfig
+from .. import backend, io
+from ..nn.gpt import GPT, GPTConfig
 
 __all__ = [
     "HFTokenizer", "InteropError", "export_peft_adapter", "import_peft_adapter",
@@ -445,7 +445,7 @@ def save_hf_gpt2(model: GPT, directory) -> Path:
     ``tie_word_embeddings`` tells transformers to tie it (as its own
     ``save_pretrained`` does). Written atomically (see the module docstring).
     """
-    from .peft.model import PeftModel, fingerprint
+    from ..peft.model import PeftModel, fingerprint
 
     if isinstance(model, PeftModel):
         raise TypeError(
@@ -567,7 +567,7 @@ def export_peft_adapter(peft_model, directory, adapter_name: str | None = None,
         InteropError: a method peft does not have, an adapter that is merged,
             or a soft prompt with no virtual tokens.
     """
-    from .peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
+    from ..peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
 
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"export_peft_adapter expects a minipeft PeftModel, got {type(peft_model).__name__}")
@@ -705,7 +705,7 @@ def _peft_matches(targets, module: str) -> bool:
 
 def _targets(config_targets, modules: list[str], base: GPT) -> list[str]:
     """minipeft target_modules: peft's list when it picks exactly the file's modules, else their names."""
-    from .peft.tuner import is_linear_like, matches
+    from ..peft.tuner import is_linear_like, matches
 
     if isinstance(config_targets, (list, tuple)) and config_targets:
         linear = [n for n, m in base.named_modules() if n and is_linear_like(m)
@@ -727,7 +727,7 @@ def _convert_lora(hf: dict, state: dict, base: GPT, where):
     A is (in, r) and B (r, out), so each is transposed. A setting minipeft's
     LoRA does not have is refused rather than dropped.
     """
-    from .peft import LoraConfig
+    from ..peft import LoraConfig
 
     for field_name, (unused, what) in _LORA_UNSUPPORTED.items():
         value = hf.get(field_name)
@@ -776,7 +776,7 @@ def _convert_ia3(hf: dict, state: dict, base: GPT, where):
     peft scales the fused ``c_attn`` output as a whole (q included), so the
     config has ``scale_queries=True``.
     """
-    from .peft import IA3Config
+    from ..peft import IA3Config
 
     if hf.get("modules_to_save"):
         raise InteropError(f"'{where}' uses modules_to_save, which minipeft's (IA)^3 does not have")
@@ -811,7 +811,7 @@ def _convert_soft_prompt(hf: dict, state: dict, base: GPT, where):
     uses too: (P, C) for prompt tuning, (P, L·2·C) for prefix tuning (the
     prefixes themselves, not the MLP that made them).
     """
-    from .peft import PrefixTuningConfig, PromptTuningConfig
+    from ..peft import PrefixTuningConfig, PromptTuningConfig
 
     gc = base.config
     if set(state) != {"prompt_embeddings"}:
@@ -866,7 +866,7 @@ def read_peft_adapter(directory, base: GPT, base_fingerprint: str | None = None)
     ``base_fingerprint``: the base's, when known (a PeftModel keeps it);
     computed from ``base`` otherwise, and only if the adapter records one.
     """
-    from .peft.model import fingerprint
+    from ..peft.model import fingerprint
 
     folder = Path(directory)
     if not folder.is_dir():
@@ -905,7 +905,7 @@ def import_peft_adapter(model, directory, adapter_name: str = "default", is_trai
     adapter records one. The adapter is active; it trains only with
     ``is_trainable=True``, as in peft.
     """
-    from .peft import PeftModel, get_peft_model
+    from ..peft import PeftModel, get_peft_model
 
     base = model.base_model if isinstance(model, PeftModel) else model
     if not isinstance(base, GPT):

@@ -9,13 +9,13 @@ float, as in QLoRA) are quantized, and two things are measured:
   constant, 64 for the 4-bit formats, a column for int8);
 * the pretraining-corpus loss of the quantized base: the validation
   cross-entropy (nats per character) the base records, on the same windows
-  and averaged the same way (:func:`minipeft.base.validation_loss`: the mean
+  and averaged the same way (:func:`minipeft.workflows.base.validation_loss`: the mean
   of per-batch means), against the float32 base's. The change is given with
   its standard error over the batches (paired: the same batch under both
   models), so a difference between two formats can be told from the spread
   of the text.
 
-``python -m minipeft.quant_eval`` prints the table.
+``python -m minipeft.workflows.quant_eval`` prints the table.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import itertools
 
 import numpy as np
 
-from . import backend
-from .autograd import no_grad
+from .. import backend
+from ..autograd import no_grad
+from ..data.corpus import lm_windows, pretraining_text
+from ..data.tokenizer import CharTokenizer
+from ..nn import quant as Q
 from .base import load_base
-from .data.corpus import lm_windows, pretraining_text
-from .data.tokenizer import CharTokenizer
-from .nn import quant as Q
 
 #: (format, double quantization) rows of the table: QLoRA's NF4 with and without
 #: its second level, then the comparison formats
@@ -120,7 +120,7 @@ def format_table(table: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m minipeft.quant_eval", description=__doc__.split(
+    ap = argparse.ArgumentParser(prog="python -m minipeft.workflows.quant_eval", description=__doc__.split(
         "\n")[0])
     ap.add_argument("--blocksize", type=int, default=64)
     ap.add_argument("--val-batches", type=int, default=None,

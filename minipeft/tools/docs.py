@@ -61,7 +61,7 @@ from functools import lru_cache
 from pathlib import Path
 
 #: The package folder, and the checkout that holds it (docs/, lessons/, tests/).
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = PACKAGE_DIR.parent
 
 #: Environment variable naming the folder of executed lesson notebooks.
@@ -73,14 +73,21 @@ INSTALL_COMMAND = "pip install -e '.[docs]'"
 #: Files listed first on the index, in the order the layers build on each
 #: other (DESIGN.md's tree); the rest follow alphabetically.
 LAYER_ORDER = [
-    "minipeft/__init__.py", "minipeft/backend.py", "minipeft/validate.py",
-    # the reference engine first, then the fast path beside it
+    "minipeft/__init__.py",
+    # the core: arrays, the engine (reference first, then the fast path beside it), the
+    # model, the optimizers, files, data, the methods and the memory books
+    "minipeft/backend.py", "minipeft/validate.py",
     "minipeft/autograd/__init__.py", "minipeft/autograd/tensor.py", "minipeft/autograd/function.py",
     "minipeft/autograd/ops.py", "minipeft/autograd/gradcheck.py", "minipeft/autograd/parallel.py",
     "minipeft/autograd/fused.py", "minipeft/autograd/profile.py",
-    "minipeft/autograd/", "minipeft/nn/", "minipeft/optim.py", "minipeft/peft/",
-    "minipeft/memory/", "minipeft/data/", "minipeft/train.py", "minipeft/io.py",
-    "minipeft/base.py", "minipeft/finetune.py", "minipeft/evaluation.py",
+    "minipeft/autograd/", "minipeft/nn/", "minipeft/optim.py", "minipeft/io.py", "minipeft/data/",
+    "minipeft/peft/", "minipeft/memory/",
+    # the workflows built on it
+    "minipeft/workflows/__init__.py", "minipeft/workflows/train.py",
+    "minipeft/workflows/evaluation.py", "minipeft/workflows/base.py",
+    "minipeft/workflows/finetune.py", "minipeft/workflows/",
+    # the tools around them
+    "minipeft/tools/",
 ]
 
 
@@ -974,7 +981,7 @@ def save_executed(nb, name: str, folder: str | os.PathLike | None = None) -> Pat
     if folder is None:
         return None
     nbformat = _need("nbformat")
-    from . import io
+    from .. import io
 
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{name}.ipynb"
@@ -1225,7 +1232,7 @@ def build(out: str | os.PathLike = "docs/_build", *, root: str | os.PathLike | N
         _need(name)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
-    from . import io
+    from .. import io
 
     io.ensure_writable_dir(str(out))
     MATH_STATS.converted, MATH_STATS.failed = 0, []

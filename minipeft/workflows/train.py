@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from . import backend
-from .autograd.function import no_grad
-from .autograd.tensor import Tensor
-from .nn.module import Module
-from .optim import Optimizer, clip_grad_norm_
-from .validate import Float, Int
+from .. import backend
+from ..autograd.function import no_grad
+from ..autograd.tensor import Tensor
+from ..nn.module import Module
+from ..optim import Optimizer, clip_grad_norm_
+from ..validate import Float, Int
 
 __all__ = ["History", "evaluate_loss", "set_seed", "train"]
 

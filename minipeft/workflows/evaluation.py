@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autograd import no_grad
-from .data.tokenizer import CharTokenizer
+from ..autograd import no_grad
+from ..data.tokenizer import CharTokenizer
 
 _TOKENIZER = CharTokenizer()
 

@@ -54,7 +54,7 @@ of one run, never across runs.
 
 Use::
 
-    from minipeft.compare import CompareSettings, compare
+    from minipeft.workflows.compare import CompareSettings, compare
     result = compare(CompareSettings(task="sentiment", seeds=(0, 1, 2)))
     print(result.table())
     result.write("runs/compare")      # results.csv, results.json, results.png
@@ -80,17 +80,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, io
+from .. import backend, io
+from ..data.corpus import pretraining_text
+from ..data.tasks import get_task
+from ..data.tokenizer import CharTokenizer
+from ..memory import MiB, profile_step
+from ..optim import AdamW, LRSchedule
+from ..peft import LayerSelectConfig, get_peft_model
+from ..peft.config import METHODS, config_class
+from ..peft.model import ADAPTER_WEIGHTS
 from .base import load_base, validation_loss
-from .data.corpus import pretraining_text
-from .data.tasks import get_task
-from .data.tokenizer import CharTokenizer
 from .evaluation import evaluate
-from .memory import MiB, profile_step
-from .optim import AdamW, LRSchedule
-from .peft import LayerSelectConfig, get_peft_model
-from .peft.config import METHODS, config_class
-from .peft.model import ADAPTER_WEIGHTS
 from .train import train
 
 # ---------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def cpu_threads(n: int | None):
     each other make every product several times slower. One thread also
     makes the timing columns steadier.
     """
-    from .autograd.parallel import get_num_threads, using_threads  # noqa: PLC0415
+    from ..autograd.parallel import get_num_threads, using_threads  # noqa: PLC0415
     if n is None:
         yield f"{get_num_threads()} (the engine's default)"
         return
@@ -757,7 +757,7 @@ def _render_png(result: CompareResult) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .memory import CATEGORIES, COLORS, LABELS
+    from ..memory import CATEGORIES, COLORS, LABELS
 
     rows, c = result.rows, result.context
     fig = Figure(figsize=(12, 4.8))
