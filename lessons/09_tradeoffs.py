@@ -300,12 +300,12 @@ for x in order:
 # The forgetting columns are lesson 10's subject. "dloss on" is the rise
 # of the pretraining corpus's loss with the adapter active, the model as it
 # is used: every method forgets some, and read at one equal budget of steps
-# the column cannot say whether a frozen base forgets less. Each method runs at
-# its own rate (PEFT's are 10 to 1000 times full fine-tuning's) and learns
-# the task to a different degree; lesson 10 traces learning against
-# forgetting along training and compares the methods at matched task
-# quality. "detached" is the base again by construction, and a detached
-# adapter does not do the task.
+# the column cannot say whether a frozen base forgets less. Each method
+# runs at its own rate (the lr column: PEFT's are one to three orders of
+# magnitude above full fine-tuning's) and learns the task to a different
+# degree; lesson 10 traces learning against forgetting along training and
+# compares the methods at matched task quality. "detached" is the base
+# again by construction, and a detached adapter does not do the task.
 
 # %%
 files = {}

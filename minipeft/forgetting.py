@@ -501,7 +501,7 @@ _COLOURS = {"full": "tab:red", "lora": "tab:blue", "bitfit": "tab:green", "adapt
 def plot_forgetting(result: ForgettingResult, ax=None, level: float | None = None):
     """Draw every (method, rate) curve, mean over seeds at each checkpoint, on ``ax``.
 
-    x: held-out answer loss (axis reversed: rightwards is more learned);
+    x: held-out answer loss (log scale, reversed: rightwards is more learned);
     y: the corpus-loss rise over the base (upwards is more forgotten). The
     rates of one method share its colour, darker for larger rates; a dotted
     line marks the matched level. Returns the axes.
@@ -525,13 +525,14 @@ def plot_forgetting(result: ForgettingResult, ax=None, level: float | None = Non
     level = result.matched(level)["level"] if level is None else level
     ax.axvline(level, ls=":", color="grey", lw=1, label=f"matched: answer loss {level:.2f}")
     ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xscale("log")                 # the answer loss falls by orders of magnitude
     ax.invert_xaxis()
-    ax.set_xlabel("held-out answer loss (reversed: rightwards = learned more)")
+    ax.set_xlabel("held-out answer loss, log scale (reversed: rightwards = learned more)")
     ax.set_ylabel("corpus-loss rise, adapter active (up = forgot more)")
     n_seeds = len(result.settings["seeds"])
     ax.set_title(f"learning against forgetting along training: {result.context['task']}, "
                  f"{result.settings['steps']} steps, mean of {n_seeds} seed(s)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2, frameon=False)
+    ax.legend(fontsize=7, ncol=2, frameon=False, loc="best")
     return ax
 
 
