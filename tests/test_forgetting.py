@@ -187,3 +187,18 @@ def test_bad_settings_are_refused_before_any_work(change, message, monkeypatch):
     st = ForgettingSettings(**change)
     with pytest.raises(ValueError, match=message):
         forgetting_sweep(st, progress=False)
+
+
+def test_the_command_runs_a_sweep_and_writes_its_files(tmp_path, capsys):
+    from minipeft.cli import main
+
+    out = tmp_path / "forgetting"
+    rc = main(["forgetting", "--fast", "--methods", "bitfit", "--lr", "bitfit=1e-2",
+               "--steps", "2", "--every", "1", "--corpus-batches", "1", "--out", str(out),
+               "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "forgetting on reverse: 1 runs of 2 steps" in text and "at matched quality" in text
+    assert sorted(p.name for p in out.iterdir()) == sorted(RESULT_FILES)
+    back = load_results(str(out / "results.json"))
+    assert back.settings["rates"] == {"bitfit": [1e-2]} and back.runs[0]["steps"] == [0, 1, 2]
