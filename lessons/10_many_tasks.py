@@ -316,16 +316,18 @@ print("the curves say what the text says")
 # Biderman et al. fine-tuned Llama-2 7B on code and maths, for up to
 # billions of tokens, and found that full fine-tuning and LoRA "occupy the
 # same Pareto curve, with the LoRA models on the lower right – learning less
-# and forgetting less": LoRA forgot less *because* it learned less, not for
-# the same learning. Our curves do not even share a curve: at matched
-# answer loss, the PEFT methods have forgotten more. Three things differ:
+# and forgetting less": LoRA forgot less *because* it learned less; for the
+# same learning the two forgot about as much. Our curves do not share one
+# Pareto curve: at matched answer loss, the PEFT methods have forgotten
+# more. Three things differ, and each may account for it:
 #
 # * **The learning rates.** Each method trains at the rate that suits it on
 #   this base, and PEFT's are one to three orders of magnitude above full
 #   fine-tuning's (printed below, for every method). A small set of
 #   parameters has to move far to change the output, and the corpus pays for
 #   the large steps: look at how high the PEFT curves jump in their first
-#   checkpoints, and at full fine-tuning's own largest rate.
+#   checkpoints, and at full fine-tuning's own largest rate. (Exercise 5
+#   traces LoRA at full fine-tuning's rates.)
 # * **The model.** A tiny model has little spare capacity: a LoRA update on
 #   `c_attn`, or new biases, that rewrites the answer format also rewrites
 #   much of what the model does with ordinary text.
