@@ -34,7 +34,8 @@
 # %%
 import numpy as np
 
-from minipeft import GPT, GPTConfig, lessons
+from minipeft import GPT, GPTConfig
+from minipeft.tools import lessons
 from minipeft.workflows.base import base_info, load_base, validation_loss
 from minipeft.data import (
     TASKS,

@@ -36,7 +36,8 @@ import sys
 
 import numpy as np
 
-from minipeft import GPT, GPTConfig, Tensor, backend, lessons, no_grad
+from minipeft import GPT, GPTConfig, Tensor, backend, no_grad
+from minipeft.tools import lessons
 from minipeft.autograd import LEDGER, Function, gradcheck, vjp_check
 from minipeft.autograd.tensor import _topological_order  # the engine's own walk
 from minipeft.nn import Linear

@@ -50,7 +50,8 @@ from pathlib import Path
 import numpy as np
 from IPython.display import Image, display
 
-from minipeft import lessons, memory
+from minipeft import memory
+from minipeft.tools import lessons
 from minipeft.workflows.base import load_base
 from minipeft.data import CharTokenizer, lm_batches, pretraining_text
 from minipeft.optim import AdamW

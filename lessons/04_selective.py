@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from minipeft import lessons
+from minipeft.tools import lessons
 from minipeft.autograd import LEDGER, ops
 from minipeft.workflows.base import load_base
 from minipeft.data import get_task

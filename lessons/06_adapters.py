@@ -40,7 +40,8 @@ import time
 import numpy as np
 from IPython.display import Markdown, display
 
-from minipeft import Tensor, lessons, no_grad
+from minipeft import Tensor, no_grad
+from minipeft.tools import lessons
 from minipeft.workflows.base import load_base
 from minipeft.data import get_task
 from minipeft.peft import AdapterConfig, LoraConfig, get_peft_model

@@ -45,7 +45,7 @@ import tempfile
 import numpy as np
 from IPython.display import Image, display
 
-from minipeft import lessons
+from minipeft.tools import lessons
 from minipeft.workflows.base import load_base
 from minipeft.workflows.compare import (LR_GRID, CompareSettings, best_known_lr, build_method, compare,
                               default_configs, memory_batch)
@@ -297,8 +297,15 @@ for x in order:
 # int32 position for each), against a full checkpoint's 4 bytes for every
 # number of the model. We save each method's adapter, untrained (the size
 # does not depend on the values), and compare its tensors with the count.
-# The last column is lesson 10's subject: with the adapter detached, every
-# PEFT method gives the base's pretraining loss back (+0.000).
+# The forgetting columns are lesson 10's subject. "dloss on" is the rise
+# of the pretraining corpus's loss with the adapter active, the model as it
+# is used: every method forgets some, and read at one equal budget of steps
+# the column cannot say whether a frozen base forgets less. Each method
+# runs at its own rate (the lr column: PEFT's are one to three orders of
+# magnitude above full fine-tuning's) and learns the task to a different
+# degree; lesson 10 traces learning against forgetting along training and
+# compares the methods at matched task quality. "detached" is the base
+# again by construction, and a detached adapter does not do the task.
 
 # %%
 files = {}

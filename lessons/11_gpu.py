@@ -43,7 +43,8 @@ import time
 
 import numpy as np
 
-from minipeft import backend, lessons
+from minipeft import backend
+from minipeft.tools import lessons
 from minipeft.autograd import LEDGER
 from minipeft.autograd.parallel import get_num_threads, using_threads
 from minipeft.workflows.base import load_base

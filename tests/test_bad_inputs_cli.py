@@ -159,6 +159,23 @@ ROWS = [
     ("bench-steps-negative", ["bench", "--steps", "-1"], 2, "--steps: must be a positive integer"),
     ("bench-warmup-negative", ["bench", "--warmup", "-1"], 2, "--warmup: must be an integer >= 0"),
     ("bench-threads-zero", ["bench", "--threads", "0"], 2, "--threads: must be a positive integer"),
+    # -- forgetting -----------------------------------------------------------------------
+    ("forgetting-steps-zero", ["forgetting", "--steps", "0"], 2, "--steps: must be a positive integer"),
+    ("forgetting-method-unknown", ["forgetting", "--methods", "full,nope"], 2,
+     "unknown method 'nope'"),
+    ("forgetting-lr-negative", ["forgetting", "--lr", "lora=-1e-3"], 2,
+     "learning rates for 'lora' must be positive"),
+    ("forgetting-lr-other-method", ["forgetting", "--methods", "full,lora", "--lr", "ia3=1e-2"], 2,
+     "not among the methods"),
+    ("forgetting-lr-malformed", ["forgetting", "--lr", "lora"], 2, "--lr takes METHOD=LR"),
+    ("forgetting-seeds-twice", ["forgetting", "--seeds", "1,1"], 2, "distinct"),
+    ("forgetting-answer-examples", ["forgetting", "--answer-examples", "70"], 2, "multiple of 50"),
+    ("forgetting-every-beyond-steps", ["forgetting", "--steps", "10", "--every", "20"], 2,
+     "more than steps"),
+    ("forgetting-threads-beyond-cores", ["forgetting", "--threads", "100000"], 2, "cores"),
+    ("forgetting-task-unknown", ["forgetting", "--task", "nope"], 2, "unknown task 'nope'"),
+    ("forgetting-out-is-a-file", ["forgetting", "--out", "{tmp}/file"], 2, "is a file"),
+    ("forgetting-out-empty", ["forgetting", "--out", ""], 2, "--out is empty"),
     # -- the command line itself ---------------------------------------------------------
     ("unknown-subcommand", ["finetuen"], 2, "invalid choice: 'finetuen'"),
     ("option-without-value", ["finetune", "--lr"], 2, "--lr: expected one argument"),
@@ -178,6 +195,7 @@ def install_tripwires(setattr):
     import minipeft.workflows.base as B
     import minipeft.workflows.compare as C
     import minipeft.workflows.finetune as F
+    import minipeft.workflows.forgetting as FG
 
     def trip(name):
         def fn(*a, **k):
@@ -187,7 +205,8 @@ def install_tripwires(setattr):
     for mod, name in [(B, "load_base"), (B, "pretrain"), (F, "finetune"), (F, "load_finetuned"),
                       (F, "load_base"), (C, "compare"), (M, "profile_step"),
                       (M, "checkpointing_tradeoff"), (BE, "run_bench"), (D, "build"),
-                      (I, "import_peft_adapter"), (I, "save_hf_gpt2"), (I, "export_peft_adapter")]:
+                      (I, "import_peft_adapter"), (I, "save_hf_gpt2"), (I, "export_peft_adapter"),
+                      (FG, "forgetting_sweep")]:
         setattr(mod, name, trip(f"{mod.__name__}.{name}"))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from minipeft import backend
-from minipeft import compare as C
+from minipeft.workflows import compare as C
 from minipeft.data.tasks import get_task
 from minipeft.memory import profile_step
 from minipeft.optim import AdamW

@@ -124,7 +124,7 @@ def test_finetune_and_score_is_the_training_loop_the_lessons_wrote_out():
     # same model (bit for bit), so their numbers did not move when they switched to it
     import numpy as np
 
-    from minipeft import lessons
+    from minipeft.tools import lessons
     from minipeft.data import get_task
     from minipeft.optim import AdamW, LRSchedule
     from minipeft.peft import LoraConfig, get_peft_model
@@ -154,7 +154,7 @@ def test_finetune_seeds_draws_each_seed_and_reports_the_spread():
 
     import numpy as np
 
-    from minipeft import lessons
+    from minipeft.tools import lessons
     from minipeft.data import get_task
     from minipeft.peft import LoraConfig
 
@@ -185,7 +185,7 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
 def test_the_flop_counters_agree_and_switch_the_log_off():
     import numpy as np
 
-    from minipeft import lessons
+    from minipeft.tools import lessons
     from minipeft.autograd import profile
     from minipeft.data import get_task
     from minipeft.peft import LoraConfig, get_peft_model
@@ -212,7 +212,7 @@ def test_the_flop_counters_agree_and_switch_the_log_off():
 
 
 def test_setup_names_the_install_command(monkeypatch):
-    from minipeft import lessons
+    from minipeft.tools import lessons
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)

@@ -1001,6 +1001,73 @@ def _add_compare_parser(sub) -> None:
     s.set_defaults(func=_cmd_compare)
 
 
+def _cmd_forgetting(args) -> int:
+    """Trace learning against forgetting along training; print the reading; write JSON, CSV, PNG."""
+    import dataclasses
+
+    from . import io
+    from .forgetting import ForgettingSettings, forgetting_sweep
+
+    _check_nonempty("--out", args.out)
+    methods = _parse_methods(args.methods)
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
+    rates = _parse_lr_grids(args.lr)
+    if args.threads is not None and args.threads > usable_cores():
+        raise ValueError(f"--threads {args.threads} is more than the {usable_cores()} cores this "
+                         f"process may use: give at most {usable_cores()}")
+    base = ForgettingSettings.fast_settings() if args.fast else ForgettingSettings()
+    overrides = {k: v for k, v in {
+        "seeds": seeds, "steps": args.steps, "every": args.every,
+        "answer_examples": args.answer_examples, "corpus_batches": args.corpus_batches,
+        "test_limit": args.test_limit, "threads": args.threads,
+    }.items() if v is not None}
+    settings = dataclasses.replace(base, task=args.task, methods=methods, rates=rates,
+                                   device=args.device, **overrides)
+    settings.validate()                       # bad input fails before the output folder is made
+    check_out_folder("--out", args.out)
+    io.ensure_writable_dir(args.out)          # and an unwritable folder before any training
+    result = forgetting_sweep(settings, progress=not args.quiet)
+    print(result.summary())
+    paths = result.write(args.out)
+    print(f"wrote {', '.join(paths)}")
+    return 0
+
+
+def _add_forgetting_parser(sub) -> None:
+    s = sub.add_parser("forgetting", help="learning against forgetting, traced along training "
+                                          "for several methods, rates and seeds")
+    s.add_argument("--task", default="reverse", help="reverse (default), sentiment or addition")
+    s.add_argument("--methods", default="full,lora,bitfit",
+                   help="comma-separated methods to trace (default full,lora,bitfit)")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --fast: 0)")
+    s.add_argument("--lr", action="append", default=None, metavar="METHOD=LR[,LR...]",
+                   help="a method's learning rates (repeatable), e.g. --lr lora=3e-3,1e-2 "
+                        "(default: the three of its compare grid)")
+    s.add_argument("--fast", action="store_true",
+                   help="a small sweep: one seed, 30 steps, smaller measurement subsets")
+    s.add_argument("--steps", type=_positive_int, default=None,
+                   help="optimizer steps of every run (default 150; --fast 30)")
+    s.add_argument("--every", type=_positive_int, default=None,
+                   help="steps between checkpoints (default 15; --fast 10)")
+    s.add_argument("--answer-examples", type=_positive_int, default=None,
+                   help="validation examples for the answer loss, a multiple of 50 "
+                        "(default 100; --fast 50)")
+    s.add_argument("--corpus-batches", type=_positive_int, default=None,
+                   help="windows of 16 x 128 characters of the corpus's validation text for the "
+                        "corpus loss (default 4; --fast 2)")
+    s.add_argument("--test-limit", type=_nonneg_int, default=None,
+                   help="test examples scored after the last step (default 100; --fast 0: none)")
+    s.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads while it runs (default 1: this model is too small to gain "
+                        "from more)")
+    s.add_argument("--out", default=os.path.join("runs", "forgetting"),
+                   help="folder for results.json, results.csv, results.png "
+                        "(default runs/forgetting)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_forgetting)
+
+
 # ---------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------
@@ -1134,6 +1201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_parser(sub)
     # Compare (every method, five axes): see its section above the parser
     _add_compare_parser(sub)
+    _add_forgetting_parser(sub)
     # Docs (guide, annotated source, lessons): see its section above the parser
     _add_docs_parser(sub)
     return p
