@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from minipeft import backend
-from minipeft.workflows import compare as C
 from minipeft.data.tasks import get_task
 from minipeft.memory import profile_step
 from minipeft.optim import AdamW
 from minipeft.peft.config import METHODS
 from minipeft.tools.cli import main
+from minipeft.workflows import compare as C
 
 
 @pytest.fixture(scope="module")

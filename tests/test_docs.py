@@ -40,7 +40,7 @@ pytest.importorskip("latex2mathml")
 pytest.importorskip("mistune")
 pytest.importorskip("pygments")
 
-from minipeft.tools import docs# noqa: E402
+from minipeft.tools import docs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = ROOT / "docs" / "concepts.md"

@@ -59,8 +59,8 @@ def test_a_detached_adapter_is_the_base_again_and_full_fine_tuning_has_none(tiny
 
 
 def test_a_progress_callback_never_stops_a_run_early():
-    from minipeft.workflows.compare import default_configs
     from minipeft.data.tasks import get_task
+    from minipeft.workflows.compare import default_configs
     from minipeft.workflows.forgetting import corpus_ids, trace_run
 
     st = ForgettingSettings(methods=("bitfit",), seeds=(0,), steps=3, warmup=0, every=1,

@@ -124,10 +124,10 @@ def test_finetune_and_score_is_the_training_loop_the_lessons_wrote_out():
     # same model (bit for bit), so their numbers did not move when they switched to it
     import numpy as np
 
-    from minipeft.tools import lessons
     from minipeft.data import get_task
     from minipeft.optim import AdamW, LRSchedule
     from minipeft.peft import LoraConfig, get_peft_model
+    from minipeft.tools import lessons
     from minipeft.workflows.base import load_base
     from minipeft.workflows.evaluation import evaluate
     from minipeft.workflows.train import train
@@ -154,9 +154,9 @@ def test_finetune_seeds_draws_each_seed_and_reports_the_spread():
 
     import numpy as np
 
-    from minipeft.tools import lessons
     from minipeft.data import get_task
     from minipeft.peft import LoraConfig
+    from minipeft.tools import lessons
 
     task, config = get_task("reverse"), LoraConfig(r=2, target_modules=["c_attn"])
     seeded = lessons.finetune_seeds(config, task, 3e-3, 3, 2, seeds=(0, 1, 2), n_val=50)
@@ -185,10 +185,10 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
 def test_the_flop_counters_agree_and_switch_the_log_off():
     import numpy as np
 
-    from minipeft.tools import lessons
     from minipeft.autograd import profile
     from minipeft.data import get_task
     from minipeft.peft import LoraConfig, get_peft_model
+    from minipeft.tools import lessons
     from minipeft.workflows.base import load_base
 
     idx, targets = next(get_task("reverse").batches("val", 4, shuffle=False))

@@ -60,13 +60,13 @@ import time
 from dataclasses import dataclass, field
 
 from .. import backend, io
-from .base import load_base, validation_loss
-from .compare import LR_GRID, build_method, cpu_threads, default_configs
 from ..data.corpus import pretraining_text
 from ..data.tasks import get_task
 from ..data.tokenizer import CharTokenizer
-from .evaluation import evaluate
 from ..optim import AdamW, LRSchedule
+from .base import load_base, validation_loss
+from .compare import LR_GRID, build_method, cpu_threads, default_configs
+from .evaluation import evaluate
 from .train import train
 
 #: the methods a sweep traces unless told otherwise: the baseline, LoRA, and a selective method
