@@ -239,3 +239,21 @@ def test_cli_memory_all_with_checkpointing_leaves_lst_out(capsys):
     assert main(["memory", "--method", "all", "--estimate-only", "--gradient-checkpointing",
                  "--batch-size", "1", "--seq-len", "8"]) == 0
     assert "lst left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method, knobs", NEW, ids=NEW_IDS)
+def test_the_new_methods_plan_what_they_inject(method, knobs):
+    """Method.plan on the shape-only build trains arrays of the shapes inject trains, keeps
+    LoRA-FA's A as a frozen addition, and holds no memory for any weight."""
+    from minipeft.memory.estimate import _planned
+
+    pc = method_config(method, **knobs)
+    real = get_peft_model(GPT(GPTConfig(**SMALL), seed=0), pc)
+    planned, base, plan = _planned(real.config, pc, training=True)
+    assert not any(p.requires_grad for p in base.values())        # no base parameter trains
+    trains = sorted(p.shape for p in plan.added.values() if p.requires_grad)
+    assert trains == sorted(p.shape for p in real.parameters() if p.requires_grad)
+    frozen_added = sum(p.size for p in plan.added.values() if not p.requires_grad)
+    assert frozen_added == sum(p.size for n, p in real.named_parameters()
+                               if n.endswith("lora_A.default")) * (method == "lora_fa")
+    assert all(0 in p.data.strides or p.size <= 1 for p in planned.parameters())

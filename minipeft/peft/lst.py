@@ -51,7 +51,7 @@ import numpy as np
 
 from ..autograd import LEDGER, no_grad, ops
 from ..nn.gpt import Block, KVCache
-from ..nn.layers import Linear
+from ..nn.layers import Linear, shapes_only
 from ..nn.module import Module, ModuleList, Parameter
 from .model import register_method
 from .tuner import AdapterParams, Method, MethodPlan, replace_module
@@ -124,7 +124,7 @@ class SideNetwork(Module):
 
     def trace_step(self, walk, i: int, s, h):
         """:meth:`step` over shapes: the side block's own saves, then the gate's mix, which keeps
-        down(h) and f(s) (N d floats each) and three (1,) numbers."""
+        down(h) and f(s) (N d floats each) and three single numbers (1/T, g, 1 - g)."""
         layer = self.layers[i]
         label = walk.label(layer, " gate")
         z = layer.block.trace(walk, s)                                          # (B, T, d)
@@ -334,7 +334,8 @@ class LSTMethod(Method):
         network (``base.lst_side``): it adds every side parameter and trains none of the base's."""
         if base.config.gradient_checkpointing:
             raise ValueError(_NO_CHECKPOINTING)
-        side = SideNetwork(self.config, base.config)
+        with shapes_only():                         # zero-stride weights: no memory
+            side = SideNetwork(self.config, base.config)
         base.lst_side = side                        # so the walk names its modules
         ladder = Ladder(base)
         for i in range(len(base.h)):
