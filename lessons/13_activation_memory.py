@@ -17,10 +17,9 @@
 #
 # Lesson 3 counted a training step's memory and found that PEFT removes the
 # gradients and the optimizer state, and keeps most of the activations. At
-# this size that is most of the step: gradients and AdamW's moments are a
-# few MiB for full fine-tuning, under half a MiB for LoRA, while the saved
-# activations are tens of MiB and grow with the sequence. This lesson asks
-# which levers cut the activations, by how much, and at what price.
+# this size the activations are most of the step, and they grow with the
+# sequence, the attention's with its square. This lesson asks which levers
+# cut them, by how much, and at what price.
 #
 # **What you will learn**
 #
