@@ -280,8 +280,8 @@ def test_method_options_apply_to_the_methods_whose_config_has_the_field():
     from minipeft.peft.config import METHODS, config_class
     from minipeft.tools.cli import _KNOBS, build_config, build_parser, methods_using
 
-    assert methods_using("target_modules") == ["bitfit", "mask", "lora", "ia3"]
-    assert methods_using("r") == ["lora"]
+    assert methods_using("target_modules") == ["bitfit", "mask", "lora", "lora_fa", "ia3"]
+    assert methods_using("r") == ["lora", "lora_fa"]
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices["finetune"]
     values = {"--r": "4", "--lora-alpha": "2", "--lora-dropout": "0.5", "--target-modules": "c_fc",

@@ -80,13 +80,17 @@ def test_quick_run_prints_a_row_for_every_method_and_every_column(quick):
 
 def test_mergeable_methods_report_before_and_after_merging(quick):
     rows = _rows_by_method(quick[3])
-    for m in ("lora", "ia3"):
+    for m in ("lora", "lora_fa", "ia3"):
         assert rows[m]["extra_flops"] > 0 and rows[m]["extra_flops_merged"] == 0
         assert rows[m]["ms_per_token_merged"] is not None
     for m in ("full", "bitfit", "layers", "mask"):
         assert rows[m]["extra_flops"] == 0 and rows[m]["extra_flops_merged"] is None
-    for m in ("adapter", "prompt", "prefix"):
+    for m in ("adapter", "prompt", "prefix", "lst"):
         assert rows[m]["extra_flops"] > 0 and rows[m]["extra_flops_merged"] is None
+    # LST runs a side network of width 128 / 8 = 16 beside the backbone: its L + 1
+    # ladders, four side blocks and the up-projection, at inference too
+    assert rows["lst"]["extra_flops"] == 2 * (5 * 128 * 16 + 12 * 4 * 16 * 16 + 16 * 128)
+    assert rows["lora_fa"]["extra_flops"] == rows["lora"]["extra_flops"]
     # soft prompts: P more keys and values in every layer's attention
     assert rows["prefix"]["extra_flops"] == 4 * 4 * 128 * 20
     assert rows["full"]["adapter_fraction"] > 0.99

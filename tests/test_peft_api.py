@@ -34,6 +34,7 @@ from minipeft.peft import (
     config_class,
     config_from_dict,
     get_peft_model,
+    method_config,
 )
 from minipeft.peft.tuner import Wrapper
 
@@ -163,13 +164,14 @@ def test_configs_round_trip_through_json(name):
 
 
 def test_method_names_and_config_classes():
-    assert set(METHODS) == {"full", "bitfit", "layers", "mask", "lora", "adapter", "prompt",
-                            "prefix", "ia3"}
+    assert set(METHODS) == {"full", "bitfit", "layers", "mask", "lora", "lora_fa", "adapter",
+                            "prompt", "prefix", "ia3", "lst"}
     assert config_class("lora") is LoraConfig and config_class("LORA") is LoraConfig
     assert config_class("prompt") is PromptTuningConfig
+    assert config_class("lora_fa") is LoraConfig           # LoRA-FA is LoraConfig(freeze_A=True)
     for m in METHODS:
         if m != "layers":                      # LayerSelectConfig() selects nothing
-            assert config_class(m)().method == m
+            assert method_config(m).method == m
     assert LayerSelectConfig(layers=[0]).method == "layers"
 
 

@@ -274,13 +274,35 @@ class ActivationLedger:
     ``nbytes()`` is the live total; ``peak`` the largest total since
     :meth:`reset_peak`. The memory accountant reads these; nothing has to
     guess what the graph keeps alive.
+
+    Each buffer also carries the *owner* it was first saved under:
+    ``"backbone"``, or ``"method"`` while a PEFT method's own modules run
+    (:meth:`owned_by`; a wrapper's forward, LST's side network, a soft
+    prompt's encoder). That splits the activations into what the frozen
+    model keeps for the gradient to pass through it and what the method
+    keeps for its own parameters.
     """
 
     def __init__(self):
         self._by_node: dict[int, list[tuple[tuple[int, int], int]]] = {}
         self._refcount: dict[tuple[int, int], int] = {}
+        self._owner: dict[tuple[int, int], str] = {}
         self._bytes = 0
         self.peak = 0
+        self.owner = "backbone"
+
+    @contextlib.contextmanager
+    def owned_by(self, owner: str):
+        """Inside, buffers saved for the first time are booked under ``owner`` ("method")."""
+        before, self.owner = self.owner, owner
+        try:
+            yield
+        finally:
+            self.owner = before
+
+    def owner_of(self, bid) -> str:
+        """The owner a live buffer (a :func:`backend.buffer_id`) was first saved under."""
+        return self._owner[bid]
 
     def record(self, node: Context, arrays) -> None:
         """Enter the arrays ``node`` saves for backward (called by :meth:`Context.save_for_backward`).
@@ -300,6 +322,7 @@ class ActivationLedger:
             n = self._refcount.get(bid, 0)
             if n == 0:                                      # first holder: its bytes count now
                 self._bytes += bid[1]
+                self._owner[bid] = self.owner
             self._refcount[bid] = n + 1
         self._by_node.setdefault(key, []).extend(entries)
         self.peak = max(self.peak, self._bytes)
@@ -316,6 +339,7 @@ class ActivationLedger:
             n = self._refcount[bid] - 1
             if n == 0:
                 del self._refcount[bid]
+                del self._owner[bid]
                 self._bytes -= nbytes
             else:
                 self._refcount[bid] = n

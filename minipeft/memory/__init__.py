@@ -42,7 +42,9 @@ Categories (the rows of every table):
   switch adapters exactly (a selective method's original values, a mask's
   indices);
 * ``batch``: the token ids and targets;
-* ``activations``: arrays saved for backward (the ledger) at their peak.
+* ``activations``: arrays saved for backward (the ledger) at their peak,
+  split by owner (``activation_split``): the backbone's, or the method's own
+  modules' (a wrapper's forward, LST's side network, a soft prompt's encoder).
   The ledger also holds parameter arrays (a MatMul keeps a frozen weight to
   compute its input's gradient; LayerNorm keeps its gain): those are weights,
   already counted above, so they are left out of this row;
@@ -89,7 +91,9 @@ The package, one job a module:
 * :mod:`~minipeft.memory.report`: one real step, three views (:func:`profile_step`);
 * :mod:`~minipeft.memory.tables`: the rule of thumb at scale, and what fits on a card;
 * :mod:`~minipeft.memory.plot`: the stacked bars;
-* :mod:`~minipeft.memory.checkpointing`: a step with and without gradient checkpointing.
+* :mod:`~minipeft.memory.checkpointing`: a step with and without gradient checkpointing;
+* :mod:`~minipeft.memory.activations`: the levers that cut activations side by side, each
+  step's activations split into the backbone's and the method's.
 """
 
 from __future__ import annotations

@@ -124,6 +124,9 @@ class _Books:
         self.ledger_params = 0                     # most parameter bytes the ledger held at once
         self._held_ids = None                      # optimizer arrays, re-read outside backward
         self._grad_ids = {}
+        # the activations by owner (the ledger's: backbone, method), now and at their peak
+        self.split = {"backbone": 0, "method": 0}
+        self.split_at_peak = dict(self.split)
 
     # -- following arrays made in backward --------------------------------------------
     def _freed(self, bid):
@@ -223,8 +226,12 @@ class _Books:
         ledger = LEDGER.buffer_ids()
         self.ledger_params = max(self.ledger_params,
                                  sum(b[1] for b in ledger if b in self.param_ids))
+        split = {"backbone": 0, "method": 0}
         for bid in ledger:
+            if bid not in seen:
+                split[LEDGER.owner_of(bid)] += bid[1]
             add("activations", bid)
+        self.split = split
         for a in self.outputs:
             add("other", backend.buffer_id(a))
         for bid in list(self.inflight):
@@ -242,6 +249,8 @@ class _Books:
         total = sum(cats.values())
         if total > self.peak:
             self.peak, self.peak_event = total, (label, cats)
+        if cats["activations"] > self.max["activations"]:
+            self.split_at_peak = dict(self.split)
         for k, v in cats.items():
             self.max[k] = max(self.max[k], v)
         return cats

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..nn.gpt import GPT, GPTConfig
 from ..nn.layers import shapes_only
-from ..peft.config import PeftConfig, config_class
+from ..peft.config import PeftConfig, config_class, method_config
 from ..peft.model import METHOD_CLASSES, base_name
 from ..peft.tuner import MethodPlan
 from .presets import CATEGORIES, LABELS, OPTIMIZERS, GiB, MiB, Precision, _as_config, _fmt_bytes, _precision
@@ -58,7 +58,7 @@ def _method_config(method, knobs):
     unknown = sorted(set(knobs) - names)
     if unknown:
         raise TypeError(f"{cls.__name__} has no knobs {unknown}; it has {sorted(names)}")
-    return cls(**knobs)
+    return method_config(method, **knobs)
 
 
 def _planned(cfg: GPTConfig, pc, training: bool):
@@ -80,9 +80,11 @@ def _planned(cfg: GPTConfig, pc, training: bool):
 def _activations(model, plan: MethodPlan, B: int, T: int, act_bytes: int) -> Walk:
     """The walk of one training forward of the planned model: its ``trace`` methods over shapes."""
     names = {id(m): base_name(n) for n, m in model.named_modules()}
+    names |= {id(m.wrapped): names[id(m)] for m in model.modules() if hasattr(m, "wrapped")}
     walk = Walk(act_bytes, model.training, names)
     idx = walk.new((B, T), itemsize=8, kind="batch")                     # the batch's ids
-    inputs = plan.inputs(walk, idx) if plan.inputs is not None else {}
+    with walk.owned_by("method"):            # as PeftModel.forward books forward_inputs
+        inputs = plan.inputs(walk, idx) if plan.inputs is not None else {}
     model.trace(walk, idx, **inputs)
     return walk
 
@@ -116,6 +118,13 @@ class Estimate:
     peak: float
     activation_items: dict
     first_step: bool = False
+    #: the activations at their peak by owner: ``backbone`` (what the frozen model
+    #: keeps for the gradient to pass through it) and ``method`` (its own modules')
+    activation_split: dict = dataclasses.field(default_factory=dict)
+    #: bytes of the largest throw-away working set of an op run without a graph (a
+    #: no_grad backbone's attention: its q/k/v copy, E and 1/z): temporaries, not
+    #: activations (nothing keeps them past the op), so in no category
+    no_grad_temporaries: int = 0
 
     @property
     def training_bytes_per_param(self) -> float:
@@ -146,6 +155,12 @@ class Estimate:
         for cat in CATEGORIES:
             lines.append(f"  {LABELS[cat]:<30} {_fmt_bytes(self.bytes[cat], unit):>14}")
         lines.append(f"  {'peak (estimated)':<30} {_fmt_bytes(self.peak, unit):>14}")
+        split = self.activation_split
+        lines.append(f"  activations kept by the backbone {_fmt_bytes(split['backbone'], unit)}, "
+                     f"by the method {_fmt_bytes(split['method'], unit)}")
+        if self.no_grad_temporaries:
+            lines.append(f"  (throw-away, in no category: a no_grad op's working set up to "
+                         f"{_fmt_bytes(self.no_grad_temporaries, unit)})")
         if detail:
             lines.append("  " + self.breakdown(unit))
         return "\n".join(lines)
@@ -265,8 +280,8 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
     # Weights, gradients, optimizer state, bookkeeping, batch: from the planned
     # model's parameters (which have requires_grad) and what the method adds.
     trainable = {n: p.size for n, p in base.items() if p.requires_grad}
-    trainable |= {n: p.size for n, p in plan.added.items()}
-    frozen = sum(p.size for p in base.values() if not p.requires_grad)
+    trainable |= {n: p.size for n, p in plan.added.items() if p.requires_grad}
+    frozen = sum(p.size for p in (*base.values(), *plan.added.values()) if not p.requires_grad)
     moments = OPTIMIZERS[optimizer]
     index_bytes = 8 if index_dtype == "int64" else 4
     b = dict.fromkeys(CATEGORIES, 0.0)
@@ -294,7 +309,7 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
     items: dict[str, int] = {}
     for buf, label in walk.saved.values():
         if buf.kind == "act":
-            key = re.sub(r"^h\.\d+[ .]", "", label)      # summed over blocks
+            key = re.sub(r"^h\.\d+[ .]|(?<=\.layers)\.\d+(?=[ .])", "", label)   # summed over blocks
             items[key] = items.get(key, 0) + buf.nbytes
 
     resident = sum(b[c] for c in ("weights_frozen", "weights_trainable", "bookkeeping", "batch"))
@@ -307,6 +322,7 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
         n_params=sum(p.size for p in base.values()) + sum(p.size for p in plan.added.values()),
         n_trainable=sum(trainable.values()), n_trained=n_trained,
         bytes=b, peak=peak, activation_items=items, first_step=first_step,
+        activation_split=walk.split(), no_grad_temporaries=walk.throwaway,
     )
 
 

@@ -119,6 +119,9 @@ class StepReport:
     seconds: float                # of the profiled step, books and tracing on (slower than plain)
     elsewhere: int = 0
     notes: list = field(default_factory=list)
+    #: the accounted activations at their peak, by owner: ``backbone`` (what the
+    #: frozen model keeps so the gradient can pass through it) and ``method``
+    activation_split: dict = field(default_factory=dict)
 
     # -- gaps ---------------------------------------------------------------------
     def gaps(self) -> list[tuple[str, int, str]]:
@@ -221,6 +224,12 @@ class StepReport:
         exact = [w.split(":")[0] for w, nb, _ in self.gaps() if nb == 0]
         if exact:
             lines.append("  exact (0 bytes): " + "; ".join(exact))
+        sp = self.activation_split
+        if sp:
+            es = "" if e is None else (f" (estimated {f(e.activation_split['backbone'])} and "
+                                       f"{f(e.activation_split['method'])})")
+            lines += ["", f"activations at their peak, MiB: kept by the backbone "
+                          f"{f(sp['backbone'])}, by the method's own modules {f(sp['method'])}{es}"]
         if e is not None:
             lines += ["", e.breakdown()]
         lines += [f"note: {n}" for n in self.notes]
@@ -313,6 +322,7 @@ def profile_step(model, optimizer, batch, *, measure: bool = True) -> StepReport
         phases_measured=measured, measured_peak=(meter.peak if meter is not None else 0),
         python_objects=start_total - start_arrays, rounding=getattr(meter, "rounding", None),
         seconds=seconds, elsewhere=books.elsewhere, notes=notes,
+        activation_split=dict(books.split_at_peak),
     )
 
 

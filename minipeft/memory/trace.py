@@ -19,6 +19,7 @@ and a buffer saved twice counts once, exactly as the ledger deduplicates.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -60,6 +61,10 @@ class Walk:
         self.names = names or {}
         self.recording = True       # False inside a checkpointed block's first forward
         self.saved: dict[int, tuple[Buf, str]] = {}
+        self.owner = "backbone"     # "method" while a method's own modules run
+        self.owners: dict[int, str] = {}   # buffer -> the owner it was first saved under
+        self.recompute_split = None  # owner -> bytes at the recomputation's peak
+        self.throwaway = 0          # the largest working set of an op run without a graph
         self.tape = None            # dropout masks: a list (recording) or an iterator (replaying)
         self.params: dict[int, Sym] = {}
         self.recompute_peak = 0     # the largest saved set while a checkpointed block recomputes
@@ -82,16 +87,32 @@ class Walk:
         return self.new(())
 
     @staticmethod
+    def detach(x) -> Sym:
+        """``Tensor.detach``: the same buffer, needing no gradient."""
+        return Sym(x.buf, False, x.shape)
+
+    @staticmethod
     def view(x, shape=None) -> Sym:
         return Sym(x.buf, x.req, x.shape if shape is None else shape)
 
     def label(self, module, what="") -> str:
         return self.names.get(id(module), type(module).__name__) + what
 
+    @contextlib.contextmanager
+    def owned_by(self, owner: str):
+        """As :meth:`ActivationLedger.owned_by <minipeft.autograd.function.ActivationLedger.owned_by>`:
+        inside, a buffer saved for the first time is the ``owner``'s."""
+        before, self.owner = self.owner, owner
+        try:
+            yield
+        finally:
+            self.owner = before
+
     def save(self, label, *items) -> None:
         for x in items:
             if x is not None and self.recording and id(x.buf) not in self.saved:
                 self.saved[id(x.buf)] = (x.buf, label)
+                self.owners[id(x.buf)] = self.owner
 
     def rec(self, *xs) -> bool:
         """Would ``Function.apply`` record a node for these inputs?"""
@@ -151,6 +172,8 @@ class Walk:
         if self.rec(qkv):
             self.save(label, self.new(qkv.shape), self.new((B, n_head, T, T)),
                       self.new((B, n_head, T)), keep)
+        else:   # under no_grad the same three arrays are made and dropped when the op returns
+            self.throwaway = max(self.throwaway, (B * T * C3 + B * n_head * T * (T + 1)) * self.s)
         return self.new((B, T, C3 // 3), self.rec(qkv))
 
     def layer_norm(self, x, w, b, label) -> Sym:
@@ -177,7 +200,10 @@ class Walk:
             self.save(label, y)
         return y
 
-    tanh = sqrt = softmax = saves_output
+    tanh = sqrt = softmax = sigmoid = saves_output
+
+    def sub(self, a, b) -> Sym:                 # Sub: saves nothing
+        return self.add(a, b)
 
     def masked_fill(self, x, mask, label) -> Sym:  # MaskedFill: saves the boolean mask
         if self.rec(x):
@@ -232,10 +258,22 @@ class Walk:
                 self.save(label, t)
             inner = Walk(self.s, self.training, self.names)
             inner.saved = dict(self.saved)     # what the outer ledger holds at this point
+            inner.owners, inner.owner = dict(self.owners), self.owner
             inner.tape = iter(masks)
             fn(inner, Sym(x.buf, x.req, x.shape), *inputs[1:])
-            self.recompute_peak = max(self.recompute_peak, inner.bytes())
+            if inner.bytes() > self.recompute_peak:
+                self.recompute_peak, self.recompute_split = inner.bytes(), inner.split(now=True)
         return self.new(x.shape, recorded)
+
+    def split(self, now: bool = False) -> dict:
+        """Activation bytes by owner (``backbone``, ``method``) at the peak (:meth:`peak`), or now."""
+        if not now and self.recompute_peak > self.bytes():
+            return dict(self.recompute_split)
+        out = {"backbone": 0, "method": 0}
+        for key, (b, _) in self.saved.items():
+            if b.kind == "act":
+                out[self.owners[key]] += b.nbytes
+        return out
 
     def peak(self) -> int:
         """Without checkpointing nothing is released before backward starts: the end

@@ -25,6 +25,7 @@ from .config import (
     PromptTuningConfig,
     config_class,
     config_from_dict,
+    method_config,
 )
 from .model import PeftModel, get_peft_model
 
@@ -32,5 +33,5 @@ __all__ = [
     "METHODS", "AdapterConfig", "BitFitConfig", "FullFinetuneConfig", "IA3Config",
     "LayerSelectConfig", "LoraConfig", "LSTConfig", "MaskConfig", "PeftConfig", "PeftModel",
     "PrefixTuningConfig", "PromptTuningConfig", "config_class", "config_from_dict",
-    "get_peft_model",
+    "get_peft_model", "method_config",
 ]

@@ -265,6 +265,10 @@ class LoraConfig(PeftConfig):
         r""":math:`\alpha / r`, or :math:`\alpha / \sqrt r` with ``use_rslora``."""
         return float(self.lora_alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def method(self) -> str:
+        return "lora_fa" if self.freeze_A else "lora"
+
 
 # ---------------------------------------------------------------------------
 # Additive
@@ -370,19 +374,31 @@ class IA3Config(PeftConfig):
 METHOD_OF_TYPE = {
     "FULL": "full", "BITFIT": "bitfit", "SELECTIVE": "layers", "MASK": "mask", "LORA": "lora",
     "ADAPTER": "adapter", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "IA3": "ia3",
+    "LST": "lst",
 }
 TYPE_OF_METHOD = {v: k for k, v in METHOD_OF_TYPE.items()}
-METHODS = tuple(METHOD_OF_TYPE.values())
+#: method names that are another type's config with knobs set (peft has no LoRA-FA
+#: type: it is ``LoraConfig(freeze_A=True)``, and its files are plain LoRA adapters)
+VARIANTS = {"lora_fa": ("LORA", {"freeze_A": True})}
+METHODS = tuple(m for v in METHOD_OF_TYPE.values()
+                for m in (v, *(n for n, (t, _) in VARIANTS.items() if METHOD_OF_TYPE[t] == v)))
 
 
 def config_class(method: str) -> type:
-    """The config class for a method name (``lora``) or peft type (``LORA``)."""
-    key = TYPE_OF_METHOD.get(method, method)
+    """The config class for a method name (``lora``, ``lora_fa``) or peft type (``LORA``)."""
+    key = VARIANTS[method][0] if method in VARIANTS else TYPE_OF_METHOD.get(method, method)
     if key not in CONFIGS:
         raise ValueError(
             f"unknown method {method!r}: choose from {', '.join(METHODS)}"
         )
     return CONFIGS[key]
+
+
+def method_config(method: str, **knobs) -> PeftConfig:
+    """The config of a method name with ``knobs`` (a variant's own knobs first:
+    ``method_config("lora_fa", r=4)`` is ``LoraConfig(freeze_A=True, r=4)``)."""
+    preset = VARIANTS[method][1] if method in VARIANTS else {}
+    return config_class(method)(**{**preset, **knobs})
 
 
 def config_from_dict(d: dict) -> PeftConfig:

@@ -228,6 +228,16 @@ class LoraMethod(MergeableWrapperMethod):
                 if name.endswith(".lora_A"):
                     p.requires_grad = False
 
+    def plan(self, base):
+        """As :meth:`WrapperMethod.plan`; with ``freeze_A`` each A is added frozen, as
+        :meth:`activate` leaves it (a weight: no gradient, no optimizer state)."""
+        plan = super().plan(base)
+        if self.config.freeze_A:
+            for name, p in plan.added.items():
+                if name.endswith(".lora_A"):
+                    p.requires_grad = False
+        return plan
+
     def trainable_count(self, pm) -> int:
         """Trainable scalars (LoRA-FA: B, and DoRA's magnitude; A is stored but frozen)."""
         return sum(p.size for name, p in self.named_parameters(pm).items()

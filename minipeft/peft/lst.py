@@ -49,12 +49,12 @@ import weakref
 
 import numpy as np
 
-from ..autograd import no_grad, ops
+from ..autograd import LEDGER, no_grad, ops
 from ..nn.gpt import Block, KVCache
-from ..nn.layers import Linear
+from ..nn.layers import Linear, shapes_only
 from ..nn.module import Module, ModuleList, Parameter
 from .model import register_method
-from .tuner import AdapterParams, Method, replace_module
+from .tuner import AdapterParams, Method, MethodPlan, replace_module
 
 # ---------------------------------------------------------------------------
 # The side network
@@ -90,7 +90,8 @@ class SideNetwork(Module):
         self.layers = ModuleList(SideLayer(side_config, D, i, rng)
                                  for i in range(side_config.n_layer))
         self.up = Linear(d, D, rng=rng)
-        self.up.weight.data[...] = 0                           # the base's function at the start
+        if self.up.weight.data.flags.writeable:                # (not in a shape-only build)
+            self.up.weight.data[...] = 0                       # the base's function at the start
 
     def gate(self, i: int):
         r""":math:`g_i = \sigma(\alpha_i / T)`, shape (1,)."""
@@ -115,6 +116,24 @@ class SideNetwork(Module):
     def finish(self, s):
         """The side output, projected up to the backbone's width: (B, T, d) -> (B, T, D)."""
         return self.up(s)
+
+    # -- the same over shapes, for the memory estimate (see minipeft.memory.trace) -------
+    def trace_start(self, walk, h0):
+        """:meth:`start` over shapes: the ladder keeps h_0 (N D floats) for its weight's gradient."""
+        return self.embed_ladder.trace(walk, walk.detach(h0))
+
+    def trace_step(self, walk, i: int, s, h):
+        """:meth:`step` over shapes: the side block's own saves, then the gate's mix, which keeps
+        down(h) and f(s) (N d floats each) and three single numbers (1/T, g, 1 - g)."""
+        layer = self.layers[i]
+        label = walk.label(layer, " gate")
+        z = layer.block.trace(walk, s)                                          # (B, T, d)
+        g = walk.sigmoid(walk.mul(walk.param(layer.alpha), walk.scalar(), label), label)   # (1,)
+        mixed = walk.mul(g, layer.ladder.trace(walk, walk.detach(h)), label)
+        return walk.add(mixed, walk.mul(walk.sub(walk.scalar(), g), z, label))
+
+    def trace_finish(self, walk, s):
+        return self.up.trace(walk, s)
 
 
 # ---------------------------------------------------------------------------
@@ -163,19 +182,22 @@ class Ladder:
                 f"LST: this key/value cache holds {kv_cache.length} positions the side "
                 "network did not see; start generation from an empty cache"
             )
-        self.stream = side.start(h0.detach())
+        with LEDGER.owned_by("method"):                 # the side network's saves are LST's
+            self.stream = side.start(h0.detach())
 
     def step(self, i: int, h) -> None:
         if self.stream is None:
             raise RuntimeError(f"LST: block {i} ran without block 0 before it; run the whole model")
-        self.stream = self.side().step(i, self.stream, h.detach(), self.cache)
+        with LEDGER.owned_by("method"):
+            self.stream = self.side().step(i, self.stream, h.detach(), self.cache)
 
     def finish(self):
         if self.stream is None:
             raise RuntimeError("LST: ln_f was called without the blocks before it; "
                                "run the whole model")
         s, self.stream = self.stream, None
-        return self.side().finish(s)
+        with LEDGER.owned_by("method"):
+            return self.side().finish(s)
 
 
 class Tap(Module):
@@ -221,6 +243,23 @@ class LadderBlock(Tap):
         self.ladder.step(self.index, y)
         return y
 
+    def trace(self, walk, x, past=None):
+        """:meth:`forward` over shapes: the block runs without recording (no_grad: it saves
+        nothing, and its outputs need no gradient), the side network's step records."""
+        side = self.ladder.side()
+        if self.index == 0:
+            with walk.owned_by("method"):
+                self.ladder.stream = side.trace_start(walk, x)
+        recording, walk.recording = walk.recording, False
+        try:
+            y = self.wrapped.trace(walk, x, past)
+        finally:
+            walk.recording = recording
+        y = walk.detach(y)
+        with walk.owned_by("method"):
+            self.ladder.stream = side.trace_step(walk, self.index, self.ladder.stream, y)
+        return y
+
 
 class LadderHead(Tap):
     r"""``ln_f`` with the side output added before it: :math:`\mathrm{ln\_f}(h_L + \mathrm{up}(s_L))`."""
@@ -229,6 +268,13 @@ class LadderHead(Tap):
         if self.ladder.side() is None:
             return self.wrapped(x)
         return self.wrapped(x + self.ladder.finish())
+
+    def trace(self, walk, x):
+        """:meth:`forward` over shapes: up(s_L) joins h_L before the frozen ln_f."""
+        with walk.owned_by("method"):
+            up = self.ladder.side().trace_finish(walk, self.ladder.stream)
+        self.ladder.stream = None
+        return self.wrapped.trace(walk, walk.add(x, up))
 
 
 def _ladder(pm, create: bool = True) -> Ladder | None:
@@ -264,6 +310,12 @@ def _holder(pm) -> Module:
 # ---------------------------------------------------------------------------
 
 
+_NO_CHECKPOINTING = (
+    "LST on a base with gradient_checkpointing=True: LST's backbone runs under no_grad and "
+    "saves nothing already, and checkpointed blocks would run the side network without its "
+    "graph; set gradient_checkpointing=False")
+
+
 @register_method("LST")
 class LSTMethod(Method):
     """Ladder side-tuning: the side network lives on the PeftModel (``lst_side.<adapter>``)."""
@@ -271,15 +323,27 @@ class LSTMethod(Method):
     def inject(self, pm) -> None:
         base = pm.base_model
         if base.config.gradient_checkpointing:
-            raise ValueError(
-                "LST on a base with gradient_checkpointing=True: LST's backbone runs under "
-                "no_grad and saves nothing already, and checkpointed blocks would run the side "
-                "network without its graph; set gradient_checkpointing=False"
-            )
+            raise ValueError(_NO_CHECKPOINTING)
         # (SideNetwork refuses widths and heads that do not divide)
         side = SideNetwork(self.config, base.config).to(base.device, dtype=base.dtype)
         setattr(_holder(pm), self.name, side)
         _ladder(pm).sides[self.name] = side
+
+    def plan(self, base) -> MethodPlan:
+        """Taps on a shape-only base, as :meth:`inject` installs them, and a shape-only side
+        network (``base.lst_side``): it adds every side parameter and trains none of the base's."""
+        if base.config.gradient_checkpointing:
+            raise ValueError(_NO_CHECKPOINTING)
+        with shapes_only():                         # zero-stride weights: no memory
+            side = SideNetwork(self.config, base.config)
+        base.lst_side = side                        # so the walk names its modules
+        ladder = Ladder(base)
+        for i in range(len(base.h)):
+            replace_module(base, f"h.{i}", LadderBlock(base.h[i], i, ladder))
+        replace_module(base, "ln_f", LadderHead(base.ln_f, ladder))
+        ladder.sides[self.name], ladder.active = side, self.name
+        return MethodPlan(added={f"lst_side.{self.name}.{n}": p
+                                 for n, p in side.named_parameters()})
 
     def side(self, pm) -> SideNetwork:
         return _holder(pm)._modules[self.name]

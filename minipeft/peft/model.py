@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
+from ..autograd import LEDGER
 from ..nn.module import Module
 from .config import FullFinetuneConfig, PeftConfig, config_from_dict
 from .tuner import Method
@@ -239,7 +240,8 @@ class PeftModel(Module):
         method = None if self._disabled else self.active_method
         if method is None:
             return self.base_model(idx, targets, **kwargs)
-        extra, targets = method.forward_inputs(self, idx, targets)
+        with LEDGER.owned_by("method"):         # a soft prompt's encoder is the method's
+            extra, targets = method.forward_inputs(self, idx, targets)
         if "inputs_embeds" in extra:
             idx = None
         out = self.base_model(idx, targets, **kwargs, **extra)

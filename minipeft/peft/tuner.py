@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..autograd import LEDGER
 from ..nn.layers import shaped
 from ..nn.module import Module, Parameter
 
@@ -130,6 +131,12 @@ class Wrapper(Module):
     def bias(self):
         return self.base_layer.bias
 
+    def __call__(self, *args, **kwargs):
+        # what the wrapper's forward saves is the method's (the frozen Linear
+        # inside saves no activation of its own: only its weight, for x's gradient)
+        with LEDGER.owned_by("method"):
+            return self.forward(*args, **kwargs)
+
     def active(self) -> str | None:
         """The adapter to apply now, or None (disabled, or none set)."""
         return None if self.disabled else self.active_adapter
@@ -213,8 +220,9 @@ class PlannedWrapper(Module):
             setattr(self, holder, Parameter(shaped(shape, base_layer.weight.dtype)))
 
     def trace(self, walk, x):
-        return self.wrapper_cls.trace(walk, self.base_layer, x, self.config, self._parameters,
-                                      self.module_name)
+        with walk.owned_by("method"):           # as Wrapper.__call__ books it
+            return self.wrapper_cls.trace(walk, self.base_layer, x, self.config,
+                                          self._parameters, self.module_name)
 
 
 class Method:

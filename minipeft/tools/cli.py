@@ -295,7 +295,7 @@ def build_config(method: str, args) -> object:
     Knobs of other methods are skipped here; :func:`check_knobs_apply` refuses
     one that no chosen method reads.
     """
-    from ..peft.config import METHODS, config_class
+    from ..peft.config import METHODS, method_config
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -306,11 +306,11 @@ def build_config(method: str, args) -> object:
         if given is None or knob.field not in fields:
             continue
         values[knob.field] = knob.convert(given) if knob.convert else given
-    if method == "lora" and "lora_alpha" not in values and "r" in values:
+    if method in ("lora", "lora_fa") and "lora_alpha" not in values and "r" in values:
         values["lora_alpha"] = values["r"]              # alpha defaults to r, so the scale is 1
     if method == "layers" and values.get("layers") is None and values.get("components") is None:
         values["layers"] = [-1]                         # the last block
-    return config_class(method)(**values)
+    return method_config(method, **values)
 
 
 def _add_method_options(s: argparse.ArgumentParser) -> None:
@@ -711,9 +711,14 @@ def _cmd_memory(args) -> int:
     from ..peft.config import METHODS
 
     cfg = M.preset(args.config)
+    if args.activations:
+        return _memory_activations(args, cfg)
     if args.gradient_checkpointing:
         cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
     methods = list(METHODS) if args.method == "all" else [args.method]
+    if args.method == "all" and cfg.gradient_checkpointing:
+        methods.remove("lst")             # its backbone saves nothing: nothing to checkpoint
+        print("(lst left out: it runs its backbone under no_grad, with nothing to checkpoint)")
     # Everything that can be refused is refused before the first step runs.
     check_knobs_apply(methods, args)
     if args.checkpointing and len(methods) != 1:
@@ -803,6 +808,17 @@ def _cmd_memory(args) -> int:
     return 0
 
 
+def _memory_activations(args, cfg) -> int:
+    """``minipeft memory --activations``: the six variants' activations, three views each."""
+    from ..memory.activations import activation_rows, format_activation_rows, long_config
+
+    cfg = long_config(cfg, args.seq_len)        # positions for --seq-len (512 needs 512)
+    profile = not args.estimate_only and args.dtype == "fp32"
+    rows = activation_rows(cfg, args.batch_size, args.seq_len, profile=profile, seed=args.seed)
+    print(format_activation_rows(rows, cfg, args.batch_size))
+    return 0
+
+
 def _add_memory_parser(sub) -> None:
     s = sub.add_parser("memory", help="training memory per category: estimated, accounted, measured")
     from ..memory import DTYPES, PRESETS
@@ -826,6 +842,10 @@ def _add_memory_parser(sub) -> None:
     s.add_argument("--checkpointing", action="store_true",
                    help="also compare one step with and without gradient checkpointing")
     s.add_argument("--estimate-only", action="store_true", help="the closed form only, no step")
+    s.add_argument("--activations", action="store_true",
+                   help="the activations of full, lora, lora_fa, lst, prompt and full with "
+                        "checkpointing, split into the backbone's and the method's (n_positions "
+                        "raised to --seq-len)")
     s.add_argument("--fit", action="store_true",
                    help="also print the 1B rule of thumb and what fits on 24/48/80 GB cards at 7B and 65B")
     s.add_argument("--png", default=None, help="write stacked bars of the three views to this PNG")
@@ -1005,8 +1025,8 @@ def _cmd_forgetting(args) -> int:
     """Trace learning against forgetting along training; print the reading; write JSON, CSV, PNG."""
     import dataclasses
 
-    from . import io
-    from .forgetting import ForgettingSettings, forgetting_sweep
+    from .. import io
+    from ..workflows.forgetting import ForgettingSettings, forgetting_sweep
 
     _check_nonempty("--out", args.out)
     methods = _parse_methods(args.methods)
