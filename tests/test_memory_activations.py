@@ -13,7 +13,6 @@ import gc
 
 import numpy as np
 import pytest
-from minipeft.tools.cli import main
 
 from minipeft import GPT, GPTConfig, memory
 from minipeft.autograd import LEDGER
@@ -28,6 +27,7 @@ from minipeft.optim import AdamW
 from minipeft.peft import get_peft_model
 from minipeft.peft.config import METHODS, config_class, method_config
 from minipeft.peft.config import VARIANTS as METHOD_VARIANTS
+from minipeft.tools.cli import main
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=96, n_positions=64)
 
