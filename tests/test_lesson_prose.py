@@ -29,13 +29,14 @@ into it.
 
 **Allowed in prose** (each rule small and explicit):
 
-1. *Definitions by rate*: a number of a unit *a*/*an*/*per*/*each*/*for
+1. *Definitions by rate*: a number of bytes *a*/*an*/*per*/*each*/*for
    every* something: ``fp32 is 4 bytes a parameter``, ``8 bytes an entry``,
    ``12 bytes of gradient and state per trained parameter``. These state a
-   format or a recipe, which no run changes.
-2. *Model-size names*: digits and ``B`` with no space (``7B``, ``65B``): the
-   names of the estimator's presets. A byte count always has its space
-   (``106 B``).
+   format or a recipe, which no run changes. (Bytes only: "2,000 tokens a
+   step" is a result.)
+2. *Names of sizes*: digits and ``B`` with no space (``7B``, ``65B``): the
+   names of the estimator's presets (a byte count always has its space,
+   ``106 B``); and a card named by its memory, ``a 24 GB card``.
 3. *Sourced figures*: a sentence that names its source may quote that
    source's figures: a citation with its year (``Hu et al. 2021``, ``Li and
    Liang, 2021``, ``(Rajbhandari et al., 2020)``) or ``(course notes)`` for
@@ -78,9 +79,11 @@ PATTERNS = {
     "number with a unit": re.compile(rf"(?<![\w.]){_NUM}[ \t\n]*{_UNITS}(?!\w)"),
 }
 # rule 1: a definition by rate ("4 bytes a parameter", "12 bytes of gradient and state per ...")
-_RATE = re.compile(r"\s+(?:of\s+(?:[\w+]+\s+){1,5}?)?(?:a|an|per|each|for\s+every)\s")
-# rule 2: a preset's name (7B): digits then B, no space
+_RATE = re.compile(r"\s+(?:of\s+(?:[\w+]+\s+){1,5}?)?(?:a|an|per|each|for\s+every)\b")
+# rule 2: a preset's name (7B): digits then B, no space; a card named by its memory
 _SIZE_NAME = re.compile(r"\d+B$")
+_CARD = re.compile(r"\s+cards?\b")
+_BYTES = re.compile(r"(?:[KMGT]i?B|bytes?|B)$")
 # rule 3: a citation with its year, or the course's own rules
 _CITATION = re.compile(r"[A-Z][\w-]+(?:\s+et\s+al\.?|\s+and\s+[A-Z][\w-]+)?,?\s+\(?(?:19|20)\d\d\)?"
                        r"|\(course notes\)")
@@ -117,7 +120,8 @@ def typed_figures(markdown: str):
             if kind == "number with a unit":
                 if _SIZE_NAME.search(figure) and not re.search(r"\s", figure):
                     continue
-                if _RATE.match(text, m.end()):
+                if _BYTES.search(figure) and (_RATE.match(text, m.end())
+                                              or _CARD.match(text, m.end())):
                     continue
             if kind == "decimal" and _VERSION.search(text[:m.start()]):
                 continue
@@ -161,6 +165,7 @@ def test_no_figure_typed_into_prose(path):
     "prompt tuning trains 77 times fewer numbers",
     "$PC$ = 2,560 numbers",
     "a learning rate of 3e-2 here",
+    "The rule holds at 2,000 to 2,600 tokens a step.",
 ])
 def test_the_scanner_flags_typed_results(text):
     assert list(typed_figures(text)), text
@@ -173,6 +178,7 @@ def test_the_scanner_flags_typed_results(text):
     "fp32 is 4 bytes a parameter; an int64 index costs 8 bytes an entry.",
     "LoRA pays 12 bytes of gradient and state per trained parameter.",
     "We train LoRA with `r=8` at `lr=3e-3` for `steps` steps, like 7B models.",
+    "Both fit a 24 GB card; a 48 GB card holds more.",
     "The update is $\\Delta W = BA$ with $r = 8$, so $d < 0.4375$.",
     "Written with jupytext version 1.19.6 in 2024, see lesson 5, block 0.",
     "A (128 × 384) weight.",

@@ -32,7 +32,8 @@ nbformat = pytest.importorskip("nbformat")
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = ROOT / "lessons"
-NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
+# NN_name.ipynb, or NNa_name.ipynb where one lesson's story is told in two parts (03a, 03b)
+NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]*_*.ipynb"))
 IDS = [p.stem for p in NOTEBOOKS]
 
 #: seconds any one cell may run before the kernel is judged hung (FAST cells take seconds)
@@ -53,11 +54,18 @@ def python_of(source: str) -> str:
                      for line in source.splitlines())
 
 
+def lesson_number(path: Path) -> str:
+    """``3a`` for ``03a_training_memory.ipynb``, ``5`` for ``05_lora.ipynb``."""
+    prefix = path.name.split("_", 1)[0]
+    assert re.fullmatch(r"\d\d[a-z]?", prefix), f"{path.name}: name it NN_name or NNa_name"
+    return prefix.lstrip("0")
+
+
 def test_the_lessons_are_there_and_numbered():
     assert NOTEBOOKS, "no notebooks in lessons/"
-    numbers = [p.name[:2] for p in NOTEBOOKS]
+    numbers = [lesson_number(p) for p in NOTEBOOKS]
     assert len(set(numbers)) == len(numbers), f"two lessons share a number: {numbers}"
-    for expected in ("01_tour", "02_autograd", "05_lora"):
+    for expected in ("01_tour", "02_autograd", "03a_training_memory", "03b_what_fits", "05_lora"):
         assert (LESSONS / f"{expected}.ipynb").is_file(), expected
 
 
@@ -111,8 +119,9 @@ def test_solutions_parse():
     for block in blocks:
         ast.parse(block)
     for path in NOTEBOOKS:
-        n = int(path.name[:2])
-        assert f"## Lesson {n}" in text, f"solutions.md has no section for lesson {n}"
+        n = lesson_number(path)
+        assert re.search(rf"^## Lesson {n}\b", text, flags=re.M), (
+            f"solutions.md has no section for lesson {n}")
 
 
 # ---------------------------------------------------------------------------
