@@ -885,7 +885,8 @@ def render_source_page(rel_path: str, source: str, index: SymbolIndex, prev=None
 # (``minipeft/peft/lora.py::LoraLinear.forward``, ``lessons/05_lora.ipynb``)
 # becomes a link too, which is what turns the concept map into a map.
 
-_CODE_REF = re.compile(r"<code>((?:minipeft|tests)/[\w/]+\.py(?:::[\w.]+)?|lessons/\d\d[a-z]?_\w+\.ipynb)</code>")
+_CODE_REF = re.compile(r"<code>((?:minipeft|tests)/[\w/]+\.py(?:::[\w.]+)?"
+                       r"|lessons/\d\d[a-z]?_\w+\.ipynb)</code>")
 
 
 @dataclass
