@@ -257,7 +257,7 @@ for name, out in (("full fine-tuning (1e-3)", drifted), ("LoRA detached", rememb
 # %% [markdown]
 # ## The claim, checked
 #
-# * An adapter costs kilobytes: each folder is under 3% of a full copy.
+# * An adapter costs kilobytes: each folder holds under `0.03 * full_bytes` bytes, `full_bytes` being a full copy's.
 # * One base serves three tasks: each adapter beats the bare base on its own
 #   task, and is the best of the three there; switching leaves the base's
 #   weights bit for bit as they were (same fingerprint).
