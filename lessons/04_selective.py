@@ -366,13 +366,14 @@ runs = {
 steps = lessons.pick(200, 25)
 n_test = lessons.pick(500, 100)
 zero_shot_loss = lessons.answer_loss(load_base(), task)
-histories, scores, val_losses = {}, {}, {}
+histories, scores, val_losses, n_trained = {}, {}, {}, {}
 for name, (cfg, lr) in runs.items():
     run = lessons.finetune_and_score(cfg, task, lr, steps, n_test)
     histories[name], val_losses[name], scores[name] = run.history, run.answer_loss, run.score
-    print(f"{name:18s} {run.trainable:>8,d} trained  "
-          f"answer loss {zero_shot_loss:.2f} -> {val_losses[name]:.3f}   "
-          f"exact match {scores[name]:.3f} on {n_test} test words")
+    n_trained[name] = run.trainable
+print(lessons.table([[n, n_trained[n], zero_shot_loss, val_losses[n], scores[n]] for n in runs],
+                    ["", "trained", "answer loss, base", "after training",
+                     f"exact match ({n_test} test words)"], ["", ",d", ".2f", ".3f", ".3f"]))
 
 fig, ax = plt.subplots()
 for name, h in histories.items():

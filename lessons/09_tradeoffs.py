@@ -420,8 +420,8 @@ def dominates(a, b):
 
 best = {axis: sorted(x for x in order if costs[x][i] == min(c[i] for c in costs.values()))
         for i, axis in enumerate(COST_AXES)}
-for axis, winners in best.items():
-    print(f"cheapest on {axis:21s}: {', '.join(winners)}")
+print(lessons.table([[axis, ", ".join(winners)] for axis, winners in best.items()],
+                    ["cost axis", "cheapest"]))
 dominated = {b: sorted(a for a in order if dominates(a, b)) for b in order}
 dominated = {b: by for b, by in dominated.items() if by}
 for b, by in dominated.items():

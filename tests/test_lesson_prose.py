@@ -27,6 +27,10 @@ into it.
   ``n_layer=4``), so the reader sees an input, not an outcome;
 * link targets (``[text](url)``).
 
+Because maths is set aside, a *result* is never written as maths: ``$10^{-12}$``
+is for a format's constant or a chosen step, and the error the run found
+goes through ``lessons.say`` like any other figure.
+
 **Allowed in prose** (each rule small and explicit):
 
 1. *Definitions by rate*: a number of bytes *a*/*an*/*per*/*each*/*for
