@@ -183,6 +183,27 @@ def test_the_flop_counters_agree_and_switch_the_log_off():
     assert ops.matmul_log is None
 
 
+def test_table_aligns_names_left_and_numbers_right():
+    from minipeft import lessons
+
+    text = lessons.table([["full", 822016, 1.0], ["LoRA r=8", 16384, 0.5]],
+                         ["method", "trainable", "score"], ["", ",d", ".2f"])
+    lines = text.splitlines()
+    assert lines[0].split() == ["method", "trainable", "score"]
+    assert lines[1].startswith("full ") and lines[1].endswith("822,016   1.00")
+    assert lines[2].startswith("LoRA r=8") and lines[2].endswith(" 16,384   0.50")
+    assert len({len(line) for line in lines}) == 1                 # every line as wide
+    with pytest.raises(ValueError, match="3 entries"):
+        lessons.table([["full", 1]], ["method", "trainable", "score"])
+
+
+def test_say_prints_outside_a_notebook(capsys):
+    from minipeft import lessons
+
+    lessons.say("the adapter scored 0.91")
+    assert capsys.readouterr().out == "the adapter scored 0.91\n"
+
+
 # ---------------------------------------------------------------------------
 # Without the lessons extra
 # ---------------------------------------------------------------------------
