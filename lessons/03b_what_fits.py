@@ -99,7 +99,7 @@ plt.show()
 # %%
 r512 = rot[512]
 lessons.say(
-    "**What to notice:** each dot sits where its line crosses the rule's 24 bytes a parameter, and "
+    "**What to notice:** each dot sits near where its line crosses the rule's 24 bytes a parameter, and "
     "the table's last column, the step's real peak, is lower than the rule's sum "
     f"({r512['estimate'].peak / GiB:.0f} GiB instead of {rule_sum(r512['estimate']) / GiB:.0f} at "
     "length 512), because backward frees each activation as the gradients appear, so the two are "
