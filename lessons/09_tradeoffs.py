@@ -105,6 +105,15 @@ lessons.say(f"One seed, {settings.steps} steps of {settings.batch_size} examples
 # %%
 display(Image(result.figure_png()))
 
+# %%
+act_share = {x: result.peaks[x]["activations"] / sum(result.peaks[x].values()) for x in rows}
+lessons.say("**What to notice:** on the left, activations are the largest part of every method's "
+            f"bar ({100 * min(act_share.values()):.0f}% to {100 * max(act_share.values()):.0f}% of "
+            "the peak), whatever the method trains; on the right, the scores of one seed"
+            + (" after the fast setting's few steps, which say nothing yet about quality."
+               if lessons.FAST else ", to be read with their noise (section 3)."))
+assert all(max(result.peaks[x], key=result.peaks[x].get) == "activations" for x in rows)
+
 # %% [markdown]
 # ## 2. Read by family
 #
