@@ -18,12 +18,12 @@
 # Parameter-efficient fine-tuning (PEFT) adapts a pretrained model to a new
 # task by training a small part of it. To see what that costs and buys we
 # need a model we can train, measure and take apart on a laptop: a GPT-2
-# shrunk to 822,016 parameters, pretrained on a small synthetic world.
+# shrunk to under a million parameters, pretrained on a small synthetic world.
 #
 # **What you will learn**
 #
 # 1. The model: GPT-2's architecture and parameter names, at the reference
-#    size, and where its 822,016 parameters sit.
+#    size, and where its parameters sit.
 # 2. The data: a 96-symbol character tokenizer, the pretraining corpus (a
 #    toy world with fixed facts, arithmetic and word games), and the three
 #    downstream tasks.
@@ -54,8 +54,9 @@ plt = lessons.setup()
 # %% [markdown]
 # ## 1. The model
 #
-# `GPTConfig()` is the reference configuration: 4 blocks, width 128, 4
-# heads, 128 positions, a vocabulary of 96 characters. The parameter names
+# `GPTConfig()` is the reference configuration: `n_layer=4` blocks,
+# `n_embd=128` wide, `n_head=4` heads, `n_positions=128`, a vocabulary of
+# `vocab_size=96` characters. The parameter names
 # are GPT-2's (`h.0.attn.c_attn.weight` is the fused query/key/value
 # projection, shape (128, 384)), so everything later (LoRA's
 # `target_modules=["c_attn"]`, say) reads as it would on a real GPT-2.
@@ -64,10 +65,10 @@ plt = lessons.setup()
 config = GPTConfig()
 print(config)
 model = GPT(config)
-for name, p in model.named_parameters():
-    if name.startswith(("wte", "wpe", "h.0.", "ln_f")):
-        print(f"{name:28s} {str(p.shape):12s} {p.size:>8,d}")
-print("... blocks h.1 to h.3 repeat h.0 ...")
+print(lessons.table([[name, str(p.shape), p.size] for name, p in model.named_parameters()
+                     if name.startswith(("wte", "wpe", "h.0.", "ln_f"))],
+                    ["parameter", "shape", "size"], ["", "", ",d"]))
+print(f"... blocks h.1 to h.{config.n_layer - 1} repeat h.0 ...")
 n_params = model.num_parameters()
 print(f"total: {n_params:,d} parameters, {4 * n_params / 1e6:.1f} MB in float32")
 
@@ -108,7 +109,7 @@ print(len(tok), ids.tolist(), repr(tok.decode(ids)))
 # Five kinds of lines: fixed facts about a world (the fox is always red and
 # always lives in the north forest), people, arithmetic (`23+45=68`), word
 # transforms (`reverse stone: enots`) and opinions (`the soup was bland, so
-# ben was upset.`). About 3 MB of training text and 200 kB of validation text.
+# ben was upset.`). The cell below counts the training and validation text.
 
 # %%
 train_text, val_text = pretraining_text("train"), pretraining_text("val")
@@ -140,8 +141,8 @@ for row_i, row_t in zip(idx, targets):
 # %% [markdown]
 # ## 3. The shipped base
 #
-# `load_base()` loads the model `minipeft pretrain` made (3,000 steps of
-# next-character prediction on the corpus, seed 0). Its file records its
+# `load_base()` loads the model `minipeft pretrain` made (next-character
+# prediction on the corpus; its file records the recipe, printed below). Its file records its
 # validation loss and a character-bigram model's. We measure both again:
 # the loss on the validation text (all of it, or its first batches in the
 # fast setting), and the bigram model's, counted from the training text.
@@ -154,6 +155,7 @@ val_batches = lessons.pick(None, 6)          # None: the whole validation text
 base_loss = validation_loss(base, val_ids, batches=val_batches)
 bigram_loss = bigram_cross_entropy(train_text, val_text, tok)
 uniform_loss = uniform_cross_entropy()
+print("pretrained with:", info["recipe"])
 print(f"stored in the file: base {info['val_loss']:.4f}, bigram {info['bigram_val_loss']:.4f}")
 print(f"measured now:       base {base_loss:.4f}, bigram {bigram_loss:.4f}, "
       f"uniform guess ln(96) = {uniform_loss:.4f}  (nats per character)")
@@ -165,6 +167,13 @@ ax.bar(["uniform", "bigram", "shipped base"], [uniform_loss, bigram_loss, base_l
 ax.set_ylabel("validation cross-entropy (nats/char)")
 ax.set_title("What the base learned")
 plt.show()
+
+# %%
+lessons.say(f"**What to notice:** the shipped base's bar is the lowest by far: "
+            f"{base_loss:.3f} nats a character, {100 * (1 - base_loss / bigram_loss):.0f}% below the "
+            f"bigram model's {bigram_loss:.3f}, which is itself below the uniform guess's "
+            f"{uniform_loss:.3f}.")
+assert base_loss < 0.7 * bigram_loss < uniform_loss
 
 # %% [markdown]
 # ### Where the loss goes, character by character
@@ -190,6 +199,23 @@ for ax, line in zip(axes, lines):
 axes[0].set_title("Loss of each character, given the ones before it")
 fig.tight_layout()
 plt.show()
+
+
+def surprise_of(line):
+    ids = tok.encode("\n" + line)
+    logits = base(ids[None, :-1]).numpy()[0]              # (T, V)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    return -logp[np.arange(len(ids) - 1), ids[1:]]        # nats for each next character
+
+
+fox, total, rev = (surprise_of(line) for line in lines)
+fact = fox[len("the red fox lives in "):]                  # " the north forest." after the subject
+answer, digits = rev[len("reverse qzvk: "):], total[len("23+45="):-1]
+lessons.say(f"**What to notice:** the tall bars are choices: the animal, the made-up word, the "
+            f"digits. The fact after the subject costs {fact.mean():.3f} nats a character on "
+            f"average, the reversal of the written word {answer.mean():.3f}, and the sum's digits "
+            f"{digits.mean():.2f}: addition is the skill the base learned worst.")
+assert fact.mean() < 0.1 and answer.mean() < 0.1 < 1.0 < digits.mean()
 
 # %% [markdown]
 # ### Generating text
@@ -239,14 +265,16 @@ print(f"base on {n_test} test words: 'spell w backwards: ' {zero_shot_task_forma
 # trained parameters: not a new skill, a new way of being asked.
 #
 # ## The claim, checked
-#
-# * The reference GPT has exactly $VC + n_{pos}C + L(12C^2 + 13C) + 2C$ =
-#   822,016 parameters.
-# * The shipped base has learned its world: its validation loss is more
-#   than 30% below the bigram model's (the bar it was built to clear).
-# * Generation with the key/value cache writes the same tokens as without.
-# * The base reverses most words in the corpus's format and (almost) none in
-#   the task's: it half-knows the answer.
+
+# %%
+lessons.say(f"""* The reference GPT has exactly $VC + n_{{pos}}C + L(12C^2 + 13C) + 2C$ = {formula:,d}
+  parameters.
+* The shipped base has learned its world: its validation loss is
+  {100 * (1 - base_loss / bigram_loss):.0f}% below the bigram model's (the bar it was built to
+  clear: more than 30% below).
+* Generation with the key/value cache writes the same tokens as without.
+* The base reverses most words in the corpus's format ({zero_shot_own_format:.2f}) and (almost)
+  none in the task's ({zero_shot_task_format:.2f}): it half-knows the answer.""")
 
 # %%
 assert n_params == formula == 822_016
@@ -265,7 +293,7 @@ print("all claims hold")
 #    something the corpus never says. What does it do?
 # 3. Score the base on `addition` in both formats (`what is 23 plus 45? `
 #    and `23+45=`). Does it half-know addition as well as reversal?
-# 4. Sample from `"\n"` at temperatures 0.2, 0.8 and 1.5. Which kinds of
+# 4. Sample from `"\n"` at `temperature=0.2`, `0.8` and `1.5`. Which kinds of
 #    lines survive high temperature?
 #
 # Solutions: `lessons/solutions.md`, section "Lesson 1".

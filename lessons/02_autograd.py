@@ -129,7 +129,7 @@ deep_grad_ok = np.isclose(x.grad[0], 1.0001 ** 5000, rtol=1e-12)
 # "what does the graph keep alive?" exactly.
 #
 # A two-layer MLP, $\ell = \operatorname{mean}\big((\mathrm{GELU}(x W_1 + b_1) W_2 + b_2)^2\big)$,
-# on a batch of 64 rows of width 128 with a hidden width of 512. Each op
+# on a batch of $N = 64$ rows of width $C = 128$ with a hidden width of $4C$. Each op
 # keeps only what a gradient that will really be computed needs:
 #
 # | op | keeps | for |
@@ -158,7 +158,7 @@ predicted = {
     "layer 1 frozen": f32 * (64 * 512 + 64 * 128),               # a for dW2, pow's output
     "layer 2 frozen": f32 * (64 * 128 + 64 * 512 + 512 * 128 + 64 * 128),  # no a: W2 is frozen
 }
-measured, after_backward = {}, {}
+measured, after_backward, w1_grad = {}, {}, {}
 for case in predicted:
     layer1.unfreeze()
     layer2.unfreeze()
@@ -171,11 +171,12 @@ for case in predicted:
     measured[case] = LEDGER.nbytes() - before
     loss.backward()
     after_backward[case] = LEDGER.nbytes() - before
-    print(f"{case:18s} predicted {predicted[case]:>8,d} B   measured {measured[case]:>8,d} B   "
-          f"after backward {after_backward[case]} B   "
-          f"W1.grad {'None' if layer1.weight.grad is None else layer1.weight.grad.shape}")
+    w1_grad[case] = "None" if layer1.weight.grad is None else str(layer1.weight.grad.shape)
     layer1.zero_grad()
     layer2.zero_grad()
+print(lessons.table([[c, predicted[c], measured[c], after_backward[c], w1_grad[c]] for c in predicted],
+                    ["", "predicted (B)", "measured (B)", "after backward (B)", "W1.grad"],
+                    ["", ",d", ",d", ",d", ""]))
 
 # %% [markdown]
 # Freezing the *first* layer frees more than its own input: nothing below
@@ -192,6 +193,15 @@ ax.set_ylabel("saved for backward (KiB)")
 ax.set_title("The activation ledger after the forward pass")
 plt.show()
 
+# %%
+lessons.say("**What to notice:** freezing layer 1 saves the most "
+            f"({(measured['both layers train'] - measured['layer 1 frozen']) / 1024:.0f} KiB of "
+            f"{measured['both layers train'] / 1024:.0f}), freezing layer 2 the least "
+            f"({(measured['both layers train'] - measured['layer 2 frozen']) / 1024:.0f} KiB), "
+            "and each bar is exactly the table's prediction.")
+assert measured == predicted
+assert measured["layer 1 frozen"] < measured["layer 2 frozen"] < measured["both layers train"]
+
 # %% [markdown]
 # ## 4. Gradient checks, and why float32 finite differences lie
 #
@@ -199,7 +209,7 @@ plt.show()
 # $O(h^2)$ and a rounding error of about $\epsilon_{mach}|f|/h$. In float64
 # ($\epsilon \approx 10^{-16}$) a step $h = 10^{-6}$ makes both tiny. In
 # float32 ($\epsilon \approx 6\cdot 10^{-8}$) the rounding term alone is
-# about 0.1 at that step. We sweep $h$ for softplus at $x = 0.7$ in both
+# about $6\cdot 10^{-8} / 10^{-6} \approx 10^{-1}$ at that step. We sweep $h$ for softplus at $x = 0.7$ in both
 # dtypes, against the exact derivative $\sigma(0.7)$.
 
 # %%
@@ -232,13 +242,16 @@ ax.set_title("Central differences of softplus at x = 0.7")
 ax.legend()
 plt.show()
 
-# %% [markdown]
-# The float64 curve is the familiar V: rounding on the left, truncation on
-# the right, a minimum of about $10^{-12}$ near $h = 10^{-5}$. The float32
-# curve bottoms out near $10^{-6}$, a million times higher, and at
-# $h = 10^{-6}$ it is wrong in the second digit. A
-# check built on it would pass wrong gradients and fail right ones. That is
-# why `gradcheck` refuses float32:
+# %%
+best = {name: (errs.min(), steps[errs.argmin()]) for name, errs in fd_error.items()}
+lessons.say(
+    "**What to notice:** the float64 curve is the familiar V: rounding on the left, truncation on "
+    f"the right, a minimum of {best['float64'][0]:.1e} near $h$ = {best['float64'][1]:.0e}. The "
+    f"float32 curve bottoms out at {best['float32'][0]:.1e}, "
+    f"{best['float32'][0] / best['float64'][0]:,.0f} times higher, and at $h = 10^{{-6}}$ its "
+    f"error is {fd_error['float32'][at]:.1e} against a derivative of {exact:.2f}. A check built on "
+    "it would pass wrong gradients and fail right ones. That is why `gradcheck` refuses float32:")
+assert best["float32"][0] > 1e3 * best["float64"][0] and fd_error["float32"][at] > 1e-3
 
 # %%
 try:
@@ -313,16 +326,17 @@ for dt in (np.float64, np.float32):
     print(f"{np.dtype(dt).name}: relative error of the projected derivative for "
           f"h = 1e-2 .. 1e-6: " + ", ".join(f"{e:.1e}" for e in errs))
 
-# %% [markdown]
-# ## The claim, checked
-#
-# * The ledger holds exactly the bytes the table predicts, for every choice
-#   of frozen layers, and nothing once backward has run.
-# * Backward walks a 5,000-op chain without recursion.
-# * In float64, central differences at $h=10^{-6}$ agree with backward to
-#   about $10^{-10}$; in float32 the same step is off by more than $10^{-3}$
-#   (relative, on a whole GPT: more than 10%), and no step brings a single
-#   softplus closer than $10^{-7}$, a thousand times worse than float64's best.
+# %%
+lessons.say(f"""## The claim, checked
+
+* The ledger holds exactly the bytes the table predicts, for every choice of frozen layers, and
+  nothing once backward has run.
+* Backward walks a long chain of ops (longer than Python's recursion limit) without recursion.
+* In float64, central differences at $h=10^{{-6}}$ agree with backward to
+  {fd_error['float64'][at]:.0e}; in float32 the same step is off by {fd_error['float32'][at]:.0e}
+  (relative, on a whole GPT: {relative_error['float32'][-1]:.0e}, against float64's
+  {relative_error['float64'][-1]:.0e}), and no step brings a single softplus closer than
+  {fd_error['float32'].min():.0e}, more than a thousand times worse than float64's best.""")
 
 # %%
 assert measured == predicted, (measured, predicted)

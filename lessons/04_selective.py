@@ -34,11 +34,13 @@
 # 2. What freezing saves, measured: gradient products counted by the engine
 #    (`ops.counters`), gradient buffers, optimizer state, saved activations,
 #    matrix-product FLOPs and step time.
-# 3. Why a 1% mask still pays for the whole gradient, and where its index
+# 3. Why a sparse mask (`density=0.01`) still pays for the whole gradient, and where its index
 #    costs more than it saves (`break_even_density`).
-# 4. How the selections fare on a task, for their cost.
+# 4. The training loop, written out once and checked against `minipeft.workflows.train`,
+#    and how the selections fare on a task, for their cost.
 
 # %%
+import inspect
 import time
 
 import numpy as np
@@ -56,6 +58,7 @@ from minipeft.peft import (
     get_peft_model,
 )
 from minipeft.peft.selective import break_even_density, mask_state_bytes
+from minipeft.workflows.train import train
 
 plt = lessons.setup()
 
@@ -84,6 +87,50 @@ for name, cfg in selections.items():
     trainable[name], total = pm.get_nb_trainable_parameters()
     print(f"{name:30s}", end=" ")
     pm.print_trainable_parameters()
+
+# %% [markdown]
+# ### The two mechanisms, on screen
+#
+# **Freezing** lives in the Linear operator's backward pass. For
+# $y = xW + b$ with upstream gradient $G = \partial L / \partial y$:
+#
+# $$ \frac{\partial L}{\partial x} = G W^\top, \qquad
+#    \frac{\partial L}{\partial W} = x^\top G, \qquad
+#    \frac{\partial L}{\partial b} = \mathbf{1}^\top G, $$
+#
+# and each is formed only if what it is the gradient of needs one
+# (`ctx.needs_input_grad`). Here is the engine's own source:
+
+# %%
+print(inspect.getsource(ops.Linear.backward))
+
+# %% [markdown]
+# **Masking** is the opposite: the gradient is computed in full, then
+# multiplied by the boolean mask $M$, $\;\nabla W \odot M$, and the
+# optimizer moves only the entries where $M$ is true. We re-derive it: the
+# full gradient from a fully trainable copy of the same base on the same
+# batch, times the mask, against the masked model's gradient; then one
+# AdamW step, which must leave every entry outside the mask as it was.
+
+# %%
+small = next(get_task("reverse").batches("train", 4, shuffle=False))
+masked_pm = get_peft_model(load_base(), MaskConfig(target_modules=["c_attn"], density=0.01))
+full_pm = get_peft_model(load_base(), FullFinetuneConfig())
+for m in (masked_pm, full_pm):
+    _, loss = m(*small)
+    loss.backward()
+name = next(n for n in dict(masked_pm.named_parameters()) if n.endswith("h.0.attn.c_attn.weight"))
+w_masked, w_full = dict(masked_pm.named_parameters())[name], dict(full_pm.named_parameters())[name]
+mask = w_masked.grad_mask                                  # (C, 3C) booleans
+mine = w_full.grad * mask                                  # computed in full, then masked
+frozen = dict(masked_pm.named_parameters())[name.replace("attn.c_attn", "mlp.c_fc")]
+before = w_masked.numpy().copy()
+AdamW([p for p in masked_pm.parameters() if p.requires_grad], lr=1e-3).step()
+moved = w_masked.numpy() != before                         # (C, 3C): which entries changed
+print(f"{name}: {int(mask.sum()):,d} of {mask.size:,d} entries masked in; "
+      f"{int(moved.sum()):,d} moved; a frozen weight's gradient: {frozen.grad}")
+assert np.allclose(w_masked.grad, mine, rtol=1e-5, atol=1e-8) and not w_masked.grad[~mask].any()
+assert not moved[~mask].any() and moved[mask].mean() > 0.9 and frozen.grad is None
 
 # %% [markdown]
 # ## 2. Freezing against masking, measured
@@ -148,26 +195,27 @@ for name, cfg in compared.items():
 
 keys = ["trainable", "dW products", "dx products", "gradient bytes", "optimizer bytes",
         "saved activations", "backward FLOPs"]
-print(f"{'':24s}" + "".join(f"{k:>18s}" for k in keys) + f"{'step (ms)':>11s}")
-for name, r in rows.items():
-    print(f"{name:24s}" + "".join(f"{r[k]:>18,d}" for k in keys) + f"{step_ms[name]:>11.0f}")
+print(lessons.table([[name] + [r[k] for k in keys] + [step_ms[name]] for name, r in rows.items()],
+                    [""] + keys + ["step (ms)"], [""] + [",d"] * len(keys) + [".0f"]))
+n_linears = sum(1 for n, _ in load_base().named_parameters()
+                if n.endswith(".weight") and (".attn.c_" in n or ".mlp.c_" in n))
+rf_, rb_ = rows["full fine-tuning"], rows["BitFit"]
+lessons.say(f"""Read the table column by column.
 
-# %% [markdown]
-# Read the table column by column.
-#
-# * **dW products.** Full fine-tuning forms all 16 (4 Linears in each of 4
-#   blocks). BitFit forms none: a bias's gradient is a sum of $g$ and needs
-#   no product. The last block forms its own 4. The masks form *all* of
-#   their weights' products, though they train 1% of the entries.
-# * **Gradient bytes.** A frozen weight has no gradient buffer. A masked
-#   one has a full-size buffer (mostly zeros).
-# * **Optimizer bytes.** AdamW keeps two moments per trained entry: the
-#   masks keep state only for their k entries (plus the index of those k).
-# * **Saved activations.** BitFit still trains biases in block 0, so the
-#   gradient flows through every layer and most activations are kept. The
-#   last block alone stops the backward pass early.
-# * **Backward FLOPs** follow the products: a mask costs nearly what full
-#   fine-tuning costs; BitFit about half (only the input gradients).
+* **dW products.** Full fine-tuning forms all {rf_['dW products']} (one per Linear weight; the base
+  has {n_linears}). BitFit forms {rb_['dW products']}: a bias's gradient is a sum of $g$ and needs
+  no product. The last block forms its own {rows['last block']['dW products']}. The masks form
+  *all* of their weights' products, though they train a hundredth of the entries.
+* **Gradient bytes.** A frozen weight has no gradient buffer. A masked one has a full-size buffer
+  (mostly zeros).
+* **Optimizer bytes.** AdamW keeps two moments per trained entry: the masks keep state only for
+  their k entries (plus the index of those k).
+* **Saved activations.** BitFit still trains biases in block 0, so the gradient flows through every
+  layer and most activations are kept. The last block alone stops the backward pass early.
+* **Backward FLOPs** follow the products: the mask of every Linear costs
+  {100 * rows['mask 1% (every Linear)']['backward FLOPs'] / rf_['backward FLOPs']:.0f}% of full
+  fine-tuning's; BitFit {100 * rb_['backward FLOPs'] / rf_['backward FLOPs']:.0f}% (only the input
+  gradients).""")
 
 # %%
 full = rows["full fine-tuning"]
@@ -183,6 +231,19 @@ ax.axhline(1.0, color="k", lw=0.8)
 ax.set_title("What each selection costs in one step")
 ax.legend(fontsize=8)
 plt.show()
+
+# %%
+lessons.say("**What to notice:** the bars of the mask of every Linear for gradient bytes and "
+            "backward FLOPs stand almost as tall as full fine-tuning (the line at 1), while its "
+            "optimizer bar falls to a few hundredths, like BitFit's and the other mask's; only "
+            "the last block lowers the saved activations much.")
+r_mask = rows["mask 1% (every Linear)"]
+assert r_mask["gradient bytes"] > 0.9 * full["gradient bytes"]
+assert r_mask["backward FLOPs"] > 0.9 * full["backward FLOPs"]
+assert all(rows[n]["optimizer bytes"] < 0.05 * full["optimizer bytes"]
+           for n in ("BitFit", "mask 1% (every Linear)", "mask 1% (c_attn only)"))
+assert rows["last block"]["saved activations"] < 0.5 * min(
+    r["saved activations"] for n, r in rows.items() if n != "last block")
 
 # %% [markdown]
 # ## 3. Where a mask's index eats its saving
@@ -220,9 +281,10 @@ for d in densities:
                                       + costs["bool_mask"])
 dense = mask_state_bytes(n, n)["full_adam_state"]
 print(f"c_attn weights: n = {n:,d} entries; dense AdamW state {dense:,d} bytes")
-for i, d in enumerate(densities):
-    print(f"density {d:4.2f}: mask + state, int64 index {measured['int64'][i]:>9,d} B, "
-          f"int32 {measured['int32'][i]:>9,d} B")
+print(lessons.table([[f"{d:.2f}", measured["int64"][i], measured["int32"][i]]
+                     for i, d in enumerate(densities)],
+                    ["density", "mask + state, int64 index (B)", "int32 index (B)"],
+                    ["", ",d", ",d"]))
 
 grid = np.linspace(0, 1, 101)
 fig, ax = plt.subplots()
@@ -237,12 +299,57 @@ ax.set_title(f"Break-even: {break_even_density(8):.4f} (int64), {break_even_dens
 ax.legend(fontsize=8)
 plt.show()
 
+# %%
+lessons.say("**What to notice:** each measured line crosses the dashed full-state line at its "
+            f"dotted break-even density ({break_even_density(8):.4f} with an int64 index, "
+            f"{break_even_density(4):.4f} with int32): below it a mask saves state, above it the "
+            "index costs more than it saves.")
+for i, d in enumerate(densities):
+    assert (measured["int64"][i] < dense) == (d < break_even_density(8))
+    assert (measured["int32"][i] < dense) == (d < break_even_density(4))
+
 # %% [markdown]
 # And the gradient: whatever the density, the masked weight's gradient
 # buffer is full size ($4n$ bytes). Freezing a whole weight saves that; no
 # mask can.
 #
 # ## 4. Quality for the cost
+#
+# ### The training loop, written out
+#
+# Training is four lines repeated: forward to the loss, backward to the
+# gradients of what trains, the optimizer's update, and clearing the
+# gradients. Here it is as you could write it, checked against
+# `minipeft.workflows.train` (which adds a learning-rate schedule, gradient clipping,
+# a progress bar and evaluation, all switched off here) on the same seed and
+# batches: the same losses and the same weights, bit for bit.
+
+# %%
+def my_train(model, opt, batches, steps):
+    losses = []
+    for _, (idx, targets) in zip(range(steps), batches):
+        _, loss = model(idx, targets)          # forward: mean cross-entropy on the answers
+        loss.backward()                        # gradients, for what trains only
+        opt.step()                             # AdamW's update
+        opt.zero_grad()                        # free the gradients until the next backward
+        losses.append(loss.item())
+    return losses
+
+
+loop_steps = lessons.pick(10, 5)
+ours, theirs = (get_peft_model(load_base(), BitFitConfig()) for _ in range(2))
+mine = my_train(ours, AdamW(ours.trainable_parameters(), lr=1e-2, weight_decay=0.0),
+                task.batches("train", 16, seed=0, epochs=None), loop_steps)
+history = train(theirs, AdamW(theirs.trainable_parameters(), lr=1e-2, weight_decay=0.0),
+                task.batches("train", 16, seed=0, epochs=None), loop_steps, progress=False)
+print("my loop:       ", [f"{v:.4f}" for v in mine])
+print("minipeft.workflows.train:", [f"{v:.4f}" for v in history.losses])
+assert mine == history.losses and mine[-1] < mine[0]
+assert all(np.array_equal(a.numpy(), b.numpy())
+           for a, b in zip(ours.parameters(), theirs.parameters()))
+
+# %% [markdown]
+# ### Every selection on a task
 #
 # Each selection trains on `reverse` for the same number of steps (its own
 # learning rate: small sets of parameters need larger steps), then answers
@@ -261,13 +368,14 @@ runs = {
 steps = lessons.pick(200, 25)
 n_test = lessons.pick(500, 100)
 zero_shot_loss = lessons.answer_loss(load_base(), task)
-histories, scores, val_losses = {}, {}, {}
+histories, scores, val_losses, n_trained = {}, {}, {}, {}
 for name, (cfg, lr) in runs.items():
     run = lessons.finetune_and_score(cfg, task, lr, steps, n_test)
     histories[name], val_losses[name], scores[name] = run.history, run.answer_loss, run.score
-    print(f"{name:18s} {run.trainable:>8,d} trained  "
-          f"answer loss {zero_shot_loss:.2f} -> {val_losses[name]:.3f}   "
-          f"exact match {scores[name]:.3f} on {n_test} test words")
+    n_trained[name] = run.trainable
+print(lessons.table([[n, n_trained[n], zero_shot_loss, val_losses[n], scores[n]] for n in runs],
+                    ["", "trained", "answer loss, base", "after training",
+                     f"exact match ({n_test} test words)"], ["", ",d", ".2f", ".3f", ".3f"]))
 
 fig, ax = plt.subplots()
 for name, h in histories.items():
@@ -279,20 +387,29 @@ ax.set_title("reverse: training loss (test exact match in brackets)")
 ax.legend(fontsize=8)
 plt.show()
 
-# %% [markdown]
-# ## The claim, checked
-#
-# * Frozen means not computed: a frozen weight forms no gradient product
-#   and owns no gradient buffer. BitFit forms 0 of the 16 products, the last
-#   block 4, full fine-tuning 16.
-# * Masked means computed, then masked: a 1% mask of every Linear forms all
-#   16 products, holds a full-size gradient, and its backward pass costs
-#   more than 90% of full fine-tuning's FLOPs; only its optimizer state
-#   shrinks.
-# * The optimizer's bytes are what `mask_state_bytes` predicts, to the
-#   byte, and a mask saves state only below `break_even_density()`
-#   (7/16 with an int64 index and a boolean mask).
-# * Every selection learns: its held-out answer loss falls below the base's.
+# %%
+best = min(val_losses, key=val_losses.get)
+lessons.say(f"**What to notice:** every curve falls (the base's held-out answer loss was "
+            f"{zero_shot_loss:.2f}); {best} ends lowest, at {val_losses[best]:.3f} held out. "
+            f"After {steps} steps the exact-match scores in brackets are "
+            + ", ".join(f"{n} {scores[n]:.2f}" for n in runs)
+            + (": the fast setting trains too briefly for most selections to answer whole "
+               "words; the held-out loss is its check." if lessons.FAST else "."))
+assert all(h.losses[-1] < h.losses[0] for h in histories.values())
+assert all(v < zero_shot_loss for v in val_losses.values())
+
+# %%
+lessons.say(f"""## The claim, checked
+
+* Frozen means not computed: a frozen weight forms no gradient product and owns no gradient
+  buffer. BitFit forms {rb_['dW products']} of the {rf_['dW products']} products, the last block
+  {rows['last block']['dW products']}, full fine-tuning {rf_['dW products']}.
+* Masked means computed, then masked: the mask of every Linear forms all
+  {r_mask['dW products']} products, holds a full-size gradient, and its backward pass costs more
+  than 90% of full fine-tuning's FLOPs; only its optimizer state shrinks.
+* The optimizer's bytes are what `mask_state_bytes` predicts, to the byte, and a mask saves state
+  only below `break_even_density()` (7/16 with an int64 index and a boolean mask).
+* Every selection learns: its held-out answer loss falls below the base's.""")
 
 # %%
 r_full, r_bitfit, r_last = rows["full fine-tuning"], rows["BitFit"], rows["last block"]
@@ -329,8 +446,8 @@ print("all claims hold")
 #    parameters is that, and how does it compare with BitFit on `reverse`?
 # 2. Choose the mask's entries by gradient (`selection="gradient"`, with a
 #    `calibration_batch=(idx, targets)` passed to `get_peft_model`) instead of
-#    at random. Does it learn faster at 1%?
-# 3. With a mask at density 0.3, how many bytes does the boolean mask cost,
+#    at random. Does it learn faster at `density=0.01`?
+# 3. With a mask at `density=0.3`, how many bytes does the boolean mask cost,
 #    and how many the int64 index? At what density are they equal?
 # 4. Freeze everything but block 0 (`layers=[0]`). Predict, before
 #    measuring, whether its saved activations are closer to BitFit's or to

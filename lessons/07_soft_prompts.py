@@ -35,10 +35,12 @@
 # 4. What they cost at inference: a longer context, counted in FLOPs.
 
 # %%
+import inspect
+
 import numpy as np
 
 from minipeft.tools import lessons
-from minipeft.autograd import LEDGER, ops
+from minipeft.autograd import LEDGER, Tensor, ops
 from minipeft.workflows.base import load_base
 from minipeft.data import get_task
 from minipeft.peft import (
@@ -49,15 +51,16 @@ from minipeft.peft import (
     PromptTuningConfig,
     get_peft_model,
 )
+from minipeft.peft.soft_prompts import PrefixTuningMethod
 
 plt = lessons.setup()
 
 # %% [markdown]
 # ## 1. What they train
 #
-# With $P = 20$, $C = 128$ and $L = 4$ layers: prompt tuning trains
-# $PC$ = 2,560 numbers; prefix tuning $P \cdot L \cdot 2C$ = 20,480 (a key
-# and a value of width $C$ per layer per virtual token). Prefix tuning is
+# With $P$ virtual tokens, width $C$ and $L$ layers, prompt tuning trains
+# $PC$ numbers; prefix tuning $P \cdot L \cdot 2C$ (a key and a value of
+# width $C$ per layer per virtual token). Prefix tuning is
 # unstable when the prefixes are trained directly, so Li and Liang produce
 # them with a small MLP from $P$ embeddings during training
 # (`prefix_projection=True`); only the prefixes it produces are saved.
@@ -76,7 +79,11 @@ for name, cfg in soft.items():
     pm = get_peft_model(load_base(), cfg)
     trained[name] = pm.get_nb_trainable_parameters()[0]
     saved_size[name] = sum(a.size for a in pm.active_method.state_dict(pm).values())
-    print(f"{name:22s} trains {trained[name]:>7,d} numbers, saves {saved_size[name]:>6,d}")
+print(lessons.table([[n, trained[n], saved_size[n]] for n in soft],
+                    ["", "trains (numbers)", "saves (numbers)"], ["", ",d", ",d"]))
+lessons.say(f"With $P = {P}$, $C = {C}$ and $L = {L}$: prompt tuning trains $PC$ = "
+            f"{trained['prompt tuning']:,d} numbers, prefix tuning $P L \\cdot 2C$ = "
+            f"{trained['prefix tuning']:,d}.")
 
 # %% [markdown]
 # With zero virtual tokens both methods are the base itself, bit for bit.
@@ -89,6 +96,42 @@ identity = {name: np.array_equal(get_peft_model(load_base(), cfg)(idx).numpy(), 
             for name, cfg in (("prompt, P=0", PromptTuningConfig(num_virtual_tokens=0)),
                               ("prefix, P=0", PrefixTuningConfig(num_virtual_tokens=0)))}
 print(identity)
+
+# %% [markdown]
+# ### The mechanism, on screen
+#
+# Prompt tuning is one concatenation. With the prompt $E \in \mathbb{R}^{P
+# \times C}$ and the tokens' embeddings $X = \mathrm{wte}(idx)$, the base
+# runs on $[E; X]$ (positions $0 .. P+T-1$) and the logits of the $P$
+# virtual positions are dropped. Written out with the base's own
+# embedding table, and checked against the package on the same input (a
+# prompt moved away from its initialisation, so that the check means
+# something):
+
+# %%
+pt = get_peft_model(load_base(), PromptTuningConfig(num_virtual_tokens=P))
+E = pt.active_method.encoder(pt).embedding
+E.data += 0.1 * np.random.default_rng(0).standard_normal(E.shape).astype(E.data.dtype)
+base_gpt = pt.base_model
+B_, T_ = idx.shape
+X = base_gpt.wte.weight.numpy()[idx]                                   # (B, T, C)
+embeds = np.concatenate([np.broadcast_to(E.numpy(), (B_, P, C)), X], axis=1)  # (B, P+T, C)
+mine = base_gpt(inputs_embeds=Tensor(embeds)).numpy()[:, P:]           # (B, T, V): real positions
+theirs = pt(idx).numpy()
+print(f"largest |mine - package| logit: {np.abs(mine - theirs).max():.2e}")
+assert mine.shape == theirs.shape and np.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+# %% [markdown]
+# Prefix tuning adds nothing to the sequence. Its $P \times L \cdot 2C$
+# matrix is cut into, for each layer $l$, $P$ keys $K^{(l)}_p$ and $P$
+# values $V^{(l)}_p$ per head, which attention puts before the tokens' own:
+#
+# $$ \mathrm{softmax}\Big(\frac{q\,[K^{(l)}_p; K]^\top}{\sqrt{d}}\Big)\,[V^{(l)}_p; V]. $$
+#
+# The package builds them as a read-only key/value cache; its own source:
+
+# %%
+print(inspect.getsource(PrefixTuningMethod.cache))
 
 # %% [markdown]
 # ## 2. Few parameters, all the activations
@@ -116,9 +159,10 @@ for name, cfg in compared.items():
                     "saved": LEDGER.nbytes() - before}
     loss.backward()
     memory[name]["dx products"] = ops.counters["linear.dx"]
-    print(f"{name:22s} trains {memory[name]['trainable']:>8,d}   saves "
-          f"{memory[name]['saved'] / 1e6:5.1f} MB for backward   "
-          f"dx products {memory[name]['dx products']}")
+print(lessons.table([[n, r["trainable"], r["saved"] / 1e6, r["dx products"]]
+                     for n, r in memory.items()],
+                    ["", "trains", "saved for backward (MB)", "dx products"],
+                    ["", ",d", ".1f", "d"]))
 
 fig, ax = plt.subplots()
 for name, r in memory.items():
@@ -131,13 +175,21 @@ ax.set_ylabel("saved for backward (MB)")
 ax.set_title("Training memory does not follow the trainable count")
 plt.show()
 
+# %%
+full = memory["full fine-tuning"]
+lessons.say(
+    "**What to notice:** the points do not fall from left to right. Prompt tuning trains "
+    f"{100 * memory['prompt tuning']['trainable'] / full['trainable']:.1f}% of the parameters and "
+    f"keeps *more* activations than full fine-tuning ({memory['prompt tuning']['saved'] / 1e6:.1f} "
+    f"MB against {full['saved'] / 1e6:.1f}): every layer now runs over $P$ more positions, and "
+    "every layer must pass its input gradient down. Prefix tuning keeps about as much as LoRA "
+    f"({memory['prefix tuning']['saved'] / 1e6:.1f} and {memory['LoRA r=8']['saved'] / 1e6:.1f} "
+    "MB). Only stopping the backward pass early (the last block alone) saves activation memory.")
+assert memory["prompt tuning"]["saved"] >= full["saved"]
+assert abs(memory["prefix tuning"]["saved"] - memory["LoRA r=8"]["saved"]) < 0.1 * full["saved"]
+assert memory["last block only"]["saved"] < full["saved"] / 3
+
 # %% [markdown]
-# Prompt tuning trains 0.3% of the parameters and keeps *more* activations
-# than full fine-tuning: every layer now runs over 20 more positions, and
-# every layer must pass its input gradient down. Prefix tuning keeps about
-# as much as LoRA. Only stopping the backward pass early (the last block
-# alone) saves activation memory.
-#
 # ## 3. Learning the task
 #
 # Soft prompts need large steps. We train prompt tuning twice, from rows of
@@ -161,8 +213,10 @@ for name, (cfg, lr) in runs.items():
     run = lessons.finetune_and_score(cfg, task, lr, steps, n_test)
     histories[name] = run.history
     results[name] = {"model": run.model, "answer loss": run.answer_loss, "exact match": run.score}
-    print(f"{name:26s} answer loss {zero_shot_loss:.2f} -> {results[name]['answer loss']:.3f}, "
-          f"exact match {results[name]['exact match']:.3f}")
+print(lessons.table([[n, zero_shot_loss, r["answer loss"], r["exact match"]]
+                     for n, r in results.items()],
+                    ["", "answer loss, base", "after training", "exact match"],
+                    ["", ".2f", ".3f", ".3f"]))
 
 fig, ax = plt.subplots()
 for name, h in histories.items():
@@ -174,15 +228,22 @@ ax.set_title("reverse with soft prompts")
 ax.legend()
 plt.show()
 
-# %% [markdown]
-# Prompt tuning learns the *format* at once (a few letters, then a newline)
-# and the skill slowly: a few vectors at the input must steer every layer
-# of a model this small. Starting from a text that says what to do helps.
-# Prefix tuning speaks to every layer's attention directly and learns
-# fastest of the three (in the full setting, 300 steps: about 16% exact
-# match for prompt tuning, 30% from the text, 90% for prefix tuning, against
-# 96% for LoRA r=8 in 200 steps in lesson 5). Lester et al. found prompt tuning matches full fine-tuning
-# only on models of billions of parameters.
+# %%
+loss_of = {n: r["answer loss"] for n, r in results.items()}
+lessons.say(
+    "**What to notice:** prompt tuning learns the *format* at once (a few letters, then a newline) "
+    "and the skill slowly: a few vectors at the input must steer every layer of a model this small. "
+    "Starting from a text that says what to do helps, and prefix tuning, which speaks to every "
+    f"layer's attention directly, learns fastest of the three. After {steps} steps the held-out "
+    "answer loss is " + ", ".join(f"{loss_of[n]:.3f} for {n}" for n in results)
+    + "; exact match " + ", ".join(f"{results[n]['exact match']:.2f}" for n in results)
+    + (" (in the fast setting few steps are taken and no whole word is answered yet: the loss "
+       "ranks them; run the full setting to see exact matches)" if lessons.FAST else "")
+    + ". Lester et al. (2021) found prompt tuning matches full fine-tuning only on models of "
+    "billions of parameters.")
+assert loss_of["prefix tuning + MLP"] < loss_of["prompt tuning, text init"] < loss_of["prompt tuning"]
+if not lessons.FAST:
+    assert results["prefix tuning + MLP"]["exact match"] > results["prompt tuning"]["exact match"]
 #
 # ## 4. The cost at inference: a longer context
 #
@@ -202,8 +263,9 @@ flops_base = forward_flops(base, x)
 flops_base_longer = forward_flops(base, longer)
 flops_prompt = forward_flops(get_peft_model(load_base(), soft["prompt tuning"]), x)
 flops_prefix = forward_flops(get_peft_model(load_base(), soft["prefix tuning"]), x)
-print(f"T = {T}: base {flops_base:,d}; base on P+T positions {flops_base_longer:,d}; "
-      f"prompt tuning {flops_prompt:,d}; prefix tuning {flops_prefix:,d}")
+print(lessons.table([["base", flops_base], ["base on P+T positions", flops_base_longer],
+                     ["prompt tuning", flops_prompt], ["prefix tuning", flops_prefix]],
+                    [f"forward on T = {T}", "FLOPs"], ["", ",d"]))
 print(f"prefix tuning adds {(flops_prefix - flops_base) // x.size:,d} FLOPs per token "
       f"= 4 P C L = {4 * P * C * L:,d}")
 
@@ -224,24 +286,31 @@ ax.set_title(f"Inference cost for prompts of {T} characters")
 ax.legend()
 plt.show()
 
-# %% [markdown]
-# The context window pays too: with $P = 20$ of the 128 positions taken by
-# virtual tokens, the longest input the model can read is 108 characters,
-# and at generation time the key/value cache holds $P$ more positions per
-# layer ($P \cdot L \cdot 2C$ numbers, 80 KiB in float32 here).
-#
-# ## The claim, checked
-#
-# * Prompt tuning trains $PC$ = 2,560 numbers, prefix tuning
-#   $P L \cdot 2C$ = 20,480 (the MLP only while training); with $P = 0$ both
-#   are the base, bit for bit.
-# * Both pass the gradient through every block: prompt tuning forms all 16
-#   input-gradient products and keeps at least as many activation bytes as
-#   full fine-tuning; prefix tuning keeps more than half as many. The last
-#   block alone keeps under a third.
-# * Both learn (held-out answer loss below the base's).
-# * At inference, prompt tuning on $T$ tokens costs exactly what the base
-#   costs on $P + T$; prefix tuning adds exactly $4PCL$ FLOPs per token.
+# %%
+n_pos = base.config.n_positions
+lessons.say(
+    "**What to notice:** both lines rise with $P$, prompt tuning's far faster: it runs every "
+    "Linear over the extra positions, prefix tuning only attention. The context window pays too: "
+    f"with $P = {P}$ of the {n_pos} positions taken by virtual tokens, the longest input the model "
+    f"can read is {n_pos - P} characters, and at generation time the key/value cache holds $P$ "
+    f"more positions per layer ($P \\cdot L \\cdot 2C$ numbers, {P * L * 2 * C * 4 / 1024:g} KiB in "
+    "float32 here).")
+assert all(np.all(np.diff(v) > 0) for v in per_token.values())
+assert np.all(np.diff(per_token["prompt tuning"]) > np.diff(per_token["prefix tuning"]))
+
+# %%
+lessons.say(f"""## The claim, checked
+
+* Prompt tuning trains $PC$ = {trained['prompt tuning']:,d} numbers, prefix tuning
+  $P L \\cdot 2C$ = {trained['prefix tuning']:,d} (the MLP only while training); with $P = 0$ both
+  are the base, bit for bit.
+* Both pass the gradient through every block: prompt tuning forms all
+  {memory['prompt tuning']['dx products']} input-gradient products and keeps at least as many
+  activation bytes as full fine-tuning; prefix tuning keeps more than half as many. The last block
+  alone keeps under a third.
+* Both learn (held-out answer loss below the base's).
+* At inference, prompt tuning on $T$ tokens costs exactly what the base costs on $P + T$; prefix
+  tuning adds exactly $4PCL$ FLOPs per token.""")
 
 # %%
 assert trained["prompt tuning"] == P * C == 2_560
@@ -266,11 +335,11 @@ print("all claims hold")
 # 1. Initialise prompt tuning from text (`prompt_tuning_init="TEXT"`,
 #    `prompt_tuning_init_text="reverse the word: "`). Does starting from
 #    real embeddings help?
-# 2. Train prefix tuning *without* the MLP at learning rates 3e-3 and 3e-2.
+# 2. Train prefix tuning *without* the MLP at learning rates `lr=3e-3` and `lr=3e-2`.
 #    What goes wrong?
 # 3. How many virtual tokens can prompt tuning use with the longest
 #    `reverse` example? Find the error message when you exceed it.
-# 4. For a batch of one prompt of 10 characters, what fraction of a forward
+# 4. For a batch of one prompt of $T = 10$ characters, what fraction of a forward
 #    pass's FLOPs does prompt tuning with $P = 20$ spend on virtual tokens?
 #
 # Solutions: `lessons/solutions.md`, section "Lesson 7".

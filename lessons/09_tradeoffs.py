@@ -31,8 +31,9 @@
 # 2. What a method's *family* decides before any training: whether it can
 #    leave the model as a plain GPT, what it stores, what it adds at inference.
 # 3. Which columns are *counts* (parameters, bytes, FLOPs: exact, the same
-#    after 8 steps as after 8,000) and which are *measurements* (quality,
-#    time: they need a real budget, several seeds, one machine).
+#    after a handful of steps as after thousands) and which are
+#    *measurements* (quality, time: they need a real budget, several seeds,
+#    one machine).
 # 4. The central claim: **no method wins on every axis**. On the cost axes,
 #    full fine-tuning is beaten everywhere by training the last block alone,
 #    and an element mask by BitFit; what the two buy is quality.
@@ -60,23 +61,21 @@ plt = lessons.setup()
 # ## 1. The comparison
 #
 # `compare(settings)` fine-tunes a fresh copy of the shipped base with each
-# method (the configs of `minipeft finetune`: LoRA r = 8 on `c_attn`,
-# Houlsby adapters of width 16, 20 virtual tokens, a 1% random mask of every
-# Linear in the blocks, the last block for layer selection) and measures
-# every row the same way. The rules it prints above the table are the point:
+# method (the configs of `minipeft finetune`, `default_configs()`: LoRA on
+# `c_attn`, Houlsby adapters, soft prompts, a random mask of every Linear in
+# the blocks, the last block for layer selection; printed below) and
+# measures every row the same way. The rules it prints above the table are
+# the point:
 #
-# * **one budget**: the same number of optimizer steps of 16 examples, on the
-#   same batches in the same order, with the same schedule, clipping and
-#   AdamW (the same *steps*, not the same wall time);
+# * **one budget**: the same number of optimizer steps of `batch_size`
+#   examples, on the same batches in the same order, with the same schedule,
+#   clipping and AdamW (the same *steps*, not the same wall time);
 # * **each method's own learning rate**: a soft prompt needs steps a
 #   thousand times larger than full fine-tuning's. `minipeft compare` picks
 #   each rate from a small grid on the validation split; here, to run in a
 #   few minutes, each method uses the middle of its grid (`LR_GRID`), the
 #   rate known to work best on this base;
 # * **the test split is scored once**, at the end.
-#
-# One seed, at most 150 steps: enough to read the counts, not enough to rank
-# close scores (exercise 1 adds seeds). About three minutes on two cores.
 
 # %%
 settings = CompareSettings(
@@ -88,7 +87,14 @@ settings = CompareSettings(
 result = compare(settings, progress=False)
 rows = {r["method"]: r for r in result.rows}
 ctx = result.context
+for name, cfg in default_configs().items():
+    print(f"{name:8s} {cfg}")
+print()
 print(result.table(wide=True))          # every column: the sections below read them all
+lessons.say(f"One seed, {settings.steps} steps of {settings.batch_size} examples: enough to read the "
+            "counts, not enough to rank close scores (exercise 1 adds seeds)"
+            + (". In the fast setting the steps are too few to learn the task at all: read its "
+               "counts, and run the full setting for the scores." if lessons.FAST else "."))
 
 # %% [markdown]
 # The figure `minipeft compare` writes beside the table (`results.png`):
@@ -98,6 +104,15 @@ print(result.table(wide=True))          # every column: the sections below read 
 
 # %%
 display(Image(result.figure_png()))
+
+# %%
+act_share = {x: result.peaks[x]["activations"] / sum(result.peaks[x].values()) for x in rows}
+lessons.say("**What to notice:** on the left, activations are the largest part of every method's "
+            f"bar ({100 * min(act_share.values()):.0f}% to {100 * max(act_share.values()):.0f}% of "
+            "the peak), whatever the method trains; on the right, the scores of one seed"
+            + (" after the fast setting's few steps, which say nothing yet about quality."
+               if lessons.FAST else ", to be read with their noise (section 3)."))
+assert all(max(result.peaks[x], key=result.peaks[x].get) == "activations" for x in rows)
 
 # %% [markdown]
 # ## 2. Read by family
@@ -132,14 +147,13 @@ mergeable = {x: rows[x]["extra_flops_merged"] is not None for x in order}
 deployed_flops = {x: rows[x]["extra_flops_merged"] if mergeable[x] else rows[x]["extra_flops"]
                   for x in order}
 
-print(f"{'family':<19}{'method':<9}{'trainable':>10}{'grad+opt B':>12}{'peak MiB':>10}"
-      f"{'mergeable':>11}{'+FLOPs/tok':>12}{'deployed':>10}{'file KB':>10}{'test':>7}")
-for x in order:
-    row = rows[x]
-    print(f"{row['family']:<19}{x:<9}{row['trainable']:>10,d}{row['mem_grad_opt_bytes']:>12,d}"
-          f"{row['mem_accounted_peak_mib']:>10.1f}{'yes' if mergeable[x] else '-':>11}"
-          f"{row['extra_flops']:>12,d}{deployed_flops[x]:>10,d}{row['adapter_bytes'] / 1000:>10.1f}"
-          f"{row['test_mean']:>7.3f}")
+print(lessons.table(
+    [[rows[x]["family"], x, rows[x]["trainable"], rows[x]["mem_grad_opt_bytes"],
+      rows[x]["mem_accounted_peak_mib"], "yes" if mergeable[x] else "-", rows[x]["extra_flops"],
+      deployed_flops[x], rows[x]["adapter_bytes"] / 1000, rows[x]["test_mean"]] for x in order],
+    ["family", "method", "trainable", "grad+opt B", "peak MiB", "mergeable", "+FLOPs/tok",
+     "deployed", "file KB", "test"],
+    ["", "", ",d", ",d", ".1f", "", ",d", ",d", ".1f", ".3f"]))
 
 # %% [markdown]
 # ## 3. Read by axis
@@ -147,7 +161,7 @@ for x in order:
 # ### Parameter efficiency: counts that follow from the configs
 #
 # Every number of the `trainable` column is a formula in the shapes
-# ($L$ = 4 blocks, $C$ = 128 wide) and one knob of the config: LoRA's rank
+# ($L$ blocks, $C$ wide) and one knob of the config: LoRA's rank
 # $r$ on the fused $C \to 3C$ projection, the adapters' width $m$, the $P$
 # virtual tokens, (IA)³'s key, value and inner-MLP scales, the biases, one
 # block's weights, a mask's density. None depends on how long training ran.
@@ -172,16 +186,17 @@ by_formula = {
     "ia3": L * (2 * C + 4 * C),
 }
 by_count = sorted(order, key=lambda x: rows[x]["trainable"])
-for x in by_count:
-    print(f"{x:8s} {rows[x]['trainable']:>8,d} trainable ({rows[x]['trainable_pct']:7.4f}%), "
-          f"by formula {by_formula[x]:>8,d}")
+print(lessons.table([[x, rows[x]["trainable"], rows[x]["trainable_pct"], by_formula[x]]
+                     for x in by_count],
+                    ["method", "trainable", "% of the base", "by formula"],
+                    ["", ",d", ".4f", ",d"]))
 
 # %% [markdown]
 # ### Memory efficiency: the optimizer's bytes follow the count, the peak does not
 #
-# `grad+opt` is what the trainable count decides: with fp32 AdamW, 4 bytes
-# of gradient and 8 of moments per trainable number, **12 bytes**, for every
-# method that freezes whole tensors. An element mask is the exception
+# `grad+opt` is what the trainable count decides: with fp32 AdamW, **12
+# bytes a trainable number** (4 of gradient, 8 of moments), for every method
+# that freezes whole tensors. An element mask is the exception
 # (lesson 4): its gradient is computed in full for every weight it touches,
 # then masked, and AdamW keeps a moment pair and an int64 index for each
 # selected entry (`mask_state_bytes`).
@@ -191,18 +206,17 @@ for x in by_count:
 # and what each operator must save, not on how many numbers train: the peak
 # column does not follow the trainable column. Prompt tuning also runs its
 # $P$ virtual tokens through every layer, so its activations are those of a
-# longer sequence (77 + 20 positions here) than prefix tuning's, whose keys
-# and values are given, not computed.
+# longer sequence ($T + P$ positions, printed below) than prefix tuning's,
+# whose keys and values are given, not computed.
 
 # %%
 peaks = result.peaks
-print(f"{'method':8s} {'grad+opt B':>11} {'12 x trainable':>14}  {'peak MiB':>8} {'activations':>11} "
-      f"{'weights':>8}")
-for x in by_count:
-    pk = peaks[x]
-    print(f"{x:8s} {rows[x]['mem_grad_opt_bytes']:>11,d} {12 * rows[x]['trainable']:>14,d}  "
-          f"{rows[x]['mem_accounted_peak_mib']:>8.1f} {pk['activations'] / 2**20:>11.1f} "
-          f"{(pk['weights_frozen'] + pk['weights_trainable']) / 2**20:>8.1f}")
+print(lessons.table(
+    [[x, rows[x]["mem_grad_opt_bytes"], 12 * rows[x]["trainable"], rows[x]["mem_accounted_peak_mib"],
+      peaks[x]["activations"] / 2**20, (peaks[x]["weights_frozen"] + peaks[x]["weights_trainable"])
+      / 2**20] for x in by_count],
+    ["method", "grad+opt B", "12 x trainable", "peak MiB", "activations MiB", "weights MiB"],
+    ["", ",d", ",d", ".1f", ".1f", ".1f"]))
 mask_books = sum(s["masked_gradient"] + s["masked_adam_state"] + s["indices"]
                  for s in (mask_state_bytes(n, k) for n, k in masked))
 print(f"the mask: 4 x {sum(n for n, _ in masked):,d} entries of gradient + 16 x {by_formula['mask']:,d} "
@@ -230,10 +244,11 @@ print(f"activations at the peak, prompt / prefix tuning: "
 batch = memory_batch(get_task(settings.task), settings.batch_size, settings.seeds[0])
 flops = {x: lessons.step_flops(build_method(configs[x], 0, batch=batch), batch) for x in order}
 tokens = flops["full"]["tokens"]
-for x in order:
-    f = flops[x]
-    print(f"{x:8s} forward {f['forward'] / 1e9:.3f} GFLOPs, backward {f['backward'] / 1e9:.3f} "
-          f"(backward / forward {f['backward'] / f['forward']:.2f}); {rows[x]['ms_per_step']:.0f} ms/step")
+print(lessons.table([[x, flops[x]["forward"] / 1e9, flops[x]["backward"] / 1e9,
+                      flops[x]["backward"] / flops[x]["forward"], rows[x]["ms_per_step"]]
+                     for x in order],
+                    ["method", "forward GFLOPs", "backward GFLOPs", "backward / forward", "ms/step"],
+                    ["", ".3f", ".3f", ".2f", ".0f"]))
 
 fig, ax = plt.subplots()
 for x in order:
@@ -248,6 +263,18 @@ ax.legend([plt.Line2D([], [], ls="", marker="o", color=COLORS[f]) for f in FAMIL
           fontsize=7)
 plt.show()
 
+# %%
+step_total = {x: flops[x]["forward"] + flops[x]["backward"] for x in order}
+cheapest, dearest = min(order, key=step_total.get), max(order, key=step_total.get)
+lessons.say(f"**What to notice:** along the counted axis, {cheapest} sits leftmost "
+            f"({step_total[cheapest] / 1e9:.2f} GFLOPs a step: the backward pass stops at the last "
+            f"block) and {dearest} rightmost ({step_total[dearest] / 1e9:.2f}); the mask lies right "
+            "of every method that freezes whole tensors. The vertical axis is this machine's clock: "
+            "shown, not checked.")
+assert cheapest == "layers"
+assert all(step_total[x] < step_total["mask"] < step_total["full"] for x in order
+           if x not in ("mask", "full"))
+
 # %% [markdown]
 # ### Model quality: a measurement, to be read with its noise
 #
@@ -255,16 +282,23 @@ plt.show()
 # majority label, and the base model as it is (which never answers in the
 # task's format: 0). With one seed and a short budget these numbers move by
 # several points from seed to seed (exercise 1): read large gaps, not
-# rankings. In the full setting on a two-core machine, full fine-tuning and
-# LoRA reached 1.00, layer selection 0.96, adapters 0.93, the mask 0.87,
-# (IA)³ 0.77, BitFit 0.70, and both soft prompts about 0.59: 150 steps are
-# too few for 20 vectors to steer a base that has never seen the task.
+# rankings. (The README's table averages three seeds; this run has one.)
 
 # %%
-for x in sorted(order, key=lambda x: -rows[x]["test_mean"]):
-    print(f"{x:8s} {rows[x]['test_mean']:.3f}")
-print(f"majority baseline {ctx['majority']:.3f}, base zero-shot {ctx['zero_shot']:.3f} "
-      f"({ctx['n_test']} test examples, {settings.steps} steps)")
+by_score = sorted(order, key=lambda x: -rows[x]["test_mean"])
+print(lessons.table([[x, rows[x]["test_mean"]] for x in by_score]
+                    + [["majority baseline", ctx["majority"]], ["base zero-shot", ctx["zero_shot"]]],
+                    [f"test {ctx['metric']} ({ctx['n_test']} examples, {settings.steps} steps)", ""],
+                    ["", ".3f"]))
+above = [x for x in by_score if rows[x]["test_mean"] > ctx["majority"]]
+lessons.say(
+    "In this run " + ", ".join(f"{x} {rows[x]['test_mean']:.2f}" for x in by_score)
+    + f"; {len(above)} of {len(order)} methods score above the majority baseline "
+    f"({ctx['majority']:.2f})"
+    + (f". {settings.steps} steps (the fast setting) are too few for any claim about quality; "
+       "the full setting trains long enough to read it." if lessons.FAST else
+       f". Soft prompts need more than {settings.steps} steps for $P$ vectors to steer a base that "
+       "has never seen the task."))
 
 # %% [markdown]
 # ### Inference cost: merged, built in, or a longer context
@@ -284,10 +318,10 @@ print(f"majority baseline {ctx['majority']:.3f}, base zero-shot {ctx['zero_shot'
 # size Python's overhead per operator hides most of it.
 
 # %%
-for x in order:
-    merged = "" if not mergeable[x] else f", merged {rows[x]['extra_flops_merged']:,d}"
-    print(f"{x:8s} +{rows[x]['extra_flops']:>6,d} FLOPs/token{merged}  "
-          f"(+{100 * deployed_flops[x] / ctx['base_flops']:.1f}% as deployed)")
+print(lessons.table([[x, rows[x]["extra_flops"],
+                      f"{rows[x]['extra_flops_merged']:,d}" if mergeable[x] else "-",
+                      100 * deployed_flops[x] / ctx["base_flops"]] for x in order],
+                    ["method", "+FLOPs/token", "merged", "+% as deployed"], ["", ",d", "", ".1f"]))
 
 # %% [markdown]
 # ### Two more columns: storage and forgetting
@@ -316,10 +350,12 @@ with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, x, ADAPTER_WEIGHTS)
         tensors, _ = load_tensors(path)
         files[x] = {"file": os.path.getsize(path), "tensors": sum(a.nbytes for a in tensors.values())}
-for x in by_count:
-    print(f"{x:8s} file {files[x]['file']:>9,d} B, tensors {files[x]['tensors']:>9,d} B "
-          f"= {files[x]['tensors'] / rows[x]['trainable']:.0f} x trainable; "
-          f"{100 * rows[x]['adapter_fraction']:5.1f}% of a full checkpoint ({ctx['full_bytes']:,d} B)")
+print(lessons.table([[x, files[x]["file"], files[x]["tensors"],
+                      files[x]["tensors"] / rows[x]["trainable"], 100 * rows[x]["adapter_fraction"]]
+                     for x in by_count],
+                    ["method", "file B", "tensors B", "B a trainable number",
+                     f"% of a full checkpoint ({ctx['full_bytes']:,d} B)"],
+                    ["", ",d", ",d", ".0f", ".1f"]))
 
 # %% [markdown]
 # ## 4. The table drawn by family
@@ -352,6 +388,14 @@ fig.legend(handles, FAMILIES, loc="lower center", ncol=4, frameon=False, fontsiz
 fig.tight_layout(rect=(0, 0.08, 1, 1))
 plt.show()
 
+# %%
+peak_min = min(order, key=lambda x: rows[x]["mem_accounted_peak_bytes"])
+train_min = min(order, key=lambda x: rows[x]["trainable"])
+lessons.say(f"**What to notice:** no method has the shortest bar in every cost panel: {train_min} "
+            f"trains the fewest numbers, {peak_min} has the lowest peak, and "
+            f"{sum(deployed_flops[x] == 0 for x in order)} methods add nothing at inference.")
+assert train_min != peak_min and train_min == "prompt" and peak_min == "layers"
+
 # %% [markdown]
 # ## 5. No method wins on every axis
 #
@@ -364,11 +408,11 @@ plt.show()
 #
 # * No method is best on all six: prompt tuning trains and stores the least,
 #   but the last block alone has the lowest peak and the cheapest step, and
-#   six methods add nothing at inference.
-# * Two methods are dominated: **full fine-tuning** (by five methods, the
-#   last block alone among them) and the **element mask** (by BitFit). On the
-#   cost axes they have no case. What they buy is on the one axis left out,
-#   quality: in the full-size run they are among the best scores (section 3).
+#   several methods add nothing at inference.
+# * Two methods are dominated: **full fine-tuning** (the last block alone
+#   among the methods that dominate it) and the **element mask** (by
+#   BitFit). On the cost axes they have no case. What they buy is on the one
+#   axis left out, quality (section 3; read it in the full setting).
 #
 # That is the trade-off in one sentence: the cheap methods are cheap on
 # different axes, and the expensive ones pay for quality.
@@ -392,29 +436,32 @@ def dominates(a, b):
 
 best = {axis: sorted(x for x in order if costs[x][i] == min(c[i] for c in costs.values()))
         for i, axis in enumerate(COST_AXES)}
-for axis, winners in best.items():
-    print(f"cheapest on {axis:21s}: {', '.join(winners)}")
+print(lessons.table([[axis, ", ".join(winners)] for axis, winners in best.items()],
+                    ["cost axis", "cheapest"]))
 dominated = {b: sorted(a for a in order if dominates(a, b)) for b in order}
 dominated = {b: by for b, by in dominated.items() if by}
 for b, by in dominated.items():
     print(f"{b} is dominated on every cost axis by {', '.join(by)}")
 print("not dominated:", ", ".join(x for x in order if x not in dominated))
 
+# %%
+lessons.say(f"""## The claim, checked
+
+Every check below is a count, a byte or a FLOP: it holds after {settings.steps} steps as after
+many more, on any machine. Scores are only checked to be scores, and times not at all.
+
+* Parameters: each row's count is its formula; the order is prompt < (IA)³ < BitFit < mask < LoRA
+  < prefix < adapters < last block < full.
+* Memory: prompt tuning trains {rows['layers']['trainable'] / rows['prompt']['trainable']:.0f} times
+  fewer numbers than the last block and peaks higher; the rest is below.""")
+
 # %% [markdown]
-# ## The claim, checked
 #
-# Every check below is a count, a byte or a FLOP: it holds after 8 steps as
-# after 150, on any machine. Scores are only checked to be scores, and times
-# not at all.
-#
-# * Parameters: each row's count is its formula; the order is prompt <
-#   (IA)³ < BitFit < mask < LoRA < prefix < adapters < last block < full.
 # * Memory: gradients and optimizer state are 12 bytes a trainable number
 #   for every method that freezes whole tensors; the mask's are its full
 #   gradients plus 16 bytes a selected entry. Activations are the largest
-#   part of every method's peak, and the peak does not follow the count:
-#   prompt tuning trains 77 times fewer numbers than the last block and peaks
-#   higher. Prompt tuning's longer context shows in its activations, above
+#   part of every method's peak, and the peak does not follow the count
+#   (above). Prompt tuning's longer context shows in its activations, above
 #   prefix tuning's.
 # * Training: the selective methods' and (IA)³'s forward FLOPs are the
 #   base's; LoRA's,
@@ -490,7 +537,7 @@ print("all claims hold")
 #    MLP. Which columns change, and by exactly how much?
 # 4. **Equal time instead of equal steps.** From the `ms/step` column, how
 #    many steps would each method get in the time full fine-tuning takes for
-#    150? Which method gains most, and why (section 3's FLOPs)?
+#    its `steps`? Which method gains most, and why (section 3's FLOPs)?
 # 5. **Quality as a seventh axis.** Add the test score (higher is better) to
 #    `COST_AXES` and recompute which methods are dominated in the full-size
 #    run. What happens to full fine-tuning and the mask?

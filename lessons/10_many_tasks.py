@@ -234,7 +234,7 @@ ours = forgetting_sweep(sweep_settings, progress=False)
 print(ours.summary())
 
 # %% [markdown]
-# The same workflow, at 150 steps, three rates and three seeds per method, is
+# The same workflow at its defaults (`steps=150`, three rates and three seeds per method) is
 # `minipeft forgetting` (tens of minutes: it saves
 # `runs/forgetting/results.json`). When that file is there, this lesson reads
 # it and draws it beside its own small sweep.
@@ -389,17 +389,17 @@ print("detached is the base, and does not do the task")
 #
 # * Hu et al. (2021, "LoRA"), on GPT-3 175B: trainable parameters cut
 #   10,000 times, training memory from 1.2 TB to 350 GB, a checkpoint from
-#   350 GB to 35 MB (r = 4 on the query and value projections);
+#   350 GB to 35 MB with `r=4` on the query and value projections (Hu et al. 2021);
 # * Dettmers et al. (2023, "QLoRA"): a 65B model fine-tuned on one 48 GB GPU
 #   (4-bit NF4 frozen weights, LoRA on top, gradient checkpointing);
 # * Biderman et al. (2024, "LoRA Learns Less and Forgets Less"): section 4.
 #
 # The course also says that selective methods train "15-20% of the
-# weights". We compute the same quantities with minipeft's estimator
+# weights" (course notes). We compute the same quantities with minipeft's estimator
 # (`minipeft.memory.estimate`: closed form, no arrays) at GPT-3 175B's shape
 # and at the 7B preset, and measure them on our tiny base. Estimates use
 # 16-bit training (ZeRO's 16 bytes a trained parameter, fp16 frozen
-# weights), one sequence of 512 tokens, and LoRA on `c_attn` (query, key and
+# weights), one sequence of `T=512` tokens, and LoRA on `c_attn` (query, key and
 # value in one matrix: r = 4 at 175B, the same count as the paper's r = 4 on
 # query and value; the default r = 8 elsewhere); checkpoints are counted in
 # fp16 as the paper's are. The tiny column is measured: parameter counts,
@@ -477,7 +477,7 @@ for r in [header] + rows:
 # weights, almost all of it) lands near the paper's. Our full fine-tuning
 # estimate is above the paper's: it keeps ZeRO's 16 bytes a parameter (fp32
 # master weights and both moments), which the paper's figure does not break
-# down. The 65B QLoRA estimate fits a 48 GB card. The course's "15-20%" is
+# down. The 65B QLoRA estimate fits a 48 GB card. The course's "15-20%" (course notes) is
 # where *layer selection* sits (a handful of blocks out of 32); LoRA is two
 # to three orders of magnitude below it at 7B. Our tiny model compresses far
 # less (LoRA trains a few percent of it): the savings of PEFT grow with the
@@ -541,8 +541,8 @@ shutil.rmtree(workdir)
 #    less, and does it still learn the task?
 # 4. Try to load the reverse adapter onto a base whose `wte` was changed by
 #    one entry. Read the error.
-# 5. Trace LoRA at rates below its grid (`ForgettingSettings(rates={"lora":
-#    (1e-4, 3e-4, 1e-3)}, ...)`): does a gentle LoRA join full fine-tuning's
+# 5. Trace LoRA at rates below its grid, `ForgettingSettings(rates={"lora": (1e-4, 3e-4, 1e-3)}, ...)`:
+#    does a gentle LoRA join full fine-tuning's
 #    curve, as in Biderman et al.?
 #
 # Solutions: `lessons/solutions.md`, section "Lesson 10".

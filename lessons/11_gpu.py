@@ -95,7 +95,7 @@ print("explicit copy to the host:", backend.asnumpy(a * 2))
 # ## 2. The same code, the same numbers
 #
 # The shipped base with LoRA r=8, loaded onto each device; three training
-# steps on the same batches of the pretraining corpus (16 windows of 128
+# steps on the same batches of the pretraining corpus (`B=16` windows of `T=128`
 # characters). We record the losses, the activation ledger after each
 # forward pass and the logits of the trained model.
 

@@ -45,7 +45,8 @@ import time
 
 import numpy as np
 
-from minipeft import lessons, memory, no_grad
+from minipeft import memory, no_grad
+from minipeft.tools import lessons
 from minipeft.autograd import ops
 from minipeft.workflows.base import load_base
 from minipeft.memory.activations import (
@@ -292,7 +293,7 @@ print(format_activation_rows(long_rows, long_config("reference", 512), 1))
 # full fine-tuning at every length; LST's line is the lowest of the PEFT
 # methods everywhere, but checkpointed full fine-tuning drops below it as T
 # grows: LST's side attention keeps its (B, 2, T, T) scores in every one of
-# its 4 blocks, while checkpointing holds one block's attention at a time.
+# its `n_layer` blocks, while checkpointing holds one block's attention at a time.
 
 # %%
 for i, _ in enumerate(seqs):
@@ -313,7 +314,7 @@ assert all(r["act_est"] == r["act_acc"] for r in long_rows)
 # time beside it is the median of three untraced steps on this machine
 # (one in the fast setting), a rough indication only (a busy machine moves
 # it). Every variant gets the same batch of 108-token rows, so that prompt
-# tuning's 20 virtual tokens fit the 128 positions.
+# tuning's 20 virtual tokens fit the `n_positions=128` positions.
 
 # %%
 def one_step(model, opt, batch):

@@ -31,7 +31,8 @@ nbformat = pytest.importorskip("nbformat")
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = ROOT / "lessons"
-NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
+# NN_name.ipynb, or NNa_name.ipynb where one lesson's story is told in two parts (03a, 03b)
+NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]*_*.ipynb"))
 IDS = [p.stem for p in NOTEBOOKS]
 
 #: seconds any one cell may run before the kernel is judged hung (FAST cells take seconds)
@@ -52,11 +53,18 @@ def python_of(source: str) -> str:
                      for line in source.splitlines())
 
 
+def lesson_number(path: Path) -> str:
+    """``3a`` for ``03a_training_memory.ipynb``, ``5`` for ``05_lora.ipynb``."""
+    prefix = path.name.split("_", 1)[0]
+    assert re.fullmatch(r"\d\d[a-z]?", prefix), f"{path.name}: name it NN_name or NNa_name"
+    return prefix.lstrip("0")
+
+
 def test_the_lessons_are_there_and_numbered():
     assert NOTEBOOKS, "no notebooks in lessons/"
-    numbers = [p.name[:2] for p in NOTEBOOKS]
+    numbers = [lesson_number(p) for p in NOTEBOOKS]
     assert len(set(numbers)) == len(numbers), f"two lessons share a number: {numbers}"
-    for expected in ("01_tour", "02_autograd", "05_lora"):
+    for expected in ("01_tour", "02_autograd", "03a_training_memory", "03b_what_fits", "05_lora"):
         assert (LESSONS / f"{expected}.ipynb").is_file(), expected
 
 
@@ -110,8 +118,9 @@ def test_solutions_parse():
     for block in blocks:
         ast.parse(block)
     for path in NOTEBOOKS:
-        n = int(path.name[:2])
-        assert f"## Lesson {n}" in text, f"solutions.md has no section for lesson {n}"
+        n = lesson_number(path)
+        assert re.search(rf"^## Lesson {n}\b", text, flags=re.M), (
+            f"solutions.md has no section for lesson {n}")
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +213,27 @@ def test_the_flop_counters_agree_and_switch_the_log_off():
     with pytest.raises(RuntimeError), lessons.count_flops():
         raise RuntimeError("a cell fails halfway")
     assert profile.matmul_log is None
+
+
+def test_table_aligns_names_left_and_numbers_right():
+    from minipeft.tools import lessons
+
+    text = lessons.table([["full", 822016, 1.0], ["LoRA r=8", 16384, 0.5]],
+                         ["method", "trainable", "score"], ["", ",d", ".2f"])
+    lines = text.splitlines()
+    assert lines[0].split() == ["method", "trainable", "score"]
+    assert lines[1].startswith("full ") and lines[1].endswith("822,016   1.00")
+    assert lines[2].startswith("LoRA r=8") and lines[2].endswith(" 16,384   0.50")
+    assert len({len(line) for line in lines}) == 1                 # every line as wide
+    with pytest.raises(ValueError, match="3 entries"):
+        lessons.table([["full", 1]], ["method", "trainable", "score"])
+
+
+def test_say_prints_outside_a_notebook(capsys):
+    from minipeft.tools import lessons
+
+    lessons.say("the adapter scored 0.91")
+    assert capsys.readouterr().out == "the adapter scored 0.91\n"
 
 
 # ---------------------------------------------------------------------------

@@ -826,8 +826,8 @@ def source_files(root: Path = REPO_ROOT, tests: bool = True) -> list[str]:
 
 
 def lesson_files(root: Path = REPO_ROOT) -> list[Path]:
-    """The lesson notebooks (``lessons/NN_name.ipynb``), in order."""
-    return sorted((root / "lessons").glob("[0-9][0-9]_*.ipynb"))
+    """The lesson notebooks (``lessons/NN_name.ipynb``, or ``NNa_name`` for a lesson in parts), in order."""
+    return sorted((root / "lessons").glob("[0-9][0-9]*_*.ipynb"))
 
 
 def source_page(rel_path: str) -> str:
@@ -896,7 +896,8 @@ def render_source_page(rel_path: str, source: str, index: SymbolIndex, prev=None
 # (``minipeft/peft/lora.py::LoraLinear.forward``, ``lessons/05_lora.ipynb``)
 # becomes a link too, which is what turns the concept map into a map.
 
-_CODE_REF = re.compile(r"<code>((?:minipeft|tests)/[\w/]+\.py(?:::[\w.]+)?|lessons/\d\d_\w+\.ipynb)</code>")
+_CODE_REF = re.compile(r"<code>((?:minipeft|tests)/[\w/]+\.py(?:::[\w.]+)?"
+                       r"|lessons/\d\d[a-z]?_\w+\.ipynb)</code>")
 
 
 @dataclass

@@ -17,6 +17,8 @@ only the few lines each of them would otherwise copy:
   memory, and score it: the training history, the held-out answer loss and
   the test metric, which is what a lesson plots and asserts;
   :func:`finetune_seeds` does it once per seed, for the spread.
+* :func:`say` and :func:`table`: prose whose figures the run computed (a
+  computed Markdown cell), and the one layout every printed table uses.
 * :func:`count_flops`, :func:`forward_flops` and :func:`step_flops`: the
   FLOPs of every matrix product a forward pass, or a training step forward
   and backward, forms: a count, where a step's milliseconds are a
@@ -266,3 +268,48 @@ def step_flops(model, batch) -> dict:
     finally:
         model.zero_grad()
     return {"forward": forward, "backward": backward, "tokens": int(np.size(batch[0]))}
+
+
+def say(text: str) -> None:
+    """Show ``text`` as Markdown in the notebook: prose whose figures the run computed.
+
+    A lesson never types a figure that its run computes into a Markdown cell
+    (``tests/test_lesson_prose.py`` checks that). It writes the sentence as
+    an f-string instead, ``lessons.say(f"... {score:.2f} ...")``, so that the
+    text and the numbers come from the same run, fast or full. Outside
+    IPython the text is printed.
+    """
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:  # pragma: no cover - the lessons extra brings IPython
+        print(text)
+        return
+    if get_ipython() is None:
+        print(text)
+    else:
+        display(Markdown(text))
+
+
+def table(rows, header, fmt=None) -> str:
+    """The lessons' one table layout: a header line, then a line per row, columns aligned.
+
+    ``rows`` is a sequence of sequences, ``header`` a column title for each
+    entry, ``fmt`` an optional format spec for each column (``",d"``,
+    ``".3f"``; ``""`` for as-is); strings are never formatted. The first
+    column is aligned left (names), the others right (numbers). Returns the
+    text, for ``print``.
+    """
+    header = [str(h) for h in header]
+    fmt = list(fmt) if fmt is not None else [""] * len(header)
+    if any(len(row) != len(header) for row in rows) or len(fmt) != len(header):
+        raise ValueError(f"every row and fmt need {len(header)} entries, one per column of "
+                         f"{header}")
+    cells = [[v if isinstance(v, str) else format(v, f) for v, f in zip(row, fmt)] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    return "\n".join([line(header)] + [line(r) for r in cells])
