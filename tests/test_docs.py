@@ -438,6 +438,32 @@ def test_lessons_come_from_executed_copies_when_fresh(tmp_path):
     assert "old code" not in stale and "rendered <strong>without outputs</strong>" in stale
 
 
+def test_a_page_says_when_its_outputs_come_from_the_fast_setting(tmp_path, monkeypatch):
+    """The lesson tests run the fast setting and keep their copies; a page rendered from one
+    says so. The build's own runs are the full setting unless asked for the fast one."""
+    import inspect
+
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbconvert")
+    assert inspect.signature(docs.build).parameters["fast"].default is False
+    root = tmp_path / "checkout"
+    (root / "minipeft").mkdir(parents=True)
+    (root / "minipeft" / "__init__.py").write_text('"""A package."""\n', encoding="utf-8")
+    (root / "lessons").mkdir()
+    executed = tmp_path / "executed"
+    for stem, fast in (("01_fast", "1"), ("02_full", "0")):
+        nbformat.write(_notebook(f"print('{stem}')"), str(root / "lessons" / f"{stem}.ipynb"))
+        nb = _notebook(f"print('{stem}')")
+        nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="out\n")]
+        monkeypatch.setenv("MINIPEFT_FAST", fast)
+        docs.save_executed(nb, stem, executed)
+    report = docs.build(tmp_path / "out", root=root, executed=executed, execute=False, tests=False)
+    assert report.ok, report.summary()
+    fast = (tmp_path / "out/lessons/01_fast.html").read_text(encoding="utf-8")
+    full = (tmp_path / "out/lessons/02_full.html").read_text(encoding="utf-8")
+    assert "<strong>fast setting</strong>" in fast and "fast setting" not in full
+
+
 def test_save_executed_is_a_no_op_without_a_folder(monkeypatch):
     monkeypatch.delenv(docs.EXECUTED_ENV, raising=False)
     assert docs.save_executed(_notebook("1"), "01_x") is None

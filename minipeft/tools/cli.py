@@ -868,7 +868,7 @@ def _cmd_docs(args) -> int:
     check_out_folder("--out", args.out)
     log = None if args.quiet else (lambda line: print(line, flush=True))
     report = build(args.out, executed=args.executed, execute=not args.no_execute,
-                   fast=not args.full_lessons, log=log)
+                   fast=args.fast_lessons, log=log)
     print(report.summary())
     if report.lesson_failures:
         raise RuntimeError(f"{len(report.lesson_failures)} lesson(s) failed to run (listed above)")
@@ -888,8 +888,9 @@ def _add_docs_parser(sub) -> None:
     s.add_argument("--no-execute", action="store_true",
                    help="render a lesson that has no executed copy without outputs, instead of "
                         "running it")
-    s.add_argument("--full-lessons", action="store_true",
-                   help="run lessons in the full setting (default: MINIPEFT_FAST=1)")
+    s.add_argument("--fast-lessons", action="store_true",
+                   help="run lessons in the fast setting (MINIPEFT_FAST=1: smaller runs, the same "
+                        "claims; default: the full setting, as a reader runs them)")
     s.add_argument("--quiet", action="store_true", help="print only the summary")
     s.set_defaults(func=_cmd_docs)
 

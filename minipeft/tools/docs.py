@@ -30,8 +30,11 @@ The stored notebooks carry no outputs. The build renders an executed copy
 when it has one: the lesson tests write theirs to ``$MINIPEFT_EXECUTED_DIR``
 (:func:`save_executed`), so CI renders what the tests already ran instead of
 running the lessons twice. Without an executed copy the build runs the
-lesson itself (``MINIPEFT_FAST=1``), or with ``--no-execute`` renders it
-without outputs and says so at the top of the page.
+lesson itself, in the full setting as a reader runs it (``fast=True``, the
+command's ``--fast-lessons``: with ``MINIPEFT_FAST=1``), or with
+``--no-execute`` renders it without outputs and says so at the top of the
+page. A page rendered from a fast run says so too: the fast setting runs
+the same code and checks the same claims on smaller runs.
 
 Every page's internal links are checked at the end of the build
 (:func:`check_links`): a link to a page or an anchor that does not exist
@@ -984,10 +987,20 @@ def save_executed(nb, name: str, folder: str | os.PathLike | None = None) -> Pat
     nbformat = _need("nbformat")
     from .. import io
 
+    _mark_setting(nb, os.environ.get("MINIPEFT_FAST", "").strip() == "1")
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{name}.ipynb"
     io.atomic_write_bytes(str(out), nbformat.writes(nb).encode("utf-8"))
     return out
+
+
+def _mark_setting(nb, fast: bool) -> None:
+    """Record in the notebook's metadata which setting its outputs come from."""
+    nb.metadata["minipeft"] = {"setting": "fast" if fast else "full"}
+
+
+def _ran_fast(nb) -> bool:
+    return nb.metadata.get("minipeft", {}).get("setting") == "fast"
 
 
 def _cell_sources(nb) -> list[tuple[str, str]]:
@@ -1215,13 +1228,13 @@ class BuildReport:
 
 
 def build(out: str | os.PathLike = "docs/_build", *, root: str | os.PathLike | None = None,
-          executed: str | os.PathLike | None = None, execute: bool = True, fast: bool = True,
+          executed: str | os.PathLike | None = None, execute: bool = True, fast: bool = False,
           tests: bool = True, log: Callable[[str], None] | None = None) -> BuildReport:
     """Build the site into ``out``; see the module docstring for what it holds.
 
     ``executed``: a folder of executed notebooks (default ``$MINIPEFT_EXECUTED_DIR``);
-    ``execute``: run a lesson that has no executed copy (``fast``: with
-    ``MINIPEFT_FAST=1``), else render it without outputs; ``tests=False``
+    ``execute``: run a lesson that has no executed copy (in the full setting,
+    or with ``fast`` in the fast one), else render it without outputs; ``tests=False``
     leaves the tests without pages.
     """
     log = log or (lambda s: None)
@@ -1318,6 +1331,7 @@ def build(out: str | os.PathLike = "docs/_build", *, root: str | os.PathLike | N
                 nb = nbformat.from_dict(json.loads(json.dumps(stored)))
                 try:
                     execute_notebook(nb, p.parent, fast=fast)
+                    _mark_setting(nb, fast)
                     how = "executed by the build"
                 except Exception as exc:  # noqa: BLE001 - reported, and the page says so
                     msg = str(exc).strip().splitlines()
@@ -1331,6 +1345,11 @@ def build(out: str | os.PathLike = "docs/_build", *, root: str | os.PathLike | N
                         "notebook was at hand. Build with executed copies "
                         f"(<code>{EXECUTED_ENV}</code>) or let <code>minipeft docs</code> run the "
                         "lessons to see every table and plot.")
+            if note is None and _has_outputs(nb) and _ran_fast(nb):
+                note = ("These outputs come from the <strong>fast setting</strong> "
+                        "(<code>MINIPEFT_FAST=1</code>): the same code and the same claims, checked "
+                        "on smaller runs. <code>minipeft docs</code> without executed copies runs "
+                        "the full setting.")
             page = lesson_page(p.stem)
             prev = (titles[lesson_paths[k - 1].stem], lesson_page(lesson_paths[k - 1].stem)) if k else None
             nxt = ((titles[lesson_paths[k + 1].stem], lesson_page(lesson_paths[k + 1].stem))
