@@ -470,11 +470,10 @@ class QuantLinearFunction(Function):
         if x.ndim < 1 or x.shape[-1] != layer.in_features:
             raise ValueError(f"quantized linear: x of shape {tuple(x.shape)} does not end in "
                              f"in_features={layer.in_features}")
-        xp = backend.xp(x)
         ctx.layer = layer if ctx.needs_input_grad[0] else None
         ctx.shape = x.shape
         w = layer.dequantized(x.dtype)                                     # (in, out), temporary
-        y = ops._matmul(xp, x.reshape(-1, layer.in_features), w)           # (N, in) @ (in, out)
+        y = x.reshape(-1, layer.in_features) @ w                           # (N, in) @ (in, out)
         if bias:
             y += bias[0]
         return y.reshape(x.shape[:-1] + (layer.out_features,))             # (..., out)
@@ -482,17 +481,16 @@ class QuantLinearFunction(Function):
     @staticmethod
     def backward(ctx, g):
         needs = ctx.needs_input_grad
-        xp = backend.xp(g)
         g2 = g.reshape(-1, g.shape[-1])                                    # (N, out)
         gx = gb = None
         if needs[0]:
             ops.counters["quantlinear.dx"] += 1
             w = ctx.layer.dequantized(g.dtype)                             # again: a temporary
-            gx = ops._matmul(xp, g2, w.T).reshape(ctx.shape)               # (N, out) @ (out, in)
+            gx = (g2 @ w.T).reshape(ctx.shape)                             # (N, out) @ (out, in)
         if len(needs) == 1:
             return (gx,)
         if needs[1]:
-            gb = ops._matmul(xp, xp.ones((1, g2.shape[0]), dtype=g.dtype), g2)[0]  # (out,)
+            gb = g2.sum(axis=0)                                            # (out,)
         return gx, gb
 
 
@@ -563,11 +561,11 @@ class QuantLinear(Module):
         return cls(q, linear.bias)
 
     # -- the stored form -----------------------------------------------------
-    def _set_buffer(self, name, array):
+    def register_buffer(self, name, array):
         # Module.to(dtype=...) casts float buffers; the constants stay float32
-        if name in self._CONSTANTS and array.dtype != np.float32:
+        if name in self._CONSTANTS and array.dtype.kind == "f" and array.dtype != np.float32:
             array = array.astype(backend.xp(array).float32)
-        super()._set_buffer(name, array)
+        super().register_buffer(name, array)
 
     @property
     def quantized(self) -> QuantizedArray:
