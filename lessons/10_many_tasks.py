@@ -49,6 +49,7 @@ from minipeft.workflows.base import BASE_PATH, load_base
 from minipeft.workflows.compare import LR_GRID, best_known_lr, memory_batch, profile_memory
 from minipeft.data import CharTokenizer, get_task
 from minipeft.workflows.evaluation import evaluate
+from minipeft.workflows.finetune import majority_score
 from minipeft.workflows.forgetting import (
     DEFAULT_METHODS,
     ForgettingSettings,
@@ -191,7 +192,12 @@ for name in TASKS:
     ids = tok.encode(task.examples("test")[0].prompt)[None]
     out = served.generate(ids, task.max_new_tokens, temperature=0.0, stop_token=0)
     print(f"[{name} adapter] {task.examples('test')[0].prompt!r} -> "
-          f"{tok.decode(out[0, ids.shape[1]:]).strip()!r}   ({task.metric} {scores[name]:.3f})")
+          f"{tok.decode(out[0, ids.shape[1]:]).strip()!r}   ({task.metric} {scores[name]:.3f}, "
+          f"majority {majority_score(task, 'test', limit=n_test):.3f})")
+lessons.say(f"{steps} steps per adapter: "
+            + ("enough to rank the adapters by held-out loss (the claim above), not to score "
+               "the tasks well; the full setting trains each for longer." if lessons.FAST else
+               "each adapter's score is its own task's, beside the majority answer's."))
 
 # %% [markdown]
 # %% [markdown]
