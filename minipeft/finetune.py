@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 from . import io
 from .base import load_base
-from .compare import best_known_lr
+from .compare import LR_GRID, best_known_lr
 from .data.tasks import get_task
 from .evaluation import evaluate
 from .optim import AdamW, LRSchedule
 from .peft import PeftModel, get_peft_model
 from .peft.config import PeftConfig
+from .qlora import check_quantize, quantize_base, recipe_name
 from .train import train
 from .validate import Float, Int, check_fields, knob
 
@@ -121,7 +122,8 @@ class FinetuneResult:
 
 def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | None = None, *,
              device: str = "cpu", out: str | None = None, progress: bool = True,
-             zero_shot: bool = True, base=None) -> FinetuneResult:
+             zero_shot: bool = True, base=None, quantize: str | None = None,
+             blocksize: int = 64, double_quant: bool = True) -> FinetuneResult:
     """Fine-tune the shipped base with ``config`` on a task (see the module docstring).
 
     ``settings.lr=None`` trains at the method's best known rate; the rate used
@@ -130,6 +132,12 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
     stays in memory and is not written to ``finetune.json``: ``result.model``,
     the trained :class:`PeftModel`, and ``result.history``, the training
     :class:`~minipeft.train.History` (the loss of every step).
+
+    ``quantize`` (``nf4``, ``fp4``, ``int4``, ``int8``) stores the base's
+    frozen Linears in that format once the method has wrapped it (QLoRA is
+    LoRA with ``quantize="nf4"``: :mod:`minipeft.qlora`); the saved adapter
+    records it, and loading quantizes the float base the same way. Methods
+    that train the Linear weights (full, mask) are refused.
     """
     # bad input is refused here, before the base is loaded or anything is trained
     if not isinstance(config, PeftConfig):
@@ -140,7 +148,10 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
         raise TypeError(f"settings must be a FinetuneSettings (e.g. FinetuneSettings(steps=100)), "
                         f"got {type(st).__name__}")
     st.validate()
-    st = dataclasses.replace(st, lr=resolved_lr(st, config.method))   # the caller's is untouched
+    check_quantize(config.method, quantize)
+    name = recipe_name(config.method, quantize)       # qlora for LoRA on NF4
+    lr_key = name if name in LR_GRID else config.method
+    st = dataclasses.replace(st, lr=resolved_lr(st, lr_key))   # the caller's is untouched
     task = get_task(task_name)
     if out is not None and not str(out).strip():
         # "" would mean the current folder, and replace any adapter saved there
@@ -156,6 +167,10 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
 
     # 1. wrap; 2. train only what the method trains (the optimizer never sees the rest)
     pm = get_peft_model(model, config)
+    if quantize is not None:
+        # after wrapping: the method froze what it does not train, and the
+        # fingerprint was taken from the float weights
+        quantize_base(pm, quantize, blocksize, double_quant)
     params = pm.trainable_parameters()
     if sum(p.size for p in params) == 0:
         raise ValueError(f"{type(config).__name__} trains no parameters of this model, so there "
@@ -166,16 +181,19 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
     batches = task.batches("train", st.batch_size, seed=st.seed, epochs=None)
     t0 = time.perf_counter()
     history = train(pm, opt, batches, st.steps, schedule=schedule, clip=st.clip,
-                    progress=progress, desc=f"{config.method} on {task.name}")
+                    progress=progress, desc=f"{name} on {task.name}")
     seconds = time.perf_counter() - t0
     # 3. score it; the majority baseline is taken over the same (possibly limited) examples
     score = evaluate(pm, task, "test", limit=st.eval_limit)
     trainable, total = pm.get_nb_trainable_parameters()
     result = FinetuneResult(
-        method=config.method, task=task.name, metric=task.metric, score=score,
+        method=name, task=task.name, metric=task.metric, score=score,
         majority=majority_score(task, "test", st.eval_limit),
         zero_shot=zs, trainable=trainable, total=total, n_test=n_test, seconds=seconds,
-        final_loss=history.last_loss, settings=dataclasses.asdict(st), out=out,
+        final_loss=history.last_loss,
+        settings={**dataclasses.asdict(st), "quantize": quantize,
+                  "blocksize": blocksize if quantize else None,
+                  "double_quant": bool(double_quant) if quantize else None}, out=out,
     )
     # 4. save the adapter (the whole model for full fine-tuning) and what the run was
     if out is not None:

@@ -258,12 +258,22 @@ class PeftModel(Module):
 
     # -- counting ----------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) scalars; a masked parameter counts its selected entries."""
+        """(trainable, all) scalars; a masked parameter counts its selected entries.
+
+        A weight stored quantized (:class:`~minipeft.nn.quant.QuantLinear`: codes
+        and constants, buffers rather than parameters) counts as the entries it
+        stands for, ``in x out``, as peft counts a 4-bit weight: the model has
+        as many parameters quantized as float, only stored in fewer bits.
+        """
+        from ..nn.quant import QuantLinear  # noqa: PLC0415 - nn.quant imports this module
+
         trainable = 0
         for p in self.parameters():
             if p.requires_grad:
                 trainable += p.size if p.grad_mask is None else int(p.grad_mask.sum())
-        return trainable, self.num_parameters()
+        quantized = sum(m.in_features * m.out_features for m in self.modules()
+                        if isinstance(m, QuantLinear))
+        return trainable, self.num_parameters() + quantized
 
     def print_trainable_parameters(self) -> None:
         """Print peft's line: ``trainable params: 16,384 || all params: 838,400 || trainable%: 1.9542``."""
