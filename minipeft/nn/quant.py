@@ -697,7 +697,10 @@ class QuantizationConfig:
     """What :func:`quantize_model` did, kept on the base as ``quantization_config``.
 
     ``quantized``: the Linears replaced (names in the unwrapped base);
-    ``kept_float``: Linears left float because their weight trains.
+    ``kept_float``: Linears left float because their weight trains;
+    ``float_fingerprint``: the float base's fingerprint before it was
+    quantized (:func:`minipeft.peft.model.fingerprint`; the codes are
+    buffers, which a fingerprint of parameters would not see).
     """
 
     format: str
@@ -705,6 +708,7 @@ class QuantizationConfig:
     double_quant: bool
     quantized: list = dataclasses.field(default_factory=list)
     kept_float: list = dataclasses.field(default_factory=list)
+    float_fingerprint: str | None = None
 
 
 class DequantizationWarning(UserWarning):
@@ -742,7 +746,7 @@ def quantize_model(model: Module, fmt: str = "nf4", blocksize: int = 64,
     a :class:`QuantizationConfig`, is kept on the base as
     ``quantization_config``. ``double_quant`` applies to the 4-bit formats.
     """
-    from ..peft.model import base_name  # noqa: PLC0415 - peft sits above nn
+    from ..peft.model import base_name, fingerprint  # noqa: PLC0415 - peft sits above nn
 
     _check_format(fmt)
     blocksize = _check_blocksize(blocksize) if fmt in FOUR_BIT else None
@@ -765,11 +769,14 @@ def quantize_model(model: Module, fmt: str = "nf4", blocksize: int = 64,
                              "quantizing (or merge_and_unload and quantize the result)")
     from ..peft.tuner import replace_module  # noqa: PLC0415
 
+    # the float base's fingerprint, before its weights become codes (a shape-only
+    # build, the estimator's, has no values to hash)
+    float_fp = None if getattr(_build, "shapes_only", False) else fingerprint(base)
     for n, m in frozen:
         replace_module(base, n, QuantLinear.from_linear(m, fmt, blocksize, double_quant))
     record = QuantizationConfig(fmt, blocksize, double_quant,
                                 [base_name(n) for n, _ in frozen],
-                                [base_name(n) for n in training])
+                                [base_name(n) for n in training], float_fp)
     base.quantization_config = record
     return model
 

@@ -59,8 +59,14 @@ def fingerprint(model: Module) -> str:
 
     Names are taken as in the unwrapped base, so a wrapped model and its
     base agree. An adapter file stores this; loading onto a base with
-    another fingerprint is refused.
+    another fingerprint is refused. A quantized base's weights are codes in
+    buffers, not parameters: its fingerprint is the float base's, taken by
+    :func:`~minipeft.nn.quant.quantize_model` before it quantized (its record's
+    ``float_fingerprint``).
     """
+    rec = getattr(getattr(model, "base_model", model), "quantization_config", None)
+    if rec is not None and getattr(rec, "float_fingerprint", None):
+        return rec.float_fingerprint
     return _digest((base_name(n), p.data) for n, p in _base_params(model))
 
 
@@ -412,6 +418,7 @@ class PeftModel(Module):
             )
         config = config_from_dict(meta["config"])
         pm = cls(model, config, adapter_name, **_loading_kwargs(config, state))
+        _quantize_as_recorded(pm, meta, directory)
         pm.adapters[adapter_name].load_state_dict(pm, state)
         pm.set_adapter(adapter_name)
         if not is_trainable:
@@ -565,12 +572,41 @@ def read_adapter(directory: str) -> tuple[dict, dict]:
 
 
 def _config_dict(model) -> dict:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return {}
+    """The base's config as saved beside an adapter; a quantized base adds how it is stored."""
     import dataclasses
 
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+    cfg = getattr(model, "config", None)
+    out = dataclasses.asdict(cfg) if cfg is not None and dataclasses.is_dataclass(cfg) else {}
+    rec = getattr(model, "quantization_config", None)
+    if rec is not None:
+        out["quantization"] = {"format": rec.format, "blocksize": rec.blocksize,
+                               "double_quant": bool(rec.double_quant)}
+    return out
+
+
+def _quantize_as_recorded(pm: PeftModel, meta: dict, directory) -> None:
+    """Store the base as the adapter's record says it was trained on (QLoRA: NF4).
+
+    Called once the float base's fingerprint has been checked. A base that
+    is already quantized must be so in the recorded way; an adapter trained
+    on a float base leaves the base as it is.
+    """
+    from ..nn.quant import quantization_config, quantize_model  # noqa: PLC0415
+
+    rec = (meta.get("base_config") or {}).get("quantization")
+    have = quantization_config(pm)
+    if rec is None:
+        return
+    if have is not None:
+        mine = {"format": have.format, "blocksize": have.blocksize,
+                "double_quant": bool(have.double_quant)}
+        if mine != rec:
+            raise ValueError(
+                f"the adapter in {directory} was trained on a base stored as {rec}, and this "
+                f"base is stored as {mine}: load it onto the float base, which is then "
+                "quantized as recorded")
+        return
+    quantize_model(pm, rec["format"], rec["blocksize"] or 64, rec["double_quant"])
 
 
 def get_peft_model(model: Module, config: PeftConfig, adapter_name: str = "default",
