@@ -335,15 +335,16 @@ plt.show()
 # Now the sizes people train. `memory.fit_table` estimates one training step
 # (batch 1 x 512, AdamW) of full fine-tuning, LoRA (r = 8 on `c_attn`),
 # prompt tuning (20 virtual tokens) and BitFit at 7B and 65B, in fp32, in
-# mixed precision, and with the frozen weights in 4 bits (`int4`, QLoRA's
-# recipe; full fine-tuning freezes nothing, so there it is mixed precision),
-# and says which card each one fits.
+# mixed precision, and with the frozen weights at half a byte (`mixed-int4`,
+# the rule of thumb for QLoRA's recipe, constants left out; lesson 12 counts
+# NF4's exact bytes; full fine-tuning freezes nothing, so there it is mixed
+# precision), and says which card each one fits.
 
 # %%
 cards = (24, 48, 80)
 fit = {(r["preset"], r["method"], r["dtype"]): r
        for r in memory.fit_table(presets=("7b", "65b"), methods=("full", "lora", "prompt", "bitfit"),
-                                 dtypes=("fp32", "mixed", "int4"), batch_size=1, seq_len=512,
+                                 dtypes=("fp32", "mixed", "mixed-int4"), batch_size=1, seq_len=512,
                                  cards=cards)}
 print(memory.format_fit_table(list(fit.values())))
 
@@ -363,7 +364,7 @@ def parts(e):
 
 # %%
 bars = [("full", "mixed"), ("lora", "mixed"), ("prompt", "mixed"), ("bitfit", "mixed"),
-        ("lora", "int4")]
+        ("lora", "mixed-int4")]
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
 for ax, size, top in zip(axes, ("7b", "65b"), (110, 300)):
     for j, (m, dt) in enumerate(bars):
@@ -531,7 +532,8 @@ for size in ("7b", "65b"):
             assert fit[size, m, "mixed"]["fits"][24] and not fit[size, m, "fp32"]["fits"][24]
         else:
             assert not fit[size, m, "mixed"]["fits"][80]
-            assert fit[size, m, "int4"]["fits"][48] and not fit[size, m, "int4"]["fits"][24]
+            assert fit[size, m, "mixed-int4"]["fits"][48] and \
+                not fit[size, m, "mixed-int4"]["fits"][24]
 # gradient checkpointing: identical gradients, activations cut by more than half
 assert ck["max_grad_diff"] == 0.0
 assert ckpt.accounted["activations"] < 0.5 * plain.accounted["activations"]
@@ -562,6 +564,6 @@ print("all claims hold")
 #    a parameter of activations (ignore attention's square and the head)?
 # 5. What is the largest batch of 2,048-token sequences with which 7B LoRA
 #    (mixed precision) fits a 24 GB card, with and without gradient
-#    checkpointing? And 65B QLoRA (`dtype="int4"`) on an 80 GB card?
+#    checkpointing? And 65B QLoRA (`dtype="mixed-int4"`) on an 80 GB card?
 #
 # Solutions: `lessons/solutions.md`, section "Lesson 3".

@@ -111,7 +111,8 @@ class Finetuned:
 
 
 def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
-                       batch_size: int = 16) -> Finetuned:
+                       batch_size: int = 16, quantize: str | None = None,
+                       seed: int = 0) -> Finetuned:
     r"""Fine-tune the shipped base with ``config`` on ``task``, as ``minipeft finetune`` does.
 
     This is :func:`minipeft.finetune.finetune` (wrap, AdamW over what trains
@@ -122,13 +123,18 @@ def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
     rate (each lesson says why it picked it). The warmup is 20 steps, or a
     fifth of a shorter run (the fast setting), so that a run of a few dozen
     steps still spends most of them at the full rate. ``n_test`` test
-    examples are scored (greedy answers, the task's metric).
+    examples are scored (greedy answers, the task's metric). ``quantize``
+    stores the frozen Linears in that format first (``"nf4"`` with LoRA:
+    QLoRA); ``seed`` orders the batches (and seeds the adapter's init).
     """
+    from .compare import with_seed
     from .finetune import FinetuneSettings, finetune
 
-    settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr,
+    settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 warmup=min(20, steps // 5), eval_limit=n_test)
-    result = finetune(config, task.name, settings, out=None, progress=False, zero_shot=False)
+    config = with_seed(config, seed) if seed else config
+    result = finetune(config, task.name, settings, out=None, progress=False, zero_shot=False,
+                      quantize=quantize)
     return Finetuned(model=result.model, history=result.history,
                      answer_loss=answer_loss(result.model, task), score=result.score,
                      trainable=result.trainable)
