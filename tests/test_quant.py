@@ -684,8 +684,16 @@ def test_qlora_adapter_saves_its_base_and_loads_onto_the_float_base_quantized(tm
         PeftModel.from_pretrained(GPT(load_base().config, seed=5), out)
     other = get_peft_model(load_base(), IA3Config())
     Q.quantize_model(other, "fp4")
+    fp4_base = other.unload()
+    before = [(n, type(m)) for n, m in fp4_base.named_modules()]
     with pytest.raises(ValueError, match="stored as"):
-        PeftModel.from_pretrained(other.unload(), out)
+        PeftModel.from_pretrained(fp4_base, out)
+    assert [(n, type(m)) for n, m in fp4_base.named_modules()] == before   # left untouched
+    # a base already in NF4 as recorded takes the adapter as it is
+    nf4_base = get_peft_model(load_base(), IA3Config())
+    Q.quantize_model(nf4_base, "nf4")
+    again = PeftModel.from_pretrained(nf4_base.unload(), out)
+    np.testing.assert_allclose(host(again(ids)), host(model(ids)), rtol=1e-5, atol=1e-6)
 
 
 def test_print_trainable_parameters_counts_quantized_weights_as_their_entries(capsys):

@@ -417,8 +417,9 @@ class PeftModel(Module):
                 "load it onto the base it was made for"
             )
         config = config_from_dict(meta["config"])
+        _check_recorded_quantization(model, meta, directory)
         pm = cls(model, config, adapter_name, **_loading_kwargs(config, state))
-        _quantize_as_recorded(pm, meta, directory)
+        _quantize_as_recorded(pm, meta)
         pm.adapters[adapter_name].load_state_dict(pm, state)
         pm.set_adapter(adapter_name)
         if not is_trainable:
@@ -584,29 +585,35 @@ def _config_dict(model) -> dict:
     return out
 
 
-def _quantize_as_recorded(pm: PeftModel, meta: dict, directory) -> None:
-    """Store the base as the adapter's record says it was trained on (QLoRA: NF4).
+def _check_recorded_quantization(model: Module, meta: dict, directory) -> None:
+    """Before touching ``model``: a base already quantized must be so as the adapter records."""
+    from ..nn.quant import quantization_config  # noqa: PLC0415
 
-    Called once the float base's fingerprint has been checked. A base that
-    is already quantized must be so in the recorded way; an adapter trained
-    on a float base leaves the base as it is.
+    rec = (meta.get("base_config") or {}).get("quantization")
+    have = quantization_config(model)
+    if rec is None or have is None:
+        return
+    mine = {"format": have.format, "blocksize": have.blocksize,
+            "double_quant": bool(have.double_quant)}
+    if mine != rec:
+        raise ValueError(
+            f"the adapter in {directory} was trained on a base stored as {rec}, and this base "
+            f"is stored as {mine}: load it onto the float base, which is then quantized as "
+            "recorded")
+
+
+def _quantize_as_recorded(pm: PeftModel, meta: dict) -> None:
+    """Store a float base as the adapter's record says it was trained on (QLoRA: NF4).
+
+    Called once the float base's fingerprint has been checked and the method
+    has wrapped it (and frozen what it does not train). An adapter trained
+    on a float base, or a base already quantized as recorded, is left as it is.
     """
     from ..nn.quant import quantization_config, quantize_model  # noqa: PLC0415
 
     rec = (meta.get("base_config") or {}).get("quantization")
-    have = quantization_config(pm)
-    if rec is None:
-        return
-    if have is not None:
-        mine = {"format": have.format, "blocksize": have.blocksize,
-                "double_quant": bool(have.double_quant)}
-        if mine != rec:
-            raise ValueError(
-                f"the adapter in {directory} was trained on a base stored as {rec}, and this "
-                f"base is stored as {mine}: load it onto the float base, which is then "
-                "quantized as recorded")
-        return
-    quantize_model(pm, rec["format"], rec["blocksize"] or 64, rec["double_quant"])
+    if rec is not None and quantization_config(pm) is None:
+        quantize_model(pm, rec["format"], rec["blocksize"] or 64, rec["double_quant"])
 
 
 def get_peft_model(model: Module, config: PeftConfig, adapter_name: str = "default",
