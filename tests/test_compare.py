@@ -25,6 +25,7 @@ from minipeft.optim import AdamW
 from minipeft.peft.config import METHODS
 from minipeft.tools.cli import main
 from minipeft.workflows import compare as C
+from minipeft.workflows.compare import COMPARE_METHODS
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_quick_run_prints_a_row_for_every_method_and_every_column(quick):
                    "a single rate is used as given", "scored once per seed",
                    "--quick: a smoke test"):
         assert phrase in flat, phrase
-    assert [r["method"] for r in data["rows"]] == list(METHODS)
+    assert [r["method"] for r in data["rows"]] == list(COMPARE_METHODS)   # qlora last
 
 
 def test_mergeable_methods_report_before_and_after_merging(quick):
@@ -102,13 +103,15 @@ def test_detached_adapters_are_the_base_again(quick):
     assert rows["full"]["dloss_detached_mean"] is None
     for m in METHODS[1:]:
         assert rows[m]["dloss_detached_mean"] == pytest.approx(0.0, abs=1e-5), m
+    # qlora detached is the NF4 base, not the float one: the quantization's own change
+    assert abs(rows["qlora"]["dloss_detached_mean"]) > 1e-4
 
 
 def test_trainable_counts_equal_print_trainable_parameters(quick, capsys):
     _, text, _, data = quick
     seed = data["settings"]["seeds"][0]
     for m, row in _rows_by_method(data).items():
-        pm = C.build_method(C.default_configs()[m], seed)
+        pm = C.build_method(C.default_configs()[m], seed, quantize=C.quantized_format(m))
         capsys.readouterr()
         pm.print_trainable_parameters()
         line = capsys.readouterr().out.strip()
@@ -136,7 +139,7 @@ def test_memory_columns_equal_the_memory_reports_accounted_view(quick):
     seed = st["seeds"][0]
     batch = C.memory_batch(task, st["batch_size"], seed)
     for m, row in _rows_by_method(data).items():
-        pm = C.build_method(C.default_configs()[m], seed)
+        pm = C.build_method(C.default_configs()[m], seed, quantize=C.quantized_format(m))
         opt = AdamW(pm.trainable_parameters(), lr=st["lr_grid"][m][0])
         C.warm_step(pm, opt, batch)
         rep = profile_step(pm, opt, batch)
@@ -159,7 +162,7 @@ def test_files_are_written_and_parse(quick):
         reader = csv.DictReader(f)
         assert reader.fieldnames == C.CSV_COLUMNS
         rows = list(reader)
-    assert [r["method"] for r in rows] == list(METHODS)
+    assert [r["method"] for r in rows] == list(COMPARE_METHODS)
     for r, j in zip(rows, data["rows"]):
         assert int(r["trainable"]) == j["trainable"]
         assert float(r["test_mean"]) == pytest.approx(j["test_mean"])
@@ -287,7 +290,7 @@ def test_interrupted_while_writing_leaves_whole_files_only(quick, tmp_path, monk
         result.write(str(tmp_path / "b"))
     assert os.listdir(tmp_path / "b") == ["results.csv"]
     with open(tmp_path / "b" / "results.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == len(METHODS)
+        assert len(list(csv.DictReader(f))) == len(COMPARE_METHODS)
 
 
 # ---------------------------------------------------------------------------

@@ -309,6 +309,37 @@ def test_adapter_trained_here_loads_in_peft_with_the_same_logits(case, base_dir,
         assert np.abs(pm(ids).data - ours).max() > 1e-3
 
 
+def test_a_qlora_adapter_exports_as_a_plain_lora_whose_logits_differ_by_the_quantization(
+        base_dir, tmp_path):
+    """QLoRA adapters ship as plain LoRA: peft puts them on the float32 base, so its
+    logits are minipeft's float-base logits, and differ from minipeft's NF4 logits by
+    what quantizing the base changes, nothing else."""
+    from minipeft.nn.quant import QuantLinear, quantize_model
+
+    config = LoraConfig(r=4, lora_alpha=8.0, target_modules=["c_attn", "mlp.c_proj"])
+    qlora = get_peft_model(mp_base(), config)
+    quantize_model(qlora, "nf4", 64, True)
+    assert sum(isinstance(m, QuantLinear) for m in qlora.modules()) == 16
+    train_minipeft(qlora)
+    export_peft_adapter(qlora, tmp_path / "adapter", base_model_name_or_path=str(base_dir))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"          # a plain LoRA adapter: no quantization in it
+    theirs = peft.PeftModel.from_pretrained(load_hf(base_dir), str(tmp_path / "adapter")).eval()
+    # the same adapter on minipeft's float32 base
+    flt = get_peft_model(mp_base(), config)
+    flt.adapters["default"].load_state_dict(flt, qlora.adapters["default"].state_dict(qlora))
+    flt.eval()
+    ids = tokens((2, 20), seed=4)
+    ours_nf4, ours_float = qlora(ids).data, flt(ids).data
+    peft_float = hf_logits(theirs, ids)
+    assert rel_diff(ours_float, peft_float, "minipeft -> Hugging Face") <= RTOL_LOGITS
+    quant_err = np.abs(ours_nf4 - ours_float)
+    assert quant_err.max() > 1e3 * RTOL_LOGITS * np.abs(peft_float).max()   # it is there...
+    # ...and it is all there is between peft's logits and minipeft's NF4 ones
+    np.testing.assert_allclose(np.abs(ours_nf4 - peft_float), quant_err,
+                               atol=2 * RTOL_LOGITS * np.abs(peft_float).max())
+
+
 def test_exported_lora_keys_and_shapes_are_peft_s(base_dir, tmp_path):
     from safetensors.numpy import load_file
 

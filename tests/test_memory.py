@@ -363,7 +363,7 @@ def test_what_fits_on_a_card_at_7b_and_65b():
     assert rows["7b", "prompt", "mixed"]["fits"][24]
     assert rows["7b", "bitfit", "mixed"]["fits"][24]
     assert not rows["65b", "lora", "mixed"]["fits"][80]
-    assert rows["65b", "lora", "int4"]["fits"][48]                  # QLoRA's claim
+    assert rows["65b", "lora", "mixed-int4"]["fits"][48]            # QLoRA's claim
     assert "65b" in memory.format_fit_table(list(rows.values()))
 
 
@@ -373,7 +373,7 @@ def test_estimates_scale_as_the_formulas_say():
     # activations grow with the batch; weights and state do not
     assert e2.bytes["activations"] > 1.9 * e1.bytes["activations"]
     assert e2.bytes["optimizer"] == e1.bytes["optimizer"]
-    q = memory.estimate("7b", "lora", dtype="int4", batch_size=1, seq_len=512)
+    q = memory.estimate("7b", "lora", dtype="mixed-int4", batch_size=1, seq_len=512)
     assert q.bytes["weights_frozen"] < 0.2 * memory.estimate("7b", "lora", dtype="fp32",
                                                              batch_size=1, seq_len=512
                                                              ).bytes["weights_frozen"]

@@ -513,3 +513,217 @@ def test_quantization_table_on_the_shipped_base():
     assert round(nf4["bits"], 3) == 4.128 and 8.0 < int8["bits"] < 8.5
     assert 0 < int8["mse"] < nf4["mse"] <= nf4["worst_block_mse"]
     assert "nf4+dq" in format_table(table)
+
+
+# ---------------------------------------------------------------------------
+# Memory: quantized weights and the dequantization temporary, three views
+# ---------------------------------------------------------------------------
+
+from minipeft import memory  # noqa: E402
+from minipeft.nn.gpt import GPT  # noqa: E402
+from minipeft.optim import AdamW  # noqa: E402
+from minipeft.peft.qlora import quantize_base  # noqa: E402
+
+#: (format, double quantization): every stored layout
+LAYOUTS = [(f, dq) for f in FOUR for dq in (True, False)] + [("int8", False)]
+
+
+@pytest.mark.parametrize("fmt,dq", LAYOUTS)
+@pytest.mark.parametrize("shape", [(128, 384), (7, 9), (3, 1000)])
+def test_the_layout_the_estimator_counts_is_what_quantize_stores(fmt, dq, shape):
+    w = np.random.default_rng(0).normal(0, 0.02, shape).astype(np.float32)
+    q = Q.quantize(w, fmt, 64, dq) if fmt != "int8" else Q.quantize(w, "int8")
+    arrays = {"codes": q.codes, "absmax": q.absmax, "absmax_scale": q.absmax_scale,
+              "absmax_offset": q.absmax_offset}
+    layout = Q.quantized_layout(shape, fmt, 64, dq)
+    assert set(layout) == {k for k, a in arrays.items() if a is not None}
+    for k, (shp, dt) in layout.items():
+        assert (arrays[k].shape, np.dtype(arrays[k].dtype)) == (shp, dt), k
+        assert isinstance(arrays[k], np.ndarray), k       # a buffer, not a NumPy scalar
+    assert sum(np.prod(s, dtype=int) * d.itemsize for s, d in layout.values()) == q.nbytes
+
+
+def _profiled(fmt=None, dq=True, B=2, T=16):
+    cfg = memory.preset("reference")
+    pm = get_peft_model(GPT(cfg, seed=0), LoraConfig()).train()
+    if fmt is not None:
+        quantize_base(pm, fmt, 64, dq)
+    opt = AdamW(pm.trainable_parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    batch = (rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T)))
+    from minipeft.workflows.compare import warm_step  # noqa: PLC0415
+
+    warm_step(pm, opt, batch)
+    return pm, memory.profile_step(pm, opt, batch)
+
+
+@pytest.mark.parametrize("fmt,dq", LAYOUTS)
+def test_estimated_equals_accounted_for_quantized_weights_and_the_temporary(fmt, dq):
+    pm, rep = _profiled(fmt, dq)
+    e = rep.estimated
+    assert e.quantize == fmt
+    # every row up to the temporaries: the same arrays, by formula and by the books
+    for cat in memory.CATEGORIES[:memory.CATEGORIES.index("temporaries") + 1]:
+        assert int(round(e.bytes[cat])) == rep.accounted[cat], cat
+    # the weights are the codes, constants and second-level constants, plus the float rest
+    quantized = [m for m in pm.modules() if isinstance(m, Q.QuantLinear)]
+    assert len(quantized) == 16
+    floats = sum(p.size * 4 for p in pm.base_model.parameters() if not p.requires_grad)
+    assert rep.accounted["weights_frozen"] == floats + sum(m.weight_nbytes for m in quantized)
+    # the temporary: the largest layer's dequantized weight (c_fc, 128 x 512 float32), one at a time
+    assert rep.accounted["temporaries"] == 128 * 512 * 4
+    assert rep.method == ("qlora" if fmt == "nf4" else f"lora+{fmt}")
+
+
+def test_the_allocator_confirms_the_weights_shrink():
+    _, flt = _profiled(None)
+    _, q = _profiled("nf4")
+    # between operators the allocator's bytes are the books' (no temporary alive)...
+    for rep in (flt, q):
+        for phase in memory.PHASES:
+            assert rep.phases_measured[phase][0] == rep.phases_accounted[phase], phase
+    # ...so what it measures at the start shrinks by exactly the weights' saving
+    saved = flt.accounted["weights_frozen"] - q.accounted["weights_frozen"]
+    assert saved > 0.75 * 16 * 128 * 128 * 12 / 16 * 4      # most of the Linears' 3 MiB
+    assert flt.phases_measured["start"][0] - q.phases_measured["start"][0] == saved
+    assert q.measured_peak < flt.measured_peak
+    assert flt.accounted["temporaries"] == 0 and flt.estimated.bytes["temporaries"] == 0
+
+
+def test_the_estimator_at_65b_counts_nf4_with_double_quantization():
+    cfg = memory.preset("65b")
+    e = memory.estimate(cfg, "lora", dtype="mixed", batch_size=1, seq_len=512,
+                        gradient_checkpointing=True, quantize="nf4", r=64,
+                        target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])
+    plain = memory.estimate(cfg, "lora", dtype="mixed", batch_size=1, seq_len=512,
+                            gradient_checkpointing=True, r=64,
+                            target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])
+    linears = cfg.n_layer * 12 * cfg.n_embd ** 2
+    # 4 + 8/64 + 32/(64*256) bits a Linear weight, plus 16-bit embeddings, LayerNorms, biases
+    assert e.bytes["weights_frozen"] == pytest.approx(linears * 4.127 / 8 + (
+        plain.bytes["weights_frozen"] - 2 * linears), rel=1e-3)
+    assert e.bytes["temporaries"] == 4 * cfg.n_embd ** 2 * 2      # c_fc dequantized to 16 bits
+    assert e.bytes["weights_trainable"] == plain.bytes["weights_trainable"]
+
+
+def test_quantized_formats_are_not_dtypes_and_the_old_recipes_have_new_names():
+    with pytest.raises(ValueError, match="mixed-int4"):
+        memory.estimate("7b", "lora", dtype="int4")
+    with pytest.raises(ValueError, match="quantize='nf4'"):
+        memory.estimate("7b", "lora", dtype="nf4")
+    a = memory.estimate("7b", "lora", dtype="mixed-int4", batch_size=1, seq_len=512)
+    b = memory.estimate("7b", "lora", dtype="mixed", quantize="nf4", batch_size=1, seq_len=512)
+    # the rule of thumb leaves the constants out and halves the embeddings too: it differs
+    assert a.bytes["weights_frozen"] != b.bytes["weights_frozen"]
+    for method in ("full", "mask"):
+        with pytest.raises(ValueError, match="cannot train"):
+            memory.estimate("reference", method, quantize="nf4")
+    with pytest.raises(ValueError, match="unknown quantization format"):
+        memory.estimate("reference", "lora", quantize="nf3")
+
+
+# ---------------------------------------------------------------------------
+# QLoRA everywhere a method appears
+# ---------------------------------------------------------------------------
+
+from minipeft.peft import PeftModel  # noqa: E402
+from minipeft.workflows.finetune import FinetuneSettings, finetune, load_finetuned  # noqa: E402
+
+QUICK = FinetuneSettings(steps=2, batch_size=4, eval_limit=4)
+
+
+@pytest.mark.parametrize("config,words", [
+    (FullFinetuneConfig(), "full fine-tuning trains every Linear weight"),
+    (MaskConfig(), "element masks train chosen entries"),
+])
+def test_quantize_refuses_the_methods_that_train_linear_weights(config, words):
+    with pytest.raises(ValueError, match=words):
+        finetune(config, settings=QUICK, quantize="nf4", progress=False)
+    with pytest.raises(ValueError, match="unknown quantization format"):
+        finetune(LoraConfig(), settings=QUICK, quantize="nf5", progress=False)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["finetune", "--method", "full", "--quantize", "nf4"], "full fine-tuning trains"),
+    (["finetune", "--method", "mask", "--quantize", "int8"], "element masks train"),
+    (["finetune", "--method", "qlora", "--quantize", "fp4"], "--method lora --quantize fp4"),
+])
+def test_cli_quantize_refusals(argv, words, capsys):
+    from minipeft.tools.cli import main  # noqa: PLC0415
+
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_qlora_adapter_saves_its_base_and_loads_onto_the_float_base_quantized(tmp_path):
+    import json  # noqa: PLC0415
+
+    from minipeft.workflows.base import load_base  # noqa: PLC0415
+
+    out = str(tmp_path / "qlora")
+    res = finetune(LoraConfig(), settings=QUICK, quantize="nf4", out=out, progress=False,
+                   zero_shot=False)
+    assert res.method == "qlora" and res.settings["quantize"] == "nf4"
+    assert (res.trainable, res.total) == (16384, 838400)      # quantized weights count as entries
+    meta = json.loads((tmp_path / "qlora" / "adapter_config.json").read_text())
+    assert meta["base_config"]["quantization"] == {"format": "nf4", "blocksize": 64,
+                                                   "double_quant": True}
+    # the fingerprint is the float base's, taken before its weights became codes
+    assert meta["base_fingerprint"] == PeftModel(load_base(), LoraConfig()).base_fingerprint
+    assert Q.quantization_config(res.model).float_fingerprint == meta["base_fingerprint"]
+    model, info = load_finetuned(out)
+    assert info["settings"]["quantize"] == "nf4"
+    rec = Q.quantization_config(model)
+    assert (rec.format, rec.blocksize, rec.double_quant) == ("nf4", 64, True)
+    assert sum(isinstance(m, Q.QuantLinear) for m in model.modules()) == 16
+    ids = tokens((2, 12), vocab=96, seed=3)
+    np.testing.assert_allclose(host(model(ids)), host(res.model.eval()(ids)), rtol=1e-5,
+                               atol=1e-6)
+    # a wrong base is refused, float or quantized
+    with pytest.raises(ValueError, match="another base"):
+        PeftModel.from_pretrained(GPT(load_base().config, seed=5), out)
+    other = get_peft_model(load_base(), IA3Config())
+    Q.quantize_model(other, "fp4")
+    fp4_base = other.unload()
+    before = [(n, type(m)) for n, m in fp4_base.named_modules()]
+    with pytest.raises(ValueError, match="stored as"):
+        PeftModel.from_pretrained(fp4_base, out)
+    assert [(n, type(m)) for n, m in fp4_base.named_modules()] == before   # left untouched
+    # a base already in NF4 as recorded takes the adapter as it is
+    nf4_base = get_peft_model(load_base(), IA3Config())
+    Q.quantize_model(nf4_base, "nf4")
+    again = PeftModel.from_pretrained(nf4_base.unload(), out)
+    np.testing.assert_allclose(host(again(ids)), host(model(ids)), rtol=1e-5, atol=1e-6)
+
+
+def test_print_trainable_parameters_counts_quantized_weights_as_their_entries(capsys):
+    from minipeft.workflows.base import load_base  # noqa: PLC0415
+
+    pm = get_peft_model(load_base(), LoraConfig())
+    pm.print_trainable_parameters()
+    quantize_base(pm, "nf4")
+    pm.print_trainable_parameters()
+    a, b = capsys.readouterr().out.strip().splitlines()
+    assert a == b == "trainable params: 16,384 || all params: 838,400 || trainable%: 1.9542"
+
+
+def test_compare_has_a_qlora_row():
+    from minipeft.workflows.compare import COMPARE_METHODS, CompareSettings, compare  # noqa: PLC0415
+
+    assert "qlora" in CompareSettings().methods and "qlora" in COMPARE_METHODS
+    st = CompareSettings.quick_settings(methods=("qlora",), steps=2, test_limit=4, val_limit=4,
+                                        gen_tokens=2)
+    (row,) = compare(st, progress=False).rows
+    assert row["method"] == "qlora" and row["family"] == "reparameterization"
+    assert (row["trainable"], row["total"]) == (16384, 838400)
+    # the frozen Linears' 3 MiB of float32 are gone from the accounted peak of a float LoRA's
+    assert row["mem_accounted_peak_bytes"] > 0
+
+
+def test_cli_memory_qlora_prints_the_three_views(capsys):
+    from minipeft.tools.cli import main  # noqa: PLC0415
+
+    assert main(["memory", "--method", "qlora", "--batch-size", "2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("qlora |") and "temporaries (dequantized W)" in out
+    assert "exact (0 bytes): weights, frozen;" in out and "temporaries (dequantized W);" in out

@@ -71,6 +71,14 @@ def _method_arrays(model):
     return out
 
 
+def _quantized_arrays(model):
+    """The arrays a quantized Linear stores (codes, constants, second-level constants)."""
+    from ..nn.quant import QuantLinear  # noqa: PLC0415
+
+    return [a for m in model.modules() if isinstance(m, QuantLinear)
+            for a in m._buffers.values() if a is not None]
+
+
 def _optimizer_arrays(optimizer):
     """Working arrays an optimizer keeps besides its state: ``(holder, key, array)``.
 
@@ -107,6 +115,11 @@ class _Books:
             bid = backend.buffer_id(p.data)
             kind = "weights_trainable" if p.requires_grad else "weights_frozen"
             self.param_ids.setdefault(bid, kind)
+        # A quantized Linear's weight is buffers, not a parameter: its codes,
+        # constants and second-level constants are frozen weights.
+        for a in _quantized_arrays(model):
+            self.param_ids.setdefault(backend.buffer_id(a), "weights_frozen")
+        self.temporaries: dict[tuple, int] = {}   # dequantized weights, alive now
         self.keep = {backend.buffer_id(p.grad_mask) for p in self.params if p.grad_mask is not None}
         self.keep |= {backend.buffer_id(a) for _, _, a in _method_arrays(model)}
         # arrays in the books that are not where the model is (a mask's host indices
@@ -165,6 +178,17 @@ class _Books:
                 if getattr(parent, "grad", None) is not None:
                     self.track(parent.grad)
         self.snapshot(("backward", event, node.fn.__name__), in_backward=True)
+
+    def temporary(self, a, layer=None) -> None:
+        """Called by a QuantLinear (``nn.quant.DEQUANTIZE_HOOKS``) with each weight it
+        dequantizes: followed until freed, and a snapshot taken while it lives, so
+        the temporaries row and the peak see it."""
+        owner = _owner(a)
+        bid = backend.buffer_id(owner)
+        if bid not in self.temporaries:
+            self.temporaries[bid] = bid[1]
+            self.finalizers.append(weakref.finalize(owner, self.temporaries.pop, bid, None))
+        self.snapshot(("temporary", "dequantized", type(layer).__name__), in_backward=True)
 
     def close(self) -> None:
         for f in self.finalizers:
@@ -232,6 +256,8 @@ class _Books:
                 split[LEDGER.owner_of(bid)] += bid[1]
             add("activations", bid)
         self.split = split
+        for bid in list(self.temporaries):
+            add("temporaries", bid)
         for a in self.outputs:
             add("other", backend.buffer_id(a))
         for bid in list(self.inflight):

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..nn.gpt import GPT, GPTConfig
 from ..nn.layers import shapes_only
+from ..nn.quant import FORMATS, QuantLinear, quantize_model
 from ..peft.config import PeftConfig, config_class, method_config
 from ..peft.model import METHOD_CLASSES, base_name
 from ..peft.tuner import MethodPlan
@@ -61,12 +62,14 @@ def _method_config(method, knobs):
     return method_config(method, **knobs)
 
 
-def _planned(cfg: GPTConfig, pc, training: bool):
+def _planned(cfg: GPTConfig, pc, training: bool, quantize=None):
     """(shape-only GPT with the method planned into it, its base parameters, the MethodPlan).
 
     Every base parameter starts frozen; the method's own :meth:`~minipeft.peft.tuner.Method.plan`
     says which train, stands its wrappers at its targets and names what it adds,
-    by the selection its ``inject`` uses.
+    by the selection its ``inject`` uses. With ``quantize`` (format, blocksize,
+    double quantization), :func:`~minipeft.nn.quant.quantize_model` then
+    replaces the Linears that stayed frozen, shape-only as well.
     """
     if pc.peft_type not in METHOD_CLASSES:
         raise ValueError(f"no method registered for {pc.peft_type}")
@@ -74,6 +77,9 @@ def _planned(cfg: GPTConfig, pc, training: bool):
     base = dict(model.named_parameters())
     model.freeze()
     plan = METHOD_CLASSES[pc.peft_type](pc, "default").plan(model)
+    if quantize is not None:
+        with shapes_only():
+            quantize_model(model, *quantize)
     return model, base, plan
 
 
@@ -125,6 +131,7 @@ class Estimate:
     #: no_grad backbone's attention: its q/k/v copy, E and 1/z): temporaries, not
     #: activations (nothing keeps them past the op), so in no category
     no_grad_temporaries: int = 0
+    quantize: str | None = None   # the frozen Linears' storage format (None: float)
 
     @property
     def training_bytes_per_param(self) -> float:
@@ -147,6 +154,7 @@ class Estimate:
     def table(self, unit: int | None = None, detail: bool = False) -> str:
         unit = unit or (GiB if self.peak >= GiB else MiB)
         ck = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        ck += f", frozen Linears in {self.quantize}" if self.quantize else ""
         lines = [
             f"estimate: {self.method} on a {self.config.n_layer}-layer, {self.config.n_embd}-wide GPT "
             f"({self.n_params:,d} parameters, {self.n_trained:,d} trained), batch "
@@ -219,6 +227,7 @@ def full_finetuning_activations(config, batch_size: int, seq_len: int, act_bytes
 def estimate(config="reference", method="full", optimizer: str = "adamw", batch_size: int = 16,
              seq_len: int | None = None, dtype="fp32", *, gradient_checkpointing: bool | None = None,
              index_dtype: str = "int64", first_step: bool = False, training: bool = True,
+             quantize: str | None = None, blocksize: int = 64, double_quant: bool = True,
              **knobs) -> Estimate:
     r"""The memory of one training step, per category, in closed form (no arrays are built).
 
@@ -230,11 +239,18 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
         optimizer: ``adamw`` (two moments), ``sgd_momentum`` (one) or ``sgd``.
         batch_size, seq_len: the batch, B sequences of T tokens (T: 128 or, if
             shorter, the model's ``n_positions``, unless given).
-        dtype: ``fp32``, ``mixed``, ``int8`` or ``int4`` (see :data:`DTYPES`).
+        dtype: ``fp32``, ``mixed``, or the rules of thumb ``mixed-int8`` and
+            ``mixed-int4`` (see :data:`DTYPES`).
         gradient_checkpointing: overrides the config's flag.
         index_dtype: the optimizer's index of a mask's entries (``int64`` or ``int32``).
         first_step: the optimizer has no state yet during backward (its first step).
         training: the model is in training mode (dropout draws and saves masks).
+        quantize: store the frozen Linears in ``nf4``, ``fp4``, ``int4`` or ``int8``
+            (:func:`~minipeft.nn.quant.quantize_model`, with ``blocksize`` and
+            ``double_quant``): their weights count as the codes, constants and
+            second-level constants that format stores, byte for byte, and the
+            largest one dequantized is the ``temporaries`` row (alive one layer
+            at a time, in the activations' dtype).
 
     Per trained parameter, with w, g, m the bytes of a weight, a gradient and
     a moment, and M the fp32 master copy that 16-bit training keeps:
@@ -252,7 +268,8 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
     for full fine-tuning they come to the closed form of
     :func:`full_finetuning_activations`.
     The estimated peak is everything resident plus the larger of (activations
-    + other live arrays) and the gradients (at the end of backward).
+    + other live arrays) and the gradients (at the end of backward), plus one
+    layer's temporary.
     """
     cfg = _as_config(config)
     prec = _precision(dtype)
@@ -268,7 +285,15 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
     pc = _method_config(method, knobs)
     ckpt = cfg.gradient_checkpointing if gradient_checkpointing is None else bool(gradient_checkpointing)
     ckpt = ckpt and training            # the model checkpoints only while training
-    model, base, plan = _planned(dataclasses.replace(cfg, gradient_checkpointing=ckpt), pc, training)
+    if quantize is not None and quantize not in FORMATS:
+        raise ValueError(f"unknown quantization format {quantize!r}: choose from "
+                         f"{', '.join(FORMATS)}")
+    if quantize is not None and pc.method in ("full", "mask"):
+        raise ValueError(f"quantize={quantize!r} with {pc.method}: it trains the Linear weights, "
+                         "and a quantized weight cannot train")
+    qspec = None if quantize is None else (quantize, blocksize, double_quant)
+    model, base, plan = _planned(dataclasses.replace(cfg, gradient_checkpointing=ckpt), pc,
+                                 training, qspec)
     extra = plan.prompt_tokens + plan.prefix_tokens
     if T + extra > cfg.n_positions:
         virtual = f" + {extra} virtual tokens = {T + extra}" if extra else ""
@@ -281,11 +306,16 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
     # model's parameters (which have requires_grad) and what the method adds.
     trainable = {n: p.size for n, p in base.items() if p.requires_grad}
     trainable |= {n: p.size for n, p in plan.added.items() if p.requires_grad}
-    frozen = sum(p.size for p in (*base.values(), *plan.added.values()) if not p.requires_grad)
+    # A quantized Linear's weight is no parameter now: its codes and constants count
+    # as stored (their bytes, whatever the dtype), the other frozen ones at prec.frozen.
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    stored = {id(p) for p in model.parameters()}
+    frozen = (sum(p.size for p in base.values() if not p.requires_grad and id(p) in stored)
+              + sum(p.size for p in plan.added.values() if not p.requires_grad))
     moments = OPTIMIZERS[optimizer]
     index_bytes = 8 if index_dtype == "int64" else 4
     b = dict.fromkeys(CATEGORIES, 0.0)
-    b["weights_frozen"] = frozen * prec.frozen
+    b["weights_frozen"] = frozen * prec.frozen + sum(m.weight_nbytes for m in quantized)
     b["weights_trainable"] = sum(trainable.values()) * prec.weight
     b["gradients"] = sum(trainable.values()) * prec.grad        # a masked weight's is full size
     for name, n in trainable.items():
@@ -301,6 +331,7 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
     # Activations: the planned model's forward, traced over what the engine saves.
     walk = _activations(model, plan, B, T, prec.act)
     b["activations"] = walk.peak()
+    b["temporaries"] = walk.temporary_peak()
     # AdamW's scratch: one array of its largest parameter's trained entries.
     scratch = 0.0
     if optimizer == "adamw" and trainable:
@@ -314,14 +345,14 @@ def estimate(config="reference", method="full", optimizer: str = "adamw", batch_
 
     resident = sum(b[c] for c in ("weights_frozen", "weights_trainable", "bookkeeping", "batch"))
     resident += 0 if first_step else b["optimizer"]
-    peak = resident + max(b["activations"] + b["other"], b["gradients"])
+    peak = resident + max(b["activations"] + b["other"], b["gradients"]) + b["temporaries"]
     n_trained = sum(plan.masked.get(n, v) for n, v in trainable.items())
     return Estimate(
         config=cfg, method=pc.method, peft_config=pc, optimizer=optimizer, precision=prec,
         batch_size=B, seq_len=T, gradient_checkpointing=ckpt,
         n_params=sum(p.size for p in base.values()) + sum(p.size for p in plan.added.values()),
         n_trainable=sum(trainable.values()), n_trained=n_trained,
-        bytes=b, peak=peak, activation_items=items, first_step=first_step,
+        bytes=b, peak=peak, activation_items=items, first_step=first_step, quantize=quantize,
         activation_split=walk.split(), no_grad_temporaries=walk.throwaway,
     )
 

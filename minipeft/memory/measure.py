@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 
 from .. import backend
+from ..nn.quant import QuantLinear
 from .books import _is_array, _method_arrays, _optimizer_arrays
 
 # ---------------------------------------------------------------------------
@@ -51,6 +52,11 @@ class _TraceMalloc:
                 p.data = p.data.copy()
             if p.grad_mask is not None:
                 p.grad_mask = p.grad_mask.copy()
+        for m in model.modules():          # a quantized Linear's codes and constants
+            if isinstance(m, QuantLinear):
+                for name, a in list(m._buffers.items()):
+                    if a is not None:
+                        m.register_buffer(name, a.copy())
         for state in optimizer.state.values():
             for key, a in list(state.items()):
                 if key != "step" and _is_array(a):

@@ -11,7 +11,7 @@ from .presets import CATEGORIES, LABELS, MiB
 COLORS = {
     "weights_frozen": "#9db4c0", "weights_trainable": "#2b6f97", "gradients": "#e07a5f",
     "optimizer": "#f2cc8f", "bookkeeping": "#8d6a9f", "batch": "#cccccc",
-    "activations": "#3d9970", "other": "#81b29a",
+    "activations": "#3d9970", "temporaries": "#d4a373", "other": "#81b29a",
 }
 
 

@@ -17,7 +17,7 @@ GiB = 2**30
 
 CATEGORIES = (
     "weights_frozen", "weights_trainable", "gradients", "optimizer", "bookkeeping", "batch",
-    "activations", "other",
+    "activations", "temporaries", "other",
 )
 
 LABELS = {
@@ -28,6 +28,7 @@ LABELS = {
     "bookkeeping": "masks and method copies",
     "batch": "batch (ids, targets)",
     "activations": "activations (saved, peak)",
+    "temporaries": "temporaries (dequantized W)",
     "other": "other live arrays (peak)",
 }
 
@@ -103,11 +104,14 @@ DTYPES: dict[str, Precision] = {
     "mixed": Precision("mixed", 2, 2, 4, 4, 2, 2,
                        "ZeRO's mixed precision: fp16 weights and gradients, fp32 master and moments: "
                        "2 + 2 + 12 = 16 bytes a trained parameter; fp16 activations"),
-    "int8": Precision("int8", 2, 2, 4, 4, 1, 2,
-                      "frozen weights stored in 8 bits (LLM.int8-style), trained ones as in 'mixed'"),
-    "int4": Precision("int4", 2, 2, 4, 4, 0.5, 2,
-                      "frozen weights stored in 4 bits (QLoRA's NF4, its quantisation constants "
-                      "left out: about 3% more), trained ones as in 'mixed'"),
+    "mixed-int8": Precision("mixed-int8", 2, 2, 4, 4, 1, 2,
+                            "rule of thumb: every frozen weight at 1 byte (embeddings included, "
+                            "constants left out), trained ones as in 'mixed'; for the stored "
+                            "format's exact bytes use dtype='mixed', quantize='int8'"),
+    "mixed-int4": Precision("mixed-int4", 2, 2, 4, 4, 0.5, 2,
+                            "rule of thumb: every frozen weight at half a byte (embeddings "
+                            "included, constants left out), trained ones as in 'mixed'; for "
+                            "NF4's exact bytes use dtype='mixed', quantize='nf4'"),
     "fp64": Precision("fp64", 8, 8, 0, 8, 8, 8,
                       "everything float64 (the gradient checks' dtype): 8 + 8 + 16 = 32 bytes"),
 }
@@ -116,10 +120,20 @@ DTYPES: dict[str, Precision] = {
 OPTIMIZERS = {"adamw": 2, "sgd_momentum": 1, "sgd": 0}
 
 
+#: storage formats of the frozen weights (minipeft.nn.quant): an estimate's ``quantize=``,
+#: never a dtype. The recipes that used these names are 'mixed-int8' and 'mixed-int4'.
+QUANT_FORMATS = ("nf4", "fp4", "int4", "int8")
+
+
 def _precision(dtype) -> Precision:
     if isinstance(dtype, Precision):
         return dtype
-    key = {"float32": "fp32", "fp16": "mixed", "bf16": "mixed", "nf4": "int4"}.get(str(dtype), str(dtype))
+    key = {"float32": "fp32", "fp16": "mixed", "bf16": "mixed"}.get(str(dtype), str(dtype))
+    if key in QUANT_FORMATS:
+        raise ValueError(
+            f"{dtype!r} is a storage format of the frozen weights, not a training dtype: give "
+            f"quantize={key!r} (--quantize {key}) with dtype 'fp32' or 'mixed'; the old "
+            f"rule-of-thumb recipes are 'mixed-int8' and 'mixed-int4'")
     if key not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     return DTYPES[key]

@@ -12,8 +12,10 @@ import numpy as np
 from .. import backend
 from ..autograd.tensor import BACKWARD_HOOKS
 from ..nn.gpt import GPT, GPTConfig
+from ..nn.quant import DEQUANTIZE_HOOKS, quantization_config
 from ..optim import SGD, AdamW
 from ..peft import FullFinetuneConfig, PeftModel
+from ..peft.qlora import recipe_name
 from .books import _Books
 from .estimate import Estimate, estimate
 from .measure import _CupyHook, _TraceMalloc
@@ -48,7 +50,13 @@ def _run_step(model, optimizer, batch, meter=None):
         phases["start"] = meter.phase()
     backend.synchronize()
     t0 = time.perf_counter()
-    logits, loss = model(idx, targets)
+    # A quantized Linear hands each weight it dequantizes to the books (a temporary).
+    DEQUANTIZE_HOOKS.append(books.temporary)
+    try:
+        logits, loss = model(idx, targets)
+    except BaseException:
+        DEQUANTIZE_HOOKS.remove(books.temporary)
+        raise
     books.outputs = [logits.data, loss.data]        # held by the caller until the step ends
     books.snapshot("end of forward")
     if meter is not None:
@@ -60,6 +68,7 @@ def _run_step(model, optimizer, batch, meter=None):
         loss.backward()
     finally:
         BACKWARD_HOOKS.remove(books.hook)
+        DEQUANTIZE_HOOKS.remove(books.temporary)
     books.snapshot("end of backward")
     if meter is not None:
         phases["end of backward"] = meter.phase()
@@ -131,7 +140,7 @@ class StepReport:
         # Estimated against accounted: the first six categories are the same
         # arrays counted two ways and must agree to the byte.
         if e is not None:
-            for cat in CATEGORIES[:6]:
+            for cat in CATEGORIES[:6] + ("temporaries",):
                 d = int(round(e.bytes[cat])) - self.accounted[cat]
                 why = ("the same arrays, counted by formula and by the books" if d == 0 else
                        "MISMATCH: the closed form and the model disagree about these arrays")
@@ -290,12 +299,15 @@ def profile_step(model, optimizer, batch, *, measure: bool = True) -> StepReport
     cfg, pc = _model_method(model)
     kind = _optimizer_kind(optimizer)
     est, notes = None, []
+    q = quantization_config(model)
     first_step = books.event("start")["optimizer"] == 0     # AdamW's moments do not exist yet
     if cfg is not None and pc is not None and kind is not None:
         dtype = {np.dtype(np.float32): "fp32", np.dtype(np.float64): "fp64"}[np.dtype(model.dtype)]
+        quant = {} if q is None else {"quantize": q.format, "blocksize": q.blocksize or 64,
+                                      "double_quant": q.double_quant}
         est = estimate(cfg, pc, optimizer=kind, batch_size=B, seq_len=T, dtype=dtype,
                        index_dtype=optimizer.index_dtype, first_step=first_step,
-                       training=model.training)
+                       training=model.training, **quant)
     else:
         notes.append("no estimate: the model is not a GPT (or PeftModel of one) with one active "
                      "adapter, or the optimizer is neither SGD nor AdamW")
@@ -313,7 +325,8 @@ def profile_step(model, optimizer, batch, *, measure: bool = True) -> StepReport
     measured = phases if meter is not None else {p: (0, 0) for p in PHASES}
     start_arrays, start_total = measured["start"]
     return StepReport(
-        method=pc.method if pc is not None else type(model).__name__,
+        method=(type(model).__name__ if pc is None else
+                pc.method if q is None else recipe_name(pc.method, q.format)),
         device=device, config=cfg, batch_size=B, seq_len=T, optimizer=kind or type(optimizer).__name__,
         estimated=est, accounted=dict(books.max), accounted_peak=books.peak, peak_event=pe_label,
         peak_breakdown=pe, phases_accounted=ev,

@@ -73,13 +73,15 @@ def format_rule_of_thumb(rows, config="1b") -> str:
 
 
 def fit_table(presets=("7b", "65b"), methods=("full", "lora", "prompt", "bitfit"),
-              dtypes=("fp32", "mixed", "int4"), batch_size: int = 1, seq_len: int = 512,
+              dtypes=("fp32", "mixed", "mixed-int4"), batch_size: int = 1, seq_len: int = 512,
               cards=(24, 48, 80), gradient_checkpointing: bool = False) -> list[dict]:
     """Estimated peak of each (preset, method, dtype), and whether it fits each card (GiB).
 
     LoRA is r = 8 on ``c_attn``, prompt tuning 20 virtual tokens, BitFit every
-    bias (the configs' defaults). With ``int4`` the frozen weights are 4-bit
-    (QLoRA); full fine-tuning freezes nothing, so there it equals ``mixed``.
+    bias (the configs' defaults). With ``mixed-int4`` the frozen weights are
+    half a byte (the rule of thumb for QLoRA; ``estimate(..., quantize="nf4")``
+    counts NF4's exact bytes); full fine-tuning freezes nothing, so there it
+    equals ``mixed``.
     """
     rows = []
     for name in presets:
@@ -97,7 +99,7 @@ def format_fit_table(rows) -> str:
     e0 = rows[0]["estimate"] if rows else None
     head = (f"does it fit? estimated peak of one training step, batch {e0.batch_size} x "
             f"{e0.seq_len}, AdamW" + (", gradient checkpointing" if e0.gradient_checkpointing else ""))
-    lines = [head, f"{'model':<6} {'method':<8} {'dtype':<6} {'trained':>14} {'weights':>10} "
+    lines = [head, f"{'model':<6} {'method':<8} {'dtype':<10} {'trained':>14} {'weights':>10} "
              f"{'train state':>11} {'activ.':>9} {'peak':>10}  " + "  ".join(f"{c}GB" for c in cards)]
     for r in rows:
         e = r["estimate"]
@@ -106,7 +108,7 @@ def format_fit_table(rows) -> str:
         st = b["gradients"] + b["optimizer"] + b["bookkeeping"]
         act = b["activations"] + b["other"]
         fits = "  ".join(f"{'yes' if r['fits'][c] else 'no':>4}" for c in cards)
-        lines.append(f"{r['preset']:<6} {r['method']:<8} {r['dtype']:<6} {e.n_trained:>14,d} "
+        lines.append(f"{r['preset']:<6} {r['method']:<8} {r['dtype']:<10} {e.n_trained:>14,d} "
                      f"{wts / GiB:>9.1f}G {st / GiB:>10.2f}G {act / GiB:>8.2f}G "
                      f"{e.peak / GiB:>9.1f}G  {fits}")
     return "\n".join(lines)

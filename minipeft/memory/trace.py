@@ -68,6 +68,7 @@ class Walk:
         self.tape = None            # dropout masks: a list (recording) or an iterator (replaying)
         self.params: dict[int, Sym] = {}
         self.recompute_peak = 0     # the largest saved set while a checkpointed block recomputes
+        self.temporaries: dict[str, int] = {}   # label -> bytes of a layer's temporary
 
     # -- buffers ------------------------------------------------------------------
     def new(self, shape, req=False, itemsize=None, kind="act") -> Sym:
@@ -154,6 +155,18 @@ class Walk:
         if r:
             self.save(label, W if x.req else None, x if W.req else None)
         return self.new(x.shape[:-1] + W.shape[-1:], r)
+
+    def quant_linear(self, x, b, out_features) -> Sym:   # QuantLinear: saves nothing
+        return self.new(x.shape[:-1] + (out_features,), self.rec(x, b))
+
+    def temporary(self, n, label) -> None:
+        """An array of n entries (compute dtype) that lives only while one layer runs
+        (a quantized weight dequantized for its product): not saved, not kept."""
+        self.temporaries[label] = n * self.s
+
+    def temporary_peak(self) -> int:
+        """The largest temporary: one layer's runs at a time."""
+        return max(self.temporaries.values(), default=0)
 
     def sum(self, x, axis: int) -> Sym:         # Sum over one axis: saves nothing
         axis %= len(x.shape)

@@ -47,7 +47,7 @@ from .. import backend
 from ..autograd import ops
 from ..autograd.function import Function
 from ..autograd.tensor import Tensor
-from .layers import Linear
+from .layers import Linear, _build
 from .module import Module, Parameter
 
 #: the storage formats, in the order the tables list them
@@ -303,7 +303,8 @@ def _blockwise_absmax(xp, flat, blocksize):
 
 def _double_quantize(xp, absmax):
     """absmax (float32) -> (uint8 codes, float32 scale per 256, float32 mean)."""
-    offset = absmax.mean(dtype=xp.float32)                     # 0-d
+    # 0-d array (NumPy's mean gives a scalar, which is no buffer the books can follow)
+    offset = xp.asarray(absmax.mean(dtype=xp.float32), dtype=xp.float32)
     centred = absmax - offset
     scale, scaled = _blockwise_absmax(xp, centred, DQ_BLOCKSIZE)
     codes = _nearest(xp, scaled, dynamic_map())                # the map is sorted: index = code
@@ -326,6 +327,45 @@ def _undouble(q):
 def constants(q: QuantizedArray):
     """The float32 constants a dequantization multiplies by (second level undone)."""
     return _undouble(q) if q.double_quant else q.absmax
+
+
+def quantized_layout(shape, fmt: str = "nf4", blocksize: int | None = 64,
+                     double_quant: bool = False) -> dict:
+    r"""What :func:`quantize` stores for an array of ``shape``: name -> (shape, dtype), no arrays.
+
+    With n entries: 4-bit codes take :math:`\lceil n/2 \rceil` bytes, the
+    constants one per block (:math:`\lceil n / \text{blocksize} \rceil`,
+    float32, or uint8 codes with double quantization, which adds one float32
+    scale per 256 constants and their float32 mean); int8 keeps an int8 code
+    per entry and a float32 constant per column. The memory estimator
+    counts these, and a test holds them to :func:`quantize`'s arrays.
+    """
+    _check_format(fmt)
+    n = math.prod(shape)
+    if fmt == "int8":
+        cols = shape[-1]
+        return {"codes": ((n // cols, cols), np.dtype(np.int8)),
+                "absmax": ((cols,), np.dtype(np.float32))}
+    blocksize = _check_blocksize(blocksize)
+    nblocks = -(-n // blocksize)
+    out = {"codes": ((-(-n // 2),), np.dtype(np.uint8))}
+    if not double_quant:
+        out["absmax"] = ((nblocks,), np.dtype(np.float32))
+        return out
+    out["absmax"] = ((nblocks,), np.dtype(np.uint8))
+    out["absmax_scale"] = ((-(-nblocks // DQ_BLOCKSIZE),), np.dtype(np.float32))
+    out["absmax_offset"] = ((), np.dtype(np.float32))
+    return out
+
+
+def _shaped_quantized(array, fmt, blocksize, double_quant) -> QuantizedArray:
+    """A QuantizedArray of zero-stride arrays with :func:`quantize`'s shapes (no memory):
+    what a shape-only build (the memory estimator's, at 65B) holds."""
+    lay = quantized_layout(array.shape, fmt, blocksize, double_quant)
+    arrays = {k: np.broadcast_to(np.zeros((), dt), shp) for k, (shp, dt) in lay.items()}
+    return QuantizedArray(fmt, tuple(array.shape), np.dtype(array.dtype),
+                          blocksize if fmt != "int8" else None, arrays["codes"], arrays["absmax"],
+                          double_quant, arrays.get("absmax_scale"), arrays.get("absmax_offset"))
 
 
 # ---------------------------------------------------------------------------
@@ -494,6 +534,11 @@ class QuantLinearFunction(Function):
         return gx, gb
 
 
+#: called with every dequantized weight a QuantLinear makes (the memory books count it
+#: as a temporary while it lives; see :func:`minipeft.memory.profile_step`)
+DEQUANTIZE_HOOKS: list = []
+
+
 class DequantizedWeight(Tensor):
     """A quantized layer's weight as a float tensor to read: frozen and not writable.
 
@@ -557,13 +602,17 @@ class QuantLinear(Module):
                 "this Linear's weight requires grad: a quantized weight is frozen. Freeze it "
                 "first (linear.weight.requires_grad = False), or leave it float.")
         dq = double_quant and fmt in FOUR_BIT
+        if getattr(_build, "shapes_only", False):      # the estimator's shape-only build
+            return cls(_shaped_quantized(linear.weight.data, fmt, blocksize, dq), linear.bias)
         q = quantize(linear.weight.data, fmt, blocksize, dq)
         return cls(q, linear.bias)
 
     # -- the stored form -----------------------------------------------------
     def register_buffer(self, name, array):
-        # Module.to(dtype=...) casts float buffers; the constants stay float32
-        if name in self._CONSTANTS and array.dtype.kind == "f" and array.dtype != np.float32:
+        # Module.to(dtype=...) casts float buffers; the constants stay float32 (and
+        # double quantization's uint8 codes of them stay codes)
+        if name in self._CONSTANTS and np.dtype(array.dtype).kind == "f" \
+                and array.dtype != np.float32:
             array = array.astype(backend.xp(array).float32)
         super().register_buffer(name, array)
 
@@ -581,8 +630,15 @@ class QuantLinear(Module):
         return self.bias.dtype if self.bias is not None else self._dtype
 
     def dequantized(self, dtype=None):
-        """The weight as a float array (in, out): a new temporary on every call."""
-        return dequantize(self.quantized, self.compute_dtype if dtype is None else dtype)
+        """The weight as a float array (in, out): a new temporary on every call.
+
+        Each one is handed to :data:`DEQUANTIZE_HOOKS`, so the memory books
+        see it (the fifth category: temporaries) for as long as it lives.
+        """
+        w = dequantize(self.quantized, self.compute_dtype if dtype is None else dtype)
+        for hook in DEQUANTIZE_HOOKS:
+            hook(w, self)
+        return w
 
     @property
     def weight(self) -> DequantizedWeight:
@@ -604,6 +660,13 @@ class QuantLinear(Module):
     def forward(self, x: Tensor) -> Tensor:
         args = (x,) if self.bias is None else (x, self.bias)
         return QuantLinearFunction.apply(*args, layer=self)
+
+    def trace(self, walk, x):
+        """:meth:`forward` over shapes: nothing saved (not x, not the weight); the
+        dequantized weight is a temporary of this layer, in the compute dtype, in
+        forward and again in backward (see :mod:`minipeft.memory.trace`)."""
+        walk.temporary(self.in_features * self.out_features, walk.label(self, " dequantized W"))
+        return walk.quant_linear(x, walk.param(self.bias), self.out_features)
 
     def to_linear(self, dtype=None) -> Linear:
         """A float Linear holding the dequantized weight and this layer's bias Parameter."""
@@ -632,7 +695,10 @@ class QuantizationConfig:
     """What :func:`quantize_model` did, kept on the base as ``quantization_config``.
 
     ``quantized``: the Linears replaced (names in the unwrapped base);
-    ``kept_float``: Linears left float because their weight trains.
+    ``kept_float``: Linears left float because their weight trains;
+    ``float_fingerprint``: the float base's fingerprint before it was
+    quantized (:func:`minipeft.peft.model.fingerprint`; the codes are
+    buffers, which a fingerprint of parameters would not see).
     """
 
     format: str
@@ -640,6 +706,7 @@ class QuantizationConfig:
     double_quant: bool
     quantized: list = dataclasses.field(default_factory=list)
     kept_float: list = dataclasses.field(default_factory=list)
+    float_fingerprint: str | None = None
 
 
 class DequantizationWarning(UserWarning):
@@ -677,7 +744,7 @@ def quantize_model(model: Module, fmt: str = "nf4", blocksize: int = 64,
     a :class:`QuantizationConfig`, is kept on the base as
     ``quantization_config``. ``double_quant`` applies to the 4-bit formats.
     """
-    from ..peft.model import base_name  # noqa: PLC0415 - peft sits above nn
+    from ..peft.model import base_name, fingerprint  # noqa: PLC0415 - peft sits above nn
 
     _check_format(fmt)
     blocksize = _check_blocksize(blocksize) if fmt in FOUR_BIT else None
@@ -700,11 +767,14 @@ def quantize_model(model: Module, fmt: str = "nf4", blocksize: int = 64,
                              "quantizing (or merge_and_unload and quantize the result)")
     from ..peft.tuner import replace_module  # noqa: PLC0415
 
+    # the float base's fingerprint, before its weights become codes (a shape-only
+    # build, the estimator's, has no values to hash)
+    float_fp = None if getattr(_build, "shapes_only", False) else fingerprint(base)
     for n, m in frozen:
         replace_module(base, n, QuantLinear.from_linear(m, fmt, blocksize, double_quant))
     record = QuantizationConfig(fmt, blocksize, double_quant,
                                 [base_name(n) for n, _ in frozen],
-                                [base_name(n) for n in training])
+                                [base_name(n) for n in training], float_fp)
     base.quantization_config = record
     return model
 

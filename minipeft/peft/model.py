@@ -65,8 +65,14 @@ def fingerprint(model: Module) -> str:
 
     Names are taken as in the unwrapped base, so a wrapped model and its
     base agree. An adapter file stores this; loading onto a base with
-    another fingerprint is refused.
+    another fingerprint is refused. A quantized base's weights are codes in
+    buffers, not parameters: its fingerprint is the float base's, taken by
+    :func:`~minipeft.nn.quant.quantize_model` before it quantized (its record's
+    ``float_fingerprint``).
     """
+    rec = getattr(getattr(model, "base_model", model), "quantization_config", None)
+    if rec is not None and getattr(rec, "float_fingerprint", None):
+        return rec.float_fingerprint
     return _digest((base_name(n), p.data) for n, p in _base_params(model))
 
 
@@ -265,12 +271,22 @@ class PeftModel(Module):
 
     # -- counting ----------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) scalars; a masked parameter counts its selected entries."""
+        """(trainable, all) scalars; a masked parameter counts its selected entries.
+
+        A weight stored quantized (:class:`~minipeft.nn.quant.QuantLinear`: codes
+        and constants, buffers rather than parameters) counts as the entries it
+        stands for, ``in x out``, as peft counts a 4-bit weight: the model has
+        as many parameters quantized as float, only stored in fewer bits.
+        """
+        from ..nn.quant import QuantLinear  # noqa: PLC0415 - nn.quant imports this module
+
         trainable = 0
         for p in self.parameters():
             if p.requires_grad:
                 trainable += p.size if p.grad_mask is None else int(p.grad_mask.sum())
-        return trainable, self.num_parameters()
+        quantized = sum(m.in_features * m.out_features for m in self.modules()
+                        if isinstance(m, QuantLinear))
+        return trainable, self.num_parameters() + quantized
 
     def print_trainable_parameters(self) -> None:
         """Print peft's line: ``trainable params: 16,384 || all params: 838,400 || trainable%: 1.9542``."""
@@ -444,9 +460,11 @@ class PeftModel(Module):
         files = directory if isinstance(directory, AdapterFiles) else read_adapter_files(directory)
         _check_base(files, fingerprint(model))
         config = config_from_dict(files.meta["config"])
+        _check_recorded_quantization(model, files.meta, files.directory)
         kwargs = _loading_kwargs(config, files.state)
 
         def fill(pm):
+            _quantize_as_recorded(pm, files.meta)
             _load_checked(pm, adapter_name, files)
             pm.set_adapter(adapter_name)
 
@@ -742,12 +760,47 @@ def _read_pair(directory: str, state: dict, w_meta: dict) -> tuple[dict, dict]:
 
 
 def _config_dict(model) -> dict:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return {}
+    """The base's config as saved beside an adapter; a quantized base adds how it is stored."""
     import dataclasses
 
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+    cfg = getattr(model, "config", None)
+    out = dataclasses.asdict(cfg) if cfg is not None and dataclasses.is_dataclass(cfg) else {}
+    rec = getattr(model, "quantization_config", None)
+    if rec is not None:
+        out["quantization"] = {"format": rec.format, "blocksize": rec.blocksize,
+                               "double_quant": bool(rec.double_quant)}
+    return out
+
+
+def _check_recorded_quantization(model: Module, meta: dict, directory) -> None:
+    """Before touching ``model``: a base already quantized must be so as the adapter records."""
+    from ..nn.quant import quantization_config  # noqa: PLC0415
+
+    rec = (meta.get("base_config") or {}).get("quantization")
+    have = quantization_config(model)
+    if rec is None or have is None:
+        return
+    mine = {"format": have.format, "blocksize": have.blocksize,
+            "double_quant": bool(have.double_quant)}
+    if mine != rec:
+        raise ValueError(
+            f"the adapter in {directory} was trained on a base stored as {rec}, and this base "
+            f"is stored as {mine}: load it onto the float base, which is then quantized as "
+            "recorded")
+
+
+def _quantize_as_recorded(pm: PeftModel, meta: dict) -> None:
+    """Store a float base as the adapter's record says it was trained on (QLoRA: NF4).
+
+    Called once the float base's fingerprint has been checked and the method
+    has wrapped it (and frozen what it does not train). An adapter trained
+    on a float base, or a base already quantized as recorded, is left as it is.
+    """
+    from ..nn.quant import quantization_config, quantize_model  # noqa: PLC0415
+
+    rec = (meta.get("base_config") or {}).get("quantization")
+    if rec is not None and quantization_config(pm) is None:
+        quantize_model(pm, rec["format"], rec["blocksize"] or 64, rec["double_quant"])
 
 
 def get_peft_model(model: Module, config: PeftConfig, adapter_name: str = "default",

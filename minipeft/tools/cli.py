@@ -297,6 +297,7 @@ def build_config(method: str, args) -> object:
     """
     from ..peft.config import METHODS, method_config
 
+    method = _trained_method(method)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     fields = _fields(method)
@@ -311,6 +312,22 @@ def build_config(method: str, args) -> object:
     if method == "layers" and values.get("layers") is None and values.get("components") is None:
         values["layers"] = [-1]                         # the last block
     return method_config(method, **values)
+
+
+def _trained_method(name: str) -> str:
+    """The method a recipe trains (``qlora``: ``lora``); a method name is itself."""
+    from ..peft.qlora import RECIPES
+
+    return RECIPES[name][0] if name in RECIPES else name
+
+
+def _add_quantize_option(s: argparse.ArgumentParser) -> None:
+    from ..nn.quant import FORMATS
+
+    s.add_argument("--quantize", default=None, choices=FORMATS,
+                   help="store the frozen Linears of the base in this format (blocks of 64, "
+                        "double quantization for the 4-bit ones) under any method that keeps "
+                        "them frozen; full and mask train them and are refused (qlora: nf4)")
 
 
 def _add_method_options(s: argparse.ArgumentParser) -> None:
@@ -473,10 +490,12 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
+    from ..peft.qlora import split_method
     from ..workflows.finetune import FinetuneSettings, finetune
 
-    check_knobs_apply([args.method], args)
-    cfg = build_config(args.method, args)
+    method, fmt = split_method(args.method, args.quantize)   # refuses full/mask on a quantized base
+    check_knobs_apply([method], args)
+    cfg = build_config(method, args)
     if args.out is not None:
         check_out_folder("--out", args.out)
     # lr None (--lr not given): finetune trains at the method's best known rate, default_lr
@@ -485,7 +504,7 @@ def _cmd_finetune(args) -> int:
         seed=args.seed, eval_limit=args.eval_limit,
     )
     result = finetune(cfg, args.task, settings, device=args.device, out=args.out,
-                      progress=not args.quiet)
+                      progress=not args.quiet, quantize=fmt)
     print(result.summary())
     return 0
 
@@ -709,18 +728,27 @@ def _cmd_memory(args) -> int:
     from ..nn.gpt import GPT
     from ..peft import get_peft_model
     from ..peft.config import METHODS
+    from ..peft.qlora import RECIPES, TRAINS_LINEAR_WEIGHTS, quantize_base, split_method
 
     cfg = M.preset(args.config)
     if args.activations:
         return _memory_activations(args, cfg)
     if args.gradient_checkpointing:
         cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    if args.method == "all" and cfg.gradient_checkpointing:
+    if args.method != "all":
+        methods = [args.method]
+    elif args.quantize is None:
+        methods = list(METHODS) + list(RECIPES)
+    else:                                 # a quantized base: the methods that keep it frozen
+        methods = [m for m in METHODS if m not in TRAINS_LINEAR_WEIGHTS]
+        print(f"(--quantize {args.quantize}: {', '.join(TRAINS_LINEAR_WEIGHTS)} train the "
+              "Linear weights and are left out)")
+    if args.method == "all" and cfg.gradient_checkpointing and "lst" in methods:
         methods.remove("lst")             # its backbone saves nothing: nothing to checkpoint
         print("(lst left out: it runs its backbone under no_grad, with nothing to checkpoint)")
     # Everything that can be refused is refused before the first step runs.
-    check_knobs_apply(methods, args)
+    formats = {m: split_method(m, args.quantize)[1] for m in methods}
+    check_knobs_apply([_trained_method(m) for m in methods], args)
     if args.checkpointing and len(methods) != 1:
         raise ValueError("--checkpointing compares one method: give --method NAME")
     if args.png is not None:
@@ -735,7 +763,8 @@ def _cmd_memory(args) -> int:
             T = cfg.n_positions - virtual     # the soft prompt takes positions too
             note = f"({method}: {virtual} virtual tokens, so sequences of {T} tokens)"
         est = M.estimate(cfg, pc, optimizer=args.optimizer, batch_size=args.batch_size, seq_len=T,
-                         dtype=args.dtype)         # refuses a bad dtype, batch or sequence length
+                         dtype=args.dtype,         # refuses a bad dtype, batch or sequence length
+                         quantize=formats[method])
         # The closed form answers for any size and dtype; a real step (accounted and
         # measured beside it) runs only in fp32 and up to _PROFILE_MAX_PARAMS parameters.
         why_not = None
@@ -782,6 +811,8 @@ def _cmd_memory(args) -> int:
         extra = {"calibration_batch": (idx, targets)} if method == "mask" and \
             pc.selection == "gradient" else {}
         model = get_peft_model(GPT(cfg, seed=args.seed).to(args.device), pc, **extra).train()
+        if formats[method] is not None:
+            quantize_base(model, formats[method])
         opt = _memory_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad])
         rep = M.profile_step(model, opt, (idx, targets))
         print(rep.table())
@@ -825,7 +856,8 @@ def _add_memory_parser(sub) -> None:
     from ..peft.config import METHODS
 
     s.add_argument("--method", default="lora",
-                   help=f"a method ({', '.join(METHODS)}) or all of them (default lora)")
+                   help=f"a method ({', '.join(METHODS)}, or qlora: LoRA on an NF4 base) or all "
+                        "of them (default lora)")
     s.add_argument("--config", default="reference",
                    help=f"model size: {', '.join(PRESETS)} (default reference; larger than ~20M "
                         "parameters: estimated only)")
@@ -849,6 +881,7 @@ def _add_memory_parser(sub) -> None:
     s.add_argument("--fit", action="store_true",
                    help="also print the 1B rule of thumb and what fits on 24/48/80 GB cards at 7B and 65B")
     s.add_argument("--png", default=None, help="write stacked bars of the three views to this PNG")
+    _add_quantize_option(s)
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
     s.add_argument("--seed", type=_nonneg_int, default=0,
                    help="seeds the random model and batch (default 0)")
@@ -911,7 +944,7 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def _parse_methods(text: str) -> tuple[str, ...]:
-    from ..peft.config import METHODS
+    from ..workflows.compare import COMPARE_METHODS as METHODS
 
     if text.strip() == "all":
         return tuple(METHODS)
@@ -948,7 +981,7 @@ def _cmd_compare(args) -> int:
 
     methods = _parse_methods(args.methods)
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
-    check_knobs_apply(methods, args)
+    check_knobs_apply([_trained_method(m) for m in methods], args)
     configs = {m: build_config(m, args) for m in methods}   # a bad knob is refused here
     base = CompareSettings.quick_settings() if args.quick else CompareSettings()
     grids = {**base.lr_grid, **_parse_lr_grids(args.lr)}
@@ -987,7 +1020,7 @@ def _add_compare_parser(sub) -> None:
     s.add_argument("--task", default="sentiment", help="sentiment (default), addition or reverse")
     s.add_argument("--methods", default="all",
                    help="comma-separated subset of full,bitfit,layers,mask,lora,adapter,prompt,"
-                        "prefix,ia3 (default all)")
+                        "prefix,ia3,qlora (default all; qlora is LoRA on an NF4 base)")
     s.add_argument("--seeds", default=None,
                    help="comma-separated seeds (default 0,1,2; --quick: 0); the first picks the lr")
     s.add_argument("--quick", action="store_true",
@@ -1109,6 +1142,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from ..data.tasks import DEFAULT_TASK, TASKS
     from ..peft.config import METHODS
+    from ..peft.qlora import RECIPES
 
     p = _Parser(
         prog="minipeft",
@@ -1137,8 +1171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("finetune", help="fine-tune the shipped base on a task")
-    s.add_argument("--method", choices=METHODS, default="lora",
-                   help="the PEFT method (default lora)")
+    s.add_argument("--method", choices=METHODS + tuple(RECIPES), default="lora",
+                   help="the PEFT method (default lora; qlora: LoRA on an NF4 base)")
     s.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,
                    help=f"the task to learn (default {DEFAULT_TASK}; `minipeft generate --help` "
                         "shows each task's prompt format)")
@@ -1154,6 +1188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the adapter (or checkpoint) (default: not saved)")
     s.add_argument("--device", default="cpu", choices=["cpu", "gpu", "strict"], help=_DEVICE_HELP)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quantize_option(s)
     _add_method_options(s)
     s.set_defaults(func=_cmd_finetune)
 

@@ -114,7 +114,8 @@ class Finetuned:
 
 
 def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
-                       batch_size: int = 16, seed: int = 0, n_val: int = 200) -> Finetuned:
+                       batch_size: int = 16, quantize: str | None = None, seed: int = 0,
+                       n_val: int = 200) -> Finetuned:
     r"""Fine-tune the shipped base with ``config`` on ``task``, as ``minipeft finetune`` does.
 
     This is :func:`minipeft.workflows.finetune.finetune` (wrap, AdamW over what trains
@@ -127,13 +128,18 @@ def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
     steps still spends most of them at the full rate. ``n_test`` test
     examples are scored (greedy answers, the task's metric), and the answer
     loss is taken over the first ``n_val`` validation examples (a multiple
-    of 50). ``seed`` sets the order of the training batches.
+    of 50). ``quantize`` stores the frozen Linears in that format first
+    (``"nf4"`` with LoRA: QLoRA); ``seed`` orders the batches (and seeds the
+    adapter's init).
     """
+    from ..workflows.compare import with_seed
     from ..workflows.finetune import FinetuneSettings, finetune
 
     settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 warmup=min(20, steps // 5), eval_limit=n_test)
-    result = finetune(config, task.name, settings, out=None, progress=False, zero_shot=False)
+    config = with_seed(config, seed) if seed else config
+    result = finetune(config, task.name, settings, out=None, progress=False, zero_shot=False,
+                      quantize=quantize)
     return Finetuned(model=result.model, history=result.history,
                      answer_loss=answer_loss(result.model, task, n_examples=n_val),
                      score=result.score, trainable=result.trainable)

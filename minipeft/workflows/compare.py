@@ -75,6 +75,7 @@ import statistics
 import tempfile
 import textwrap
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,13 +86,19 @@ from ..data.corpus import pretraining_text
 from ..data.tasks import get_task
 from ..data.tokenizer import CharTokenizer
 from ..memory import MiB, profile_step
+from ..nn.quant import DequantizationWarning
 from ..optim import AdamW, LRSchedule
 from ..peft import LayerSelectConfig, get_peft_model
 from ..peft.config import METHODS, method_config
 from ..peft.model import ADAPTER_WEIGHTS
+from ..peft.qlora import RECIPES, quantize_base
 from .base import load_base, validation_loss
 from .evaluation import evaluate
 from .train import train
+
+#: the rows of the table: every method, then the recipes that put one on a quantized base
+#: (``qlora``: LoRA on an NF4 base, see :mod:`minipeft.peft.qlora`)
+COMPARE_METHODS = METHODS + tuple(RECIPES)
 
 # ---------------------------------------------------------------------------
 # The learning-rate grids
@@ -125,6 +132,8 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "ia3": (3e-2, 1e-1, 3e-1),
     "lora_fa": (3e-2, 1e-1, 3e-1),
     "lst": (1e-1, 3e-1, 1.0),
+    # the same grid as LoRA's: only the base's storage differs
+    "qlora": (3e-3, 1e-2, 3e-2),
 }
 
 #: the output files, in the order they are written
@@ -153,6 +162,8 @@ def default_configs() -> dict:
     out = {}
     for m in METHODS:
         out[m] = LayerSelectConfig(layers=[-1]) if m == "layers" else method_config(m)
+    for name, (m, _) in RECIPES.items():
+        out[name] = method_config(m)           # qlora: LoRA's defaults, on a quantized base
     return out
 
 
@@ -192,13 +203,23 @@ def profile_memory(model, optimizer, batch):
     return profile_step(model, optimizer, batch)
 
 
-def build_method(config, seed: int, device: str = "cpu", batch=None):
-    """A fresh shipped base wrapped with ``config`` (its init seeded by ``seed``)."""
+def build_method(config, seed: int, device: str = "cpu", batch=None, quantize: str | None = None):
+    """A fresh shipped base wrapped with ``config`` (its init seeded by ``seed``); with
+    ``quantize``, its frozen Linears then stored in that format (blocks of 64, double
+    quantization: :func:`minipeft.peft.qlora.quantize_base`)."""
     cfg = with_seed(config, seed)
     extra = {}
     if getattr(cfg, "selection", None) == "gradient":
         extra["calibration_batch"] = batch       # element masks chosen by gradient
-    return get_peft_model(load_base(device=device), cfg, **extra)
+    pm = get_peft_model(load_base(device=device), cfg, **extra)
+    if quantize is not None:
+        quantize_base(pm, quantize)
+    return pm
+
+
+def quantized_format(method: str) -> str | None:
+    """The storage format of a row's frozen base: ``nf4`` for qlora, None for a method."""
+    return RECIPES[method][1] if method in RECIPES else None
 
 
 # ---------------------------------------------------------------------------
@@ -211,7 +232,7 @@ class CompareSettings:
     """What ``minipeft compare`` runs: the task, the methods, the budget and the measurements."""
 
     task: str = "sentiment"
-    methods: tuple = METHODS
+    methods: tuple = COMPARE_METHODS
     seeds: tuple = (0, 1, 2)
     # the one budget: optimizer steps of batch_size examples, for every method
     steps: int = 150
@@ -255,9 +276,9 @@ class CompareSettings:
         get_task(self.task)                               # an unknown task names the known ones
         if not self.methods:
             raise ValueError("no methods to compare: name at least one (e.g. --methods lora)")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in COMPARE_METHODS]
         if bad:
-            raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(COMPARE_METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"a method is named twice in {list(self.methods)}")
         if not self.seeds:
@@ -350,11 +371,12 @@ class Run:
         return None, None
 
 
-def _train_run(config, task, st: CompareSettings, lr: float, seed: int, on_step=None) -> Run:
+def _train_run(config, task, st: CompareSettings, lr: float, seed: int, on_step=None,
+               quantize: str | None = None) -> Run:
     """Fine-tune a fresh base with ``config`` at ``lr`` on the batches of ``seed``."""
     calibration = (memory_batch(task, st.batch_size, seed)
                    if getattr(config, "selection", None) == "gradient" else None)
-    pm = build_method(config, seed, st.device, batch=calibration)
+    pm = build_method(config, seed, st.device, batch=calibration, quantize=quantize)
     opt = AdamW(pm.trainable_parameters(), lr=lr, weight_decay=0.0)
     schedule = LRSchedule(lr, st.steps, min(st.warmup, st.steps - 1), min_lr=lr * 0.1)
     batches = task.batches("train", st.batch_size, seed=seed, epochs=None)
@@ -905,10 +927,11 @@ def _compare_one(method, config, task, st, context, target, n_test, val_ids, pro
                  gen_tokens, mem_batch, bar):
     """One row: memory, the grid, the seeds, and the measurements on the trained models."""
     seed0 = st.seeds[0]
+    quantize = quantized_format(method)
 
     # -- memory and parameter counts: a fresh model, one profiled step --------------
     bar.set_description_str(f"{method}: memory")
-    pm = build_method(config, seed0, st.device, batch=mem_batch)
+    pm = build_method(config, seed0, st.device, batch=mem_batch, quantize=quantize)
     trainable, total = pm.get_nb_trainable_parameters()
     opt = AdamW(pm.trainable_parameters(), lr=st.lr_grid[method][0])
     rep = profile_memory(pm, opt, mem_batch)
@@ -929,7 +952,7 @@ def _compare_one(method, config, task, st, context, target, n_test, val_ids, pro
     grid_scores, best = [], None
     for lr in grid:
         bar.set_description_str(f"{method} lr {lr:.0e} seed {seed0}")
-        run = _train_run(config, task, st, lr, seed0, on_step=tick)
+        run = _train_run(config, task, st, lr, seed0, on_step=tick, quantize=quantize)
         mean_val = statistics.fmean(s for _, s in run.val_curve)
         select = (evaluate(run.model, task, "val", limit=st.select_limit) if len(grid) > 1
                   else run.final_val)
@@ -949,7 +972,7 @@ def _compare_one(method, config, task, st, context, target, n_test, val_ids, pro
     # -- the other seeds at the chosen rate --------------------------------------------
     for seed in st.seeds[1:]:
         bar.set_description_str(f"{method} lr {lr:.0e} seed {seed}")
-        runs.append(_train_run(config, task, st, lr, seed, on_step=tick))
+        runs.append(_train_run(config, task, st, lr, seed, on_step=tick, quantize=quantize))
 
     # -- scores and forgetting of every seed's model; the test split once each -----
     per_seed = []
@@ -974,7 +997,11 @@ def _compare_one(method, config, task, st, context, target, n_test, val_ids, pro
     flops = extra_flops_per_token(pm)
     speed_merged = flops_merged = None
     if pm.active_method.mergeable:
-        pm.merge_adapter()
+        # merging into a quantized base dequantizes it (and warns): the merged model
+        # is float, as it would be served; this model is not used after
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DequantizationWarning)
+            pm.merge_adapter()
         speed_merged = ms_per_token(pm, prompts, gen_tokens)
         flops_merged = extra_flops_per_token(pm)
         pm.unmerge_adapter()

@@ -34,9 +34,10 @@ from ..optim import AdamW, LRSchedule
 from ..peft import PeftModel, get_peft_model
 from ..peft.config import PeftConfig
 from ..peft.model import RUN_RECORD, read_adapter_files
+from ..peft.qlora import check_quantize, quantize_base, recipe_name
 from ..validate import Float, Int, check_fields, knob
 from .base import load_base
-from .compare import best_known_lr
+from .compare import LR_GRID, best_known_lr
 from .evaluation import evaluate
 from .train import train
 
@@ -124,7 +125,8 @@ class FinetuneResult:
 
 def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | None = None, *,
              device: str = "cpu", out: str | None = None, progress: bool = True,
-             zero_shot: bool = True, base=None) -> FinetuneResult:
+             zero_shot: bool = True, base=None, quantize: str | None = None,
+             blocksize: int = 64, double_quant: bool = True) -> FinetuneResult:
     """Fine-tune the shipped base with ``config`` on a task (see the module docstring).
 
     ``settings.lr=None`` trains at the method's best known rate; the rate used
@@ -133,6 +135,12 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
     stays in memory and is not written to ``finetune.json``: ``result.model``,
     the trained :class:`PeftModel`, and ``result.history``, the training
     :class:`~minipeft.workflows.train.History` (the loss of every step).
+
+    ``quantize`` (``nf4``, ``fp4``, ``int4``, ``int8``) stores the base's
+    frozen Linears in that format once the method has wrapped it (QLoRA is
+    LoRA with ``quantize="nf4"``: :mod:`minipeft.peft.qlora`); the saved adapter
+    records it, and loading quantizes the float base the same way. Methods
+    that train the Linear weights (full, mask) are refused.
     """
     # bad input is refused here, before the base is loaded or anything is trained
     if not isinstance(config, PeftConfig):
@@ -143,7 +151,10 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
         raise TypeError(f"settings must be a FinetuneSettings (e.g. FinetuneSettings(steps=100)), "
                         f"got {type(st).__name__}")
     st.validate()
-    st = dataclasses.replace(st, lr=resolved_lr(st, config.method))   # the caller's is untouched
+    check_quantize(config.method, quantize)
+    name = recipe_name(config.method, quantize)       # qlora for LoRA on NF4
+    lr_key = name if name in LR_GRID else config.method
+    st = dataclasses.replace(st, lr=resolved_lr(st, lr_key))   # the caller's is untouched
     task = get_task(task_name)
     if out is not None and not str(out).strip():
         # "" would mean the current folder, and replace any adapter saved there
@@ -153,7 +164,8 @@ def finetune(config, task_name: str = "sentiment", settings: FinetuneSettings | 
     # removed again if the run stops before saving into it
     made = _make_folder(out) if out is not None else []
     try:
-        return _finetune(config, task, st, device, out, progress, zero_shot, base)
+        return _finetune(config, task, st, device, out, progress, zero_shot, base,
+                         name, quantize, blocksize, double_quant)
     except BaseException:
         for folder in reversed(made):       # the deepest first; only what is still empty
             with contextlib.suppress(OSError):
@@ -177,8 +189,10 @@ def _make_folder(out) -> list[str]:
     return made
 
 
-def _finetune(config, task, st, device, out, progress, zero_shot, base) -> FinetuneResult:
-    """The run itself (see :func:`finetune`); ``st`` is validated and its rate resolved."""
+def _finetune(config, task, st, device, out, progress, zero_shot, base,
+              name, quantize, blocksize, double_quant) -> FinetuneResult:
+    """The run itself (see :func:`finetune`); ``st`` is validated and its rate resolved,
+    ``name`` is the method's or its recipe's (``qlora``)."""
     model = base if base is not None else load_base(device=device)
     n_all = len(task.examples("test"))
     n_test = n_all if st.eval_limit is None else min(st.eval_limit, n_all)
@@ -187,6 +201,10 @@ def _finetune(config, task, st, device, out, progress, zero_shot, base) -> Finet
 
     # 1. wrap; 2. train only what the method trains (the optimizer never sees the rest)
     pm = get_peft_model(model, config)
+    if quantize is not None:
+        # after wrapping: the method froze what it does not train, and the
+        # fingerprint was taken from the float weights
+        quantize_base(pm, quantize, blocksize, double_quant)
     params = pm.trainable_parameters()
     if sum(p.size for p in params) == 0:
         raise ValueError(f"{type(config).__name__} trains no parameters of this model, so there "
@@ -197,16 +215,19 @@ def _finetune(config, task, st, device, out, progress, zero_shot, base) -> Finet
     batches = task.batches("train", st.batch_size, seed=st.seed, epochs=None)
     t0 = time.perf_counter()
     history = train(pm, opt, batches, st.steps, schedule=schedule, clip=st.clip,
-                    progress=progress, desc=f"{config.method} on {task.name}")
+                    progress=progress, desc=f"{name} on {task.name}")
     seconds = time.perf_counter() - t0
     # 3. score it; the majority baseline is taken over the same (possibly limited) examples
     score = evaluate(pm, task, "test", limit=st.eval_limit)
     trainable, total = pm.get_nb_trainable_parameters()
     result = FinetuneResult(
-        method=config.method, task=task.name, metric=task.metric, score=score,
+        method=name, task=task.name, metric=task.metric, score=score,
         majority=majority_score(task, "test", st.eval_limit),
         zero_shot=zs, trainable=trainable, total=total, n_test=n_test, seconds=seconds,
-        final_loss=history.last_loss, settings=dataclasses.asdict(st), out=out,
+        final_loss=history.last_loss,
+        settings={**dataclasses.asdict(st), "quantize": quantize,
+                  "blocksize": blocksize if quantize else None,
+                  "double_quant": bool(double_quant) if quantize else None}, out=out,
     )
     # 4. save the adapter (the whole model for full fine-tuning) and what the run was
     # (the run record travels inside the adapter's weights file: one commit for both)
