@@ -66,7 +66,7 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------
 
 # A method's default learning rate is the one ``minipeft compare`` measured
-# best on the shipped base (:func:`minipeft.workflows.compare.best_known_lr`, the middle
+# best on the shipped base (:func:`minipeft.peft.config.best_known_lr`, the middle
 # of the method's grid): one table, kept with the grids it was chosen from.
 # Each method wants its own scale: a soft prompt moves 20 vectors and needs a
 # large step, full fine-tuning moves every weight and needs a small one.
@@ -74,14 +74,14 @@ class _Parser(argparse.ArgumentParser):
 
 def default_lr(method: str) -> float:
     """The learning rate ``minipeft finetune`` uses for ``method`` when ``--lr`` is not given."""
-    from ..workflows.compare import best_known_lr
+    from ..peft.config import best_known_lr
 
     return best_known_lr(method)
 
 
 def _default_lr_help() -> str:
     """The ``--lr`` help: every method's default, read from the one table."""
-    from ..workflows.compare import LR_GRID
+    from ..peft.config import LR_GRID
 
     rates = ", ".join(f"{m} {default_lr(m):g}" for m in LR_GRID)
     return f"learning rate (default: the method's best known on the shipped base: {rates})"

@@ -32,11 +32,10 @@ from .. import io
 from ..data.tasks import get_task
 from ..optim import AdamW, LRSchedule
 from ..peft import PeftModel, get_peft_model
-from ..peft.config import PeftConfig
+from ..peft.config import PeftConfig, best_known_lr
 from ..peft.model import RUN_RECORD, read_adapter_files
 from ..validate import Float, Int, check_fields, knob
 from .base import load_base
-from .compare import best_known_lr
 from .evaluation import evaluate
 from .train import train
 
@@ -48,7 +47,7 @@ class FinetuneSettings:
     """The training budget and optimiser settings of one fine-tuning run.
 
     ``lr=None`` (the default) means the method's best known rate on the
-    shipped base (:func:`minipeft.workflows.compare.best_known_lr`: a soft prompt wants
+    shipped base (:func:`minipeft.peft.config.best_known_lr`: a soft prompt wants
     a far larger step than full fine-tuning); :func:`finetune` resolves it
     from the config and records the rate it used. ``eval_limit`` scores only
     the first N test examples; ``None`` scores the whole test split.

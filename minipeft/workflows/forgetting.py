@@ -21,8 +21,8 @@ they have learned the task *equally well*:
   method traced here is the identity at initialisation) and after every
   ``every`` updates, through :func:`minipeft.workflows.train.train`'s evaluation hook;
 * every method trains at each of its three learning rates
-  (:data:`minipeft.workflows.compare.LR_GRID`, centred on
-  :func:`~minipeft.workflows.compare.best_known_lr`) and each seed, on the same
+  (:data:`minipeft.peft.config.LR_GRID`, centred on
+  :func:`~minipeft.peft.config.best_known_lr`) and each seed, on the same
   batches, schedule, clipping and AdamW as ``minipeft compare``.
 
 :func:`matched_quality` reads every curve at a common answer loss (linear
@@ -64,8 +64,9 @@ from ..data.corpus import pretraining_text
 from ..data.tasks import get_task
 from ..data.tokenizer import CharTokenizer
 from ..optim import AdamW, LRSchedule
+from ..peft.config import LR_GRID
 from .base import load_base, validation_loss
-from .compare import LR_GRID, build_method, cpu_threads, default_configs
+from .compare import build_method, cpu_threads, default_configs
 from .evaluation import evaluate
 from .train import train
 
