@@ -273,3 +273,34 @@ class ModuleList(Module):
 
     def __iter__(self):
         return iter(self._modules.values())
+
+
+# ---------------------------------------------------------------------------
+# Replacing a submodule; names under a wrapper
+# ---------------------------------------------------------------------------
+
+
+def get_parent(model: Module, dotted: str) -> tuple[Module, str]:
+    parent_name, _, child = dotted.rpartition(".")
+    return model.get_submodule(parent_name), child
+
+
+def replace_module(model: Module, dotted: str, new: Module) -> None:
+    parent, child = get_parent(model, dotted)
+    if child in parent._modules:
+        # in place, keeping the child's position: a plain setattr would move it
+        # to the end, and after unwrapping, parameters would no longer be
+        # listed in GPT-2's order (c_attn before c_proj)
+        parent._modules[child] = new
+        object.__setattr__(parent, child, new)
+    else:
+        setattr(parent, child, new)
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the unwrapped base (``.base_layer`` segments removed).
+
+    A wrapper (a PEFT method's, around a Linear) keeps the module it wraps
+    as ``base_layer``; the name a weight had before wrapping drops those segments.
+    """
+    return name.replace(".base_layer", "")

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..nn.gpt import GPTConfig
 from ..validate import Bool, Choice, Float, Int, Ints, KnobTypeError, Names, Text, check_fields, knob
 
 CONFIGS: dict[str, type] = {}
@@ -525,8 +526,6 @@ class LSTConfig(PeftConfig):
         :class:`~minipeft.nn.gpt.Block` of this config. Raises ValueError
         when k does not divide D or the heads do not divide d.
         """
-        from ..nn.gpt import GPTConfig
-
         D, k, nh = base_config.n_embd, self.reduction_factor, self.side_num_heads
         if D % k:
             raise ValueError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,11 +29,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
+from .. import backend, io
 from ..autograd import LEDGER
-from ..nn.module import Module
+from ..nn.module import Module, base_name
 from .config import FullFinetuneConfig, PeftConfig, config_from_dict
-from .tuner import Method
+from .tuner import Method, Wrapper
 
 #: peft_type -> Method subclass; filled by each method family's module
 METHOD_CLASSES: dict[str, type[Method]] = {}
@@ -53,11 +54,6 @@ def register_method(peft_type: str):
         METHOD_CLASSES[peft_type] = cls
         return cls
     return deco
-
-
-def base_name(name: str) -> str:
-    """A parameter's name in the unwrapped base (``.base_layer`` segments removed)."""
-    return name.replace(".base_layer", "")
 
 
 def fingerprint(model: Module) -> str:
@@ -82,8 +78,6 @@ def _digest(named_arrays) -> str:
 
 def _base_params(model: Module):
     """(name, parameter) of the base's own parameters (adapter parameters excluded)."""
-    from .tuner import Wrapper
-
     skip = set()
     for _, m in model.named_modules():
         if isinstance(m, Wrapper):
@@ -350,8 +344,6 @@ class PeftModel(Module):
         removes what it left. A ``finetune.json`` from an earlier save that
         this one has no record for is removed.
         """
-        from .. import io
-
         if not isinstance(directory, str | os.PathLike) or not os.fspath(directory).strip():
             # "" would mean the current folder, and replace any adapter saved there
             raise ValueError(f"save_pretrained needs a folder to save the adapter in, got "
@@ -514,8 +506,6 @@ class AdapterFiles(NamedTuple):
 
 def _recorded_digest(path, weights: bool) -> str | None:
     """The ``weights_sha256`` a weights file (or a config file) records, if any."""
-    from .. import io
-
     try:
         if weights:
             return io.load_tensors(path)[1].get(WEIGHTS_DIGEST)
@@ -674,8 +664,6 @@ def read_adapter_files(directory) -> AdapterFiles:
     digest, and a stopped save of that layout is refused with the way to
     recover either adapter.
     """
-    from .. import io
-
     directory = os.fspath(directory)
     w_path = os.path.join(directory, ADAPTER_WEIGHTS)
     if not os.path.isfile(w_path):
@@ -745,8 +733,6 @@ def _config_dict(model) -> dict:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return {}
-    import dataclasses
-
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
 
 

@@ -81,10 +81,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import backend, io
+from ..autograd.parallel import get_num_threads, using_threads
 from ..data.corpus import pretraining_text
 from ..data.tasks import get_task
 from ..data.tokenizer import CharTokenizer
-from ..memory import MiB, profile_step
+from ..memory import CATEGORIES, COLORS, LABELS, MiB, profile_step
 from ..optim import AdamW, LRSchedule
 from ..peft import LayerSelectConfig, get_peft_model
 from ..peft.config import LR_GRID, METHODS, best_known_lr, method_config
@@ -261,7 +262,6 @@ def cpu_threads(n: int | None):
     each other make every product several times slower. One thread also
     makes the timing columns steadier.
     """
-    from ..autograd.parallel import get_num_threads, using_threads  # noqa: PLC0415
     if n is None:
         yield f"{get_num_threads()} (the engine's default)"
         return
@@ -724,8 +724,6 @@ def _render_png(result: CompareResult) -> bytes:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from ..memory import CATEGORIES, COLORS, LABELS
 
     rows, c = result.rows, result.context
     fig = Figure(figsize=(12, 4.8))

@@ -59,6 +59,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from .. import backend, io
 from ..data.corpus import pretraining_text
 from ..data.tasks import get_task
@@ -67,6 +69,7 @@ from ..optim import AdamW, LRSchedule
 from ..peft.config import LR_GRID
 from .base import load_base, validation_loss
 from .compare import build_method, cpu_threads, default_configs
+from .evaluation import answer_loss as _answer_loss
 from .evaluation import evaluate
 from .train import train
 
@@ -178,9 +181,7 @@ class ForgettingSettings:
 
 
 def answer_loss(model, task, n_examples: int) -> float:
-    """Held-out answer loss: :func:`minipeft.tools.lessons.answer_loss` on the validation split."""
-    from ..tools.lessons import answer_loss as _answer_loss
-
+    """Held-out answer loss: :func:`minipeft.workflows.evaluation.answer_loss` on the validation split."""
     return _answer_loss(model, task, "val", n_examples=n_examples)
 
 
@@ -455,8 +456,6 @@ def forgetting_sweep(settings: ForgettingSettings | None = None, configs: dict |
     finetune``'s, :func:`minipeft.workflows.compare.default_configs`); each run's
     initialisation seed is the run's seed.
     """
-    from tqdm import tqdm
-
     st = settings or ForgettingSettings()
     st.validate()
     if st.device == "gpu":
