@@ -1,4 +1,5 @@
-r"""Scoring a model on a downstream task: greedy answers, the metric, the baselines.
+r"""Scoring a model on a downstream task: greedy answers, the metric, the baselines,
+and the held-out answer loss (:func:`answer_loss`: what fine-tuning minimises).
 
 A task's score is what the model *writes*: each test prompt is fed to the
 model (a base GPT or a PeftModel with its adapter applied), the answer is
