@@ -48,10 +48,11 @@ from IPython.display import Image, display
 
 from minipeft.tools import lessons
 from minipeft.workflows.base import load_base
-from minipeft.workflows.compare import (LR_GRID, CompareSettings, best_known_lr, build_method, compare,
-                              default_configs, memory_batch)
+from minipeft.workflows.compare import (CompareSettings, build_method, compare, default_configs,
+                                        memory_batch)
 from minipeft.data import get_task
 from minipeft.io import load_tensors
+from minipeft.peft.config import LR_GRID, best_known_lr
 from minipeft.peft.model import ADAPTER_WEIGHTS
 from minipeft.peft.selective import mask_state_bytes
 

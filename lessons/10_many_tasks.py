@@ -46,7 +46,7 @@ import numpy as np
 
 from minipeft.tools import lessons
 from minipeft.workflows.base import BASE_PATH, load_base
-from minipeft.workflows.compare import LR_GRID, best_known_lr, memory_batch, profile_memory
+from minipeft.workflows.compare import memory_batch, profile_memory
 from minipeft.data import CharTokenizer, get_task
 from minipeft.workflows.evaluation import evaluate
 from minipeft.workflows.finetune import majority_score
@@ -68,6 +68,7 @@ from minipeft.peft import (
     PeftModel,
     get_peft_model,
 )
+from minipeft.peft.config import LR_GRID, best_known_lr
 from minipeft.peft.model import fingerprint
 from minipeft.workflows.train import train
 
@@ -218,7 +219,7 @@ lessons.say(f"{steps} steps per adapter: "
 #   validation text (its size is printed), the same at every checkpoint.
 # * Both at step 0 and every few steps, for full fine-tuning, LoRA and
 #   BitFit, at the learning rates `minipeft compare` searches for each
-#   (`minipeft.workflows.compare.LR_GRID`) or, in the fast setting, at each one's best
+#   (`minipeft.peft.config.LR_GRID`) or, in the fast setting, at each one's best
 #   known rate alone.
 #
 # `minipeft.workflows.forgetting` is the whole workflow; here is the run it makes for

@@ -9,8 +9,9 @@ each layer only from the layers before it):
   ``optim`` -> ``io`` (safetensors files, atomic commits) -> ``data`` ->
   ``peft`` (every method, wrapped around a frozen base) -> ``memory``
   (estimated, accounted, measured);
-* ``workflows``: training, scoring, the shipped base, a fine-tuning run,
-  the comparison of every method;
+* ``workflows``, each importing the core and the workflows before it:
+  training, scoring, the shipped base, a fine-tuning run, the comparison of
+  every method, the forgetting sweep, the storage formats' cost;
 * ``tools``: the ``minipeft`` command, the benchmark, Hugging Face interop,
   the docs builder, the lessons' helpers.
 """

@@ -24,6 +24,7 @@ deduplicates by it).
 
 from __future__ import annotations
 
+import ctypes
 import types
 from typing import Any
 
@@ -476,7 +477,6 @@ def keep_freed_memory() -> bool:
     """
     global _kept
     if _kept is None:
-        import ctypes  # noqa: PLC0415 - only here
         try:
             mallopt = ctypes.CDLL(None).mallopt
         except (OSError, AttributeError):

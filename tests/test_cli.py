@@ -102,7 +102,7 @@ def test_option_values_out_of_range_are_refused_by_the_parser(argv, option, allo
 
 
 def test_finetune_without_lr_trains_at_the_methods_best_known_rate(tmp_path, capsys):
-    from minipeft.workflows.compare import best_known_lr
+    from minipeft.peft.config import best_known_lr
 
     out = tmp_path / "ia3"
     assert main(["finetune", "--method", "ia3", "--steps", "1", "--eval-limit", "2",
@@ -240,8 +240,8 @@ def test_shipped_base_beats_the_bigram_by_thirty_percent():
 
 
 def test_finetune_defaults_to_the_rate_compare_measured_best(capsys):
+    from minipeft.peft.config import LR_GRID, best_known_lr
     from minipeft.tools.cli import default_lr
-    from minipeft.workflows.compare import LR_GRID, best_known_lr
 
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])

@@ -22,7 +22,7 @@ from minipeft import backend
 from minipeft.data.tasks import get_task
 from minipeft.memory import profile_step
 from minipeft.optim import AdamW
-from minipeft.peft.config import METHODS
+from minipeft.peft.config import LR_GRID, METHODS, best_known_lr
 from minipeft.tools.cli import main
 from minipeft.workflows import compare as C
 from minipeft.workflows.compare import COMPARE_METHODS
@@ -315,8 +315,8 @@ def test_settings_refuse_what_cannot_run():
     with pytest.raises(ValueError, match="target"):
         C.CompareSettings(target=1.5).validate()
     quick = C.CompareSettings.quick_settings()
-    assert quick.lr_grid["lora"] == (C.best_known_lr("lora"),) and len(quick.seeds) == 1
-    assert all(len(g) == 3 for g in C.LR_GRID.values())
+    assert quick.lr_grid["lora"] == (best_known_lr("lora"),) and len(quick.seeds) == 1
+    assert all(len(g) == 3 for g in LR_GRID.values())
     assert C.default_target(get_task("sentiment")) == 0.75
 
 
@@ -369,7 +369,7 @@ def _fake_result(seeds=(0, 1, 2), **context) -> C.CompareResult:
             "dloss_detached_mean": None if m == "full" else 0.0})
     settings = dict(dataclasses.asdict(C.CompareSettings(seeds=tuple(seeds))),
                     methods=list(METHODS), seeds=list(seeds),
-                    lr_grid={m: list(g) for m, g in C.LR_GRID.items()})
+                    lr_grid={m: list(g) for m, g in LR_GRID.items()})
     ctx = {"task": "sentiment", "description": "label a short restaurant or shop review "
            "'positive' or 'negative'", "metric": "accuracy", "n_test": 500, "n_val_split": 200,
            "majority": 0.5, "zero_shot": 0.0, "target": 0.76,

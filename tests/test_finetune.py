@@ -18,7 +18,7 @@ import pytest
 
 from minipeft.data.tasks import get_task
 from minipeft.peft import IA3Config, LoraConfig, PromptTuningConfig
-from minipeft.workflows.compare import best_known_lr
+from minipeft.peft.config import best_known_lr
 from minipeft.workflows.finetune import FINETUNE_INFO, FinetuneSettings, finetune, load_finetuned
 
 

@@ -124,7 +124,7 @@ def test_each_method_plans_what_it_injects(method, knobs):
     """Method.plan, on the model's shape-only build, trains parameters of the same shapes as
     inject on a real model (the base's own by the same names), by the same selection code."""
     from minipeft.memory.estimate import _planned
-    from minipeft.peft.model import base_name
+    from minipeft.nn.module import base_name
 
     model, pc = wrapped(method, knobs)
     planned, base, plan = _planned(model.config, pc, training=True)

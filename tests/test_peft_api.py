@@ -312,7 +312,8 @@ def test_wrapping_twice_and_wrong_configs_are_refused():
 
 def _base_arrays(pm):
     """Host copies of the base's own parameters (adapter parameters left out)."""
-    from minipeft.peft.model import _base_params, base_name
+    from minipeft.nn.module import base_name
+    from minipeft.peft.model import _base_params
     return {base_name(n): host(p) for n, p in _base_params(pm.base_model)}
 
 

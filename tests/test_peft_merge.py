@@ -31,7 +31,8 @@ NOT_MERGEABLE = [n for n in CASES if n not in MERGEABLE]
 
 
 def _base_weights(pm):
-    from minipeft.peft.model import _base_params, base_name
+    from minipeft.nn.module import base_name
+    from minipeft.peft.model import _base_params
     return {base_name(n): host(p) for n, p in _base_params(pm.base_model)}
 
 

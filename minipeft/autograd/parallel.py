@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
+import glob
 import math
 import os
 
@@ -54,9 +56,6 @@ _blas = {"looked": False, "get": None, "set": None, "initial": None, "held_from"
 
 def _find_openblas() -> None:
     """Find OpenBLAS's get/set thread-count functions (once); none where NumPy uses another BLAS."""
-    import ctypes  # noqa: PLC0415 - only here
-    import glob  # noqa: PLC0415
-
     _blas["looked"] = True
     # the process's global symbols first, then the copy NumPy's wheel bundles
     libs = [None, *sorted(glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs",

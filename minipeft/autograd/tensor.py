@@ -133,12 +133,12 @@ class Tensor:
         return self
 
     def astype(self, dtype) -> Tensor:
-        from . import ops
+        from . import ops  # ops imports Tensor: a cycle, broken here
         return ops.cast(self, dtype)
 
     # -- in-place ops (bump the version counter) ---------------------------
     def _check_inplace(self, what):
-        from .function import is_grad_enabled
+        from .function import is_grad_enabled  # function imports Tensor: a cycle, broken here
         if self.requires_grad and is_grad_enabled():
             raise RuntimeError(
                 f"{what}: in-place change of a tensor that requires grad while gradients "

@@ -98,7 +98,7 @@ The package, one job a module:
 
 from __future__ import annotations
 
-from .books import _is_array, _method_arrays, _optimizer_arrays
+from .books import _method_arrays, _optimizer_arrays
 from .checkpointing import checkpointing_tradeoff, format_checkpointing
 from .estimate import Estimate, base_parameters, estimate, full_finetuning_activations
 from .plot import COLORS, plot
@@ -111,5 +111,5 @@ __all__ = [
     "PRESETS", "Precision", "StepReport", "base_parameters", "checkpointing_tradeoff", "estimate",
     "fit_table", "format_checkpointing", "format_fit_table", "format_rule_of_thumb",
     "full_finetuning_activations", "plot", "preset", "profile_step", "rule_of_thumb",
-    "_is_array", "_method_arrays", "_optimizer_arrays",
+    "_method_arrays", "_optimizer_arrays",
 ]

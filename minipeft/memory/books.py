@@ -39,16 +39,6 @@ def _owner(a):
     return a
 
 
-def _is_array(a) -> bool:
-    if a is None or isinstance(a, np.generic):
-        return False
-    try:
-        backend.xp(a)
-    except TypeError:
-        return False
-    return not np.isscalar(a)
-
-
 def _method_arrays(model):
     """Arrays a PEFT method keeps beside the model: ``(holder, key, array)``.
 
@@ -60,14 +50,14 @@ def _method_arrays(model):
     out = []
     for method in getattr(model, "adapters", {}).values():
         for key, value in vars(method).items():
-            if _is_array(value):
+            if backend.is_array(value):
                 out.append((method, key, value))
             elif isinstance(value, dict):
-                out += [(value, k, a) for k, a in value.items() if _is_array(a)]
+                out += [(value, k, a) for k, a in value.items() if backend.is_array(a)]
     for mod in model.modules():
         for value in getattr(mod, "_copies", {}).values():
             items = value if isinstance(value, tuple) else (value,)
-            out += [(None, None, a) for a in items if _is_array(a)]
+            out += [(None, None, a) for a in items if backend.is_array(a)]
     return out
 
 
@@ -90,10 +80,10 @@ def _optimizer_arrays(optimizer):
     for key, value in vars(optimizer).items():
         if key in ("state", "param_groups"):
             continue
-        if _is_array(value):
+        if backend.is_array(value):
             out.append((optimizer, key, value))
         elif isinstance(value, dict):
-            out += [(value, k, a) for k, a in value.items() if _is_array(a)]
+            out += [(value, k, a) for k, a in value.items() if backend.is_array(a)]
     return out
 
 
@@ -152,7 +142,7 @@ class _Books:
         out of ``inflight`` the moment the buffer goes, so a snapshot counts
         exactly the gradients alive then.
         """
-        if not _is_array(a):
+        if not backend.is_array(a):
             return
         owner = _owner(a)
         bid = backend.buffer_id(owner)
@@ -202,7 +192,7 @@ class _Books:
         out = []
         for state in self.optimizer.state.values():
             for key, a in state.items():
-                if key != "step" and _is_array(a):
+                if key != "step" and backend.is_array(a):
                     out.append(("optimizer", backend.buffer_id(a)))
         out += [("other", backend.buffer_id(a)) for _, _, a in _optimizer_arrays(self.optimizer)]
         return out

@@ -18,9 +18,10 @@ import numpy as np
 
 from ..nn.gpt import GPT, GPTConfig
 from ..nn.layers import shapes_only
+from ..nn.module import base_name
 from ..nn.quant import FORMATS, QuantLinear, quantize_model
 from ..peft.config import PeftConfig, config_class, method_config
-from ..peft.model import METHOD_CLASSES, base_name
+from ..peft.model import METHOD_CLASSES
 from ..peft.tuner import MethodPlan
 from .presets import CATEGORIES, LABELS, OPTIMIZERS, GiB, MiB, Precision, _as_config, _fmt_bytes, _precision
 from .trace import Walk

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import backend
 from ..nn.quant import QuantLinear
-from .books import _is_array, _method_arrays, _optimizer_arrays
+from .books import _method_arrays, _optimizer_arrays
 
 # ---------------------------------------------------------------------------
 # Measured: the allocator
@@ -59,7 +59,7 @@ class _TraceMalloc:
                         m.register_buffer(name, a.copy())
         for state in optimizer.state.values():
             for key, a in list(state.items()):
-                if key != "step" and _is_array(a):
+                if key != "step" and backend.is_array(a):
                     state[key] = a.copy()
         for holder, key, a in _method_arrays(model) + _optimizer_arrays(optimizer):
             if isinstance(holder, dict):

@@ -398,12 +398,7 @@ class GPT(Module):
             idx = idx.data
         if isinstance(idx, (list, tuple)):
             idx = np.asarray(idx)
-        try:
-            backend.xp(idx)
-            known = not np.isscalar(idx)
-        except TypeError:
-            known = False
-        if not known:
+        if not backend.is_array(idx):
             raise TypeError(
                 f"{what}: expected an integer array of token ids shaped (B, T), "
                 f"got {type(idx).__name__}"

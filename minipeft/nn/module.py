@@ -16,6 +16,7 @@ for it and skips the products that would only serve its gradient.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -273,3 +274,67 @@ class ModuleList(Module):
 
     def __iter__(self):
         return iter(self._modules.values())
+
+
+# ---------------------------------------------------------------------------
+# Replacing a submodule; names under a wrapper
+# ---------------------------------------------------------------------------
+
+
+def get_parent(model: Module, dotted: str) -> tuple[Module, str]:
+    parent_name, _, child = dotted.rpartition(".")
+    return model.get_submodule(parent_name), child
+
+
+def replace_module(model: Module, dotted: str, new: Module) -> None:
+    parent, child = get_parent(model, dotted)
+    if child in parent._modules:
+        # in place, keeping the child's position: a plain setattr would move it
+        # to the end, and after unwrapping, parameters would no longer be
+        # listed in GPT-2's order (c_attn before c_proj)
+        parent._modules[child] = new
+        object.__setattr__(parent, child, new)
+    else:
+        setattr(parent, child, new)
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the unwrapped base (``.base_layer`` segments removed).
+
+    A wrapper (a PEFT method's, around a Linear) keeps the module it wraps
+    as ``base_layer``; the name a weight had before wrapping drops those segments.
+    """
+    return name.replace(".base_layer", "")
+
+
+def base_parameters(model: Module) -> list[tuple[str, Parameter]]:
+    """(name, parameter) of the model's own parameters, without what a wrapper added.
+
+    A module that wraps another (a PEFT wrapper) names the wrapped child in
+    ``wrapped_child``; its other children hold what it added (an adapter's
+    parameters), which are not the model's own.
+    """
+    skip = set()
+    for _, m in model.named_modules():
+        child = getattr(m, "wrapped_child", None)
+        if child is None:
+            continue
+        for n, sub in m._modules.items():
+            if n != child and sub is not None:
+                skip.update(id(p) for p in sub.parameters())
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
+
+
+def digest(named_arrays) -> str:
+    """sha256 of ``(name, array)`` pairs: names, shapes, dtypes and values, in name order."""
+    h = hashlib.sha256()
+    for name, a in sorted(named_arrays, key=lambda item: item[0]):
+        arr = np.ascontiguousarray(backend.asnumpy(a))
+        h.update(f"{name}|{arr.shape}|{arr.dtype}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def parameters_digest(model: Module) -> str:
+    """sha256 of the model's own parameters, named as in the unwrapped model (a base's identity)."""
+    return digest((base_name(n), p.data) for n, p in base_parameters(model))

@@ -48,7 +48,7 @@ from ..autograd import ops
 from ..autograd.function import Function
 from ..autograd.tensor import Tensor
 from .layers import Linear, _build
-from .module import Module, Parameter
+from .module import Module, Parameter, base_name, parameters_digest, replace_module
 
 #: the storage formats, in the order the tables list them
 FORMATS = ("nf4", "fp4", "int4", "int8")
@@ -715,9 +715,7 @@ class DequantizationWarning(UserWarning):
 
 def _base_of(model: Module) -> Module:
     """The base under a PeftModel (``model.base_model``), else the model itself."""
-    from ..peft.model import PeftModel  # noqa: PLC0415 - peft sits above nn
-
-    return model.base_model if isinstance(model, PeftModel) else model
+    return getattr(model, "base_model", model)
 
 
 def quantization_config(model: Module) -> QuantizationConfig | None:
@@ -744,8 +742,6 @@ def quantize_model(model: Module, fmt: str = "nf4", blocksize: int = 64,
     a :class:`QuantizationConfig`, is kept on the base as
     ``quantization_config``. ``double_quant`` applies to the 4-bit formats.
     """
-    from ..peft.model import base_name, fingerprint  # noqa: PLC0415 - peft sits above nn
-
     _check_format(fmt)
     blocksize = _check_blocksize(blocksize) if fmt in FOUR_BIT else None
     double_quant = bool(double_quant) and fmt in FOUR_BIT
@@ -765,11 +761,9 @@ def quantize_model(model: Module, fmt: str = "nf4", blocksize: int = 64,
         if getattr(parent, "merged_adapter", None) is not None:
             raise ValueError(f"{n}: an adapter is merged into this weight; unmerge it before "
                              "quantizing (or merge_and_unload and quantize the result)")
-    from ..peft.tuner import replace_module  # noqa: PLC0415
-
     # the float base's fingerprint, before its weights become codes (a shape-only
     # build, the estimator's, has no values to hash)
-    float_fp = None if getattr(_build, "shapes_only", False) else fingerprint(base)
+    float_fp = None if getattr(_build, "shapes_only", False) else parameters_digest(base)
     for n, m in frozen:
         replace_module(base, n, QuantLinear.from_linear(m, fmt, blocksize, double_quant))
     record = QuantizationConfig(fmt, blocksize, double_quant,
@@ -785,8 +779,6 @@ def dequantize_model(model: Module, dtype=None) -> list[str]:
     The weights are what the codes hold (the quantization error stays in
     them); ``quantization_config`` is kept so :func:`requantize` knows the format.
     """
-    from ..peft.tuner import replace_module  # noqa: PLC0415
-
     done = []
     for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         replace_module(model, n, m.to_linear(dtype))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
+import dataclasses
 import json
 import os
 import warnings
@@ -28,9 +28,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
+from .. import backend, io
 from ..autograd import LEDGER
-from ..nn.module import Module
+from ..nn.module import Module, base_parameters, digest, parameters_digest
+from ..nn.quant import quantization_config, quantize_model
 from .config import FullFinetuneConfig, PeftConfig, config_from_dict
 from .tuner import Method
 
@@ -55,11 +56,6 @@ def register_method(peft_type: str):
     return deco
 
 
-def base_name(name: str) -> str:
-    """A parameter's name in the unwrapped base (``.base_layer`` segments removed)."""
-    return name.replace(".base_layer", "")
-
-
 def fingerprint(model: Module) -> str:
     """sha256 of the base's parameter names, shapes, dtypes and values.
 
@@ -73,29 +69,12 @@ def fingerprint(model: Module) -> str:
     rec = getattr(getattr(model, "base_model", model), "quantization_config", None)
     if rec is not None and getattr(rec, "float_fingerprint", None):
         return rec.float_fingerprint
-    return _digest((base_name(n), p.data) for n, p in _base_params(model))
-
-
-def _digest(named_arrays) -> str:
-    """sha256 of ``(name, array)`` pairs: names, shapes, dtypes and values, in name order."""
-    h = hashlib.sha256()
-    for name, a in sorted(named_arrays, key=lambda item: item[0]):
-        arr = np.ascontiguousarray(backend.asnumpy(a))
-        h.update(f"{name}|{arr.shape}|{arr.dtype}|".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
+    return parameters_digest(model)
 
 
 def _base_params(model: Module):
     """(name, parameter) of the base's own parameters (adapter parameters excluded)."""
-    from .tuner import Wrapper
-
-    skip = set()
-    for _, m in model.named_modules():
-        if isinstance(m, Wrapper):
-            for holder in m._holders():
-                skip.update(id(p) for p in holder.parameters())
-    return [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
+    return base_parameters(model)
 
 
 class PeftModel(Module):
@@ -366,8 +345,6 @@ class PeftModel(Module):
         removes what it left. A ``finetune.json`` from an earlier save that
         this one has no record for is removed.
         """
-        from .. import io
-
         if not isinstance(directory, str | os.PathLike) or not os.fspath(directory).strip():
             # "" would mean the current folder, and replace any adapter saved there
             raise ValueError(f"save_pretrained needs a folder to save the adapter in, got "
@@ -383,7 +360,7 @@ class PeftModel(Module):
         method = self.adapters[name]
         state = {k: np.ascontiguousarray(backend.asnumpy(v))
                  for k, v in method.state_dict(self).items()}
-        digest = _digest(state.items())
+        weights_digest = digest(state.items())
         config = {
             "config": self.peft_config[name].to_dict(),
             "base_fingerprint": self.base_fingerprint,
@@ -395,11 +372,11 @@ class PeftModel(Module):
         def build(previous):
             # each file names the weights it is saved with and the weights it replaces:
             # what tells a reader, after a stopped save, which copy belongs to which file
-            stamp = {WEIGHTS_DIGEST: digest, REPLACES_DIGEST: previous.get(WEIGHTS_DIGEST)}
+            stamp = {WEIGHTS_DIGEST: weights_digest, REPLACES_DIGEST: previous.get(WEIGHTS_DIGEST)}
             copies = {ADAPTER_CONFIG: {**config, **stamp}}
             if run_record is not None:
                 copies[RUN_RECORD] = {**run_record, **stamp}
-            return {"format": FORMAT, WEIGHTS_DIGEST: digest}, copies
+            return {"format": FORMAT, WEIGHTS_DIGEST: weights_digest}, copies
 
         io.commit_files(directory, ADAPTER_WEIGHTS, state, build, drop=(RUN_RECORD,))
 
@@ -532,8 +509,6 @@ class AdapterFiles(NamedTuple):
 
 def _recorded_digest(path, weights: bool) -> str | None:
     """The ``weights_sha256`` a weights file (or a config file) records, if any."""
-    from .. import io
-
     try:
         if weights:
             return io.load_tensors(path)[1].get(WEIGHTS_DIGEST)
@@ -692,8 +667,6 @@ def read_adapter_files(directory) -> AdapterFiles:
     digest, and a stopped save of that layout is refused with the way to
     recover either adapter.
     """
-    from .. import io
-
     directory = os.fspath(directory)
     w_path = os.path.join(directory, ADAPTER_WEIGHTS)
     if not os.path.isfile(w_path):
@@ -711,7 +684,7 @@ def read_adapter_files(directory) -> AdapterFiles:
                   if os.path.isfile(record_path) else None)
         return AdapterFiles(meta, state, record, directory)
     digest = w_meta.get(WEIGHTS_DIGEST)
-    if digest is None or _digest(state.items()) != digest:
+    if digest is None or digest(state.items()) != digest:
         raise ValueError(
             f"{w_path} is damaged: its arrays no longer give the digest recorded when they "
             f"were saved ({str(digest)[:12]}...). Save the adapter again from the model.")
@@ -750,7 +723,7 @@ def _read_pair(directory: str, state: dict, w_meta: dict) -> tuple[dict, dict]:
     if w_digest is not None:
         if meta.get(WEIGHTS_DIGEST) != w_digest:
             raise ValueError(_mismatch_message(directory, meta.get(WEIGHTS_DIGEST), w_digest))
-        if _digest(state.items()) != w_digest:
+        if digest(state.items()) != w_digest:
             raise ValueError(
                 f"{w_path} is damaged: its arrays no longer give the digest recorded when they "
                 f"were saved ({w_digest[:12]}...). Save the adapter again from the model, or, "
@@ -761,8 +734,6 @@ def _read_pair(directory: str, state: dict, w_meta: dict) -> tuple[dict, dict]:
 
 def _config_dict(model) -> dict:
     """The base's config as saved beside an adapter; a quantized base adds how it is stored."""
-    import dataclasses
-
     cfg = getattr(model, "config", None)
     out = dataclasses.asdict(cfg) if cfg is not None and dataclasses.is_dataclass(cfg) else {}
     rec = getattr(model, "quantization_config", None)
@@ -774,8 +745,6 @@ def _config_dict(model) -> dict:
 
 def _check_recorded_quantization(model: Module, meta: dict, directory) -> None:
     """Before touching ``model``: a base already quantized must be so as the adapter records."""
-    from ..nn.quant import quantization_config  # noqa: PLC0415
-
     rec = (meta.get("base_config") or {}).get("quantization")
     have = quantization_config(model)
     if rec is None or have is None:
@@ -796,8 +765,6 @@ def _quantize_as_recorded(pm: PeftModel, meta: dict) -> None:
     has wrapped it (and frozen what it does not train). An adapter trained
     on a float base, or a base already quantized as recorded, is left as it is.
     """
-    from ..nn.quant import quantization_config, quantize_model  # noqa: PLC0415
-
     rec = (meta.get("base_config") or {}).get("quantization")
     if rec is not None and quantization_config(pm) is None:
         quantize_model(pm, rec["format"], rec["blocksize"] or 64, rec["double_quant"])

@@ -33,9 +33,10 @@ import numpy as np
 
 from .. import backend
 from ..autograd import no_grad
+from ..nn.module import base_name
 from ..nn.quant import QuantLinear
 from .model import _base_params as base_parameters
-from .model import base_name, register_method
+from .model import register_method
 from .tuner import Method, MethodPlan, _check_names_shapes, find_targets, move_array
 
 # ---------------------------------------------------------------------------

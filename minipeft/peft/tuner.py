@@ -25,9 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import backend
 from ..autograd import LEDGER
 from ..nn.layers import shaped
-from ..nn.module import Module, Parameter
+from ..nn.module import Module, Parameter, replace_module
+from ..nn.quant import dequantize_model
 
 
 def matches(name: str, entry: str) -> bool:
@@ -57,23 +59,6 @@ def find_targets(model: Module, target_modules, what: str = "target_modules") ->
             "An entry matches a name that equals it or ends with '.' + entry."
         )
     return [n for n in linear if any(matches(n, t) for t in target_modules)]
-
-
-def get_parent(model: Module, dotted: str) -> tuple[Module, str]:
-    parent_name, _, child = dotted.rpartition(".")
-    return model.get_submodule(parent_name), child
-
-
-def replace_module(model: Module, dotted: str, new: Module) -> None:
-    parent, child = get_parent(model, dotted)
-    if child in parent._modules:
-        # in place, keeping the child's position: a plain setattr would move it
-        # to the end, and after unwrapping, parameters would no longer be
-        # listed in GPT-2's order (c_attn before c_proj)
-        parent._modules[child] = new
-        object.__setattr__(parent, child, new)
-    else:
-        setattr(parent, child, new)
 
 
 def find_wrapper(module: Module, cls: type):
@@ -111,6 +96,10 @@ class Wrapper(Module):
     adapters of one method can live in one wrapper; switching between them
     never touches ``base_layer``.
     """
+
+    #: the child this module wraps: its other children are what it added
+    #: (:func:`~minipeft.nn.module.base_parameters` leaves them out of the base)
+    wrapped_child = "base_layer"
 
     def __init__(self, base_layer: Module):
         super().__init__()
@@ -329,8 +318,6 @@ class Method:
         return {k: p.data for k, p in self.named_parameters(pm).items()}
 
     def load_state_dict(self, pm, state: dict) -> None:
-        from .. import backend
-
         own = self.named_parameters(pm)
         _check_names_shapes(type(self.config).__name__, own, state)
         for k, p in own.items():
@@ -424,8 +411,6 @@ class WrapperMethod(Method):
 
 def move_array(a, device=None, dtype=None):
     """``a`` cast to ``dtype`` and moved to ``device`` (either may be None: unchanged)."""
-    from .. import backend
-
     if a is None:
         return None
     if dtype is not None and a.dtype != dtype:
@@ -474,6 +459,4 @@ class MergeableWrapperMethod(WrapperMethod):
         super().remove(pm)
         # merge_and_unload hands back one float model: the merged layers were
         # dequantized at the merge, the others are now
-        from ..nn.quant import dequantize_model  # noqa: PLC0415
-
         dequantize_model(pm.base_model)

@@ -71,6 +71,7 @@ import numpy as np
 from .. import backend
 from ..autograd import profile as op_profile
 from ..autograd import reference_ops
+from ..autograd.function import no_grad
 from ..autograd.parallel import blas_own_threads, get_num_threads, set_num_threads, split_matmul
 from ..autograd.profile import profile_ops
 from ..nn.gpt import GPT, GPTConfig
@@ -218,7 +219,6 @@ class MinipeftStep:
         self.targets = backend.to_device(targets, device)
 
     def loss(self) -> float:
-        from ..autograd.function import no_grad  # noqa: PLC0415
         with no_grad():
             return self.model(self.idx, self.targets)[1].item()
 
@@ -422,7 +422,6 @@ def bench_row(case: BenchCase, method: str, device: str, steps: int, warmup: int
         ours_loss, ref_loss = ours.loss(), ref.loss()
         row.update(loss=ours_loss, ref_loss=ref_loss, loss_diff=abs(ours_loss - ref_loss))
         hf_loss, ignored = ref.loss_through_labels()
-        from ..autograd.function import no_grad  # noqa: PLC0415
         with no_grad():
             shifted = ours.model(ours.idx, backend.to_device(ignored, device))[1].item()
         row["notes"].append(

@@ -32,10 +32,49 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
 import sys
+
+import numpy as np
+
+from .. import __version__, backend, io
+from .. import memory as M
+from ..data.tasks import DEFAULT_TASK, TASKS, TERMINATOR, get_task
+from ..data.tokenizer import CharTokenizer
+from ..memory import DTYPES, PRESETS
+from ..memory.activations import activation_rows, format_activation_rows, long_config
+from ..nn.gpt import GPT
+from ..optim import SGD, AdamW
+from ..peft import FullFinetuneConfig, PeftModel, get_peft_model
+from ..peft.config import LR_GRID, METHODS, best_known_lr, config_class, method_config
+from ..peft.model import ADAPTER_CONFIG
+from ..peft.qlora import RECIPES, TRAINS_LINEAR_WEIGHTS, quantize_base, split_method
+from ..workflows.base import (
+    BASE_PATH,
+    REQUIRED_MARGIN,
+    PretrainRecipe,
+    base_info,
+    load_base,
+    pretrain,
+    save_base,
+)
+from ..workflows.compare import (
+    COMPARE_METHODS,
+    DEFAULT_TIME,
+    QUICK_TIME,
+    TABLE_WIDTH,
+    CompareSettings,
+    compare,
+)
+from ..workflows.evaluation import evaluate
+from ..workflows.finetune import FINETUNE_INFO, FinetuneSettings, finetune, load_finetuned, majority_score
+from ..workflows.forgetting import ForgettingSettings, forgetting_sweep
+from .bench import reexec_without_blas_overrides, run_bench
+from .docs import build
+from .interop import export_peft_adapter, import_peft_adapter, save_hf_gpt2
 
 # ---------------------------------------------------------------------------
 # The parser: negative numbers are values, not options
@@ -66,7 +105,7 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------
 
 # A method's default learning rate is the one ``minipeft compare`` measured
-# best on the shipped base (:func:`minipeft.workflows.compare.best_known_lr`, the middle
+# best on the shipped base (:func:`minipeft.peft.config.best_known_lr`, the middle
 # of the method's grid): one table, kept with the grids it was chosen from.
 # Each method wants its own scale: a soft prompt moves 20 vectors and needs a
 # large step, full fine-tuning moves every weight and needs a small one.
@@ -74,15 +113,11 @@ class _Parser(argparse.ArgumentParser):
 
 def default_lr(method: str) -> float:
     """The learning rate ``minipeft finetune`` uses for ``method`` when ``--lr`` is not given."""
-    from ..workflows.compare import best_known_lr
-
     return best_known_lr(method)
 
 
 def _default_lr_help() -> str:
     """The ``--lr`` help: every method's default, read from the one table."""
-    from ..workflows.compare import LR_GRID
-
     rates = ", ".join(f"{m} {default_lr(m):g}" for m in LR_GRID)
     return f"learning rate (default: the method's best known on the shipped base: {rates})"
 
@@ -235,15 +270,11 @@ _KNOBS = (
 
 def _fields(method: str) -> dict:
     """The config fields of ``method``: name -> dataclasses.Field."""
-    from ..peft.config import config_class
-
     return {f.name: f for f in dataclasses.fields(config_class(method))}
 
 
 def methods_using(field: str) -> list[str]:
     """The methods whose config has ``field`` (the methods an option setting it applies to)."""
-    from ..peft.config import METHODS
-
     return [m for m in METHODS if field in _fields(m)]
 
 
@@ -295,8 +326,6 @@ def build_config(method: str, args) -> object:
     Knobs of other methods are skipped here; :func:`check_knobs_apply` refuses
     one that no chosen method reads.
     """
-    from ..peft.config import METHODS, method_config
-
     method = _trained_method(method)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -388,8 +417,6 @@ def check_out_file(option: str, path, example: str, *, overwrite: bool = True) -
 
 def check_adapter_folder(option: str, path, made_by: str = "`minipeft finetune --out DIR`") -> None:
     """Refuse an ``--adapter`` that is not a folder holding adapter_config.json, before loading anything."""
-    from ..peft.model import ADAPTER_CONFIG
-
     _check_nonempty(option, path)
     if not os.path.exists(path):
         raise ValueError(f"{option} {path}: folder not found; give a folder written by {made_by}")
@@ -429,8 +456,6 @@ def available_memory() -> int | None:
 
 def task_formats() -> str:
     """Each task's prompt format with an example, from the task definitions (one line per task)."""
-    from ..data.tasks import TASKS
-
     lines = []
     for name, spec in TASKS.items():
         ex = spec.example()
@@ -445,17 +470,10 @@ def task_formats() -> str:
 
 
 def _cmd_info(args) -> int:
-    import numpy as np
-
-    from .. import __version__, backend
-    from ..workflows.base import BASE_PATH, base_info
-
     print(f"minipeft {__version__}  (numpy {np.__version__})")
     print(f"gpu: {'available' if backend.gpu_available() else 'not available'}")
     if os.path.isfile(BASE_PATH):
         info = base_info()
-        from ..workflows.base import load_base
-
         model = load_base()
         print(f"shipped base: {BASE_PATH} ({os.path.getsize(BASE_PATH) / 1e6:.1f} MB)")
         print(f"  config: {info.get('config')}")
@@ -469,8 +487,6 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from ..workflows.base import BASE_PATH, REQUIRED_MARGIN, PretrainRecipe, pretrain, save_base
-
     if args.out is not None and not args.out.strip():
         # not the shipped base: an empty --out (an unset shell variable) must not replace it
         raise ValueError("--out is empty: name the file to write, or leave --out out to remake "
@@ -490,9 +506,6 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from ..peft.qlora import split_method
-    from ..workflows.finetune import FinetuneSettings, finetune
-
     method, fmt = split_method(args.method, args.quantize)   # refuses full/mask on a quantized base
     check_knobs_apply([method], args)
     cfg = build_config(method, args)
@@ -510,10 +523,6 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from ..data.tasks import TASKS, get_task
-    from ..workflows.evaluation import evaluate
-    from ..workflows.finetune import FINETUNE_INFO, load_finetuned, majority_score
-
     if args.task is not None:
         get_task(args.task)                   # an unknown task is refused before loading
     check_adapter_folder("--adapter", args.adapter)
@@ -539,10 +548,6 @@ DEFAULT_NEW_TOKENS = 80
 
 def _adapter_virtual_tokens(folder: str) -> int:
     """Positions an adapter's soft prompt or prefix takes (0 for the other methods), from its config."""
-    import json
-
-    from ..peft.model import ADAPTER_CONFIG
-
     try:
         with open(os.path.join(folder, ADAPTER_CONFIG), encoding="utf-8") as f:
             value = json.load(f).get("num_virtual_tokens", 0)
@@ -552,12 +557,6 @@ def _adapter_virtual_tokens(folder: str) -> int:
 
 
 def _cmd_generate(args) -> int:
-    import numpy as np
-
-    from ..data.tasks import TASKS, TERMINATOR
-    from ..data.tokenizer import CharTokenizer
-    from ..workflows.base import base_info, load_base
-
     tok = CharTokenizer()
     prompt = args.prompt.replace("\\n", "\n")
     if not prompt:
@@ -593,8 +592,6 @@ def _cmd_generate(args) -> int:
     # every training line): generation stops there, unless --no-stop.
     stop = None
     if args.adapter is not None:
-        from ..workflows.finetune import load_finetuned
-
         model, meta = load_finetuned(args.adapter, device=args.device)
         if meta.get("task") in TASKS and not args.no_stop:
             stop = TERMINATOR
@@ -611,8 +608,6 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import reexec_without_blas_overrides, run_bench
-
     if not args.keep_blas_env:
         reexec_without_blas_overrides()  # returns only when there is nothing to unset
     return run_bench(args)
@@ -625,8 +620,6 @@ def _cmd_bench(args) -> int:
 
 def _interop_base(args):
     """The base the adapters belong to: ``--checkpoint``, or the shipped base."""
-    from ..workflows.base import load_base
-
     if args.checkpoint is not None:
         _check_nonempty("--checkpoint", args.checkpoint)
         if not os.path.isfile(args.checkpoint):
@@ -638,9 +631,6 @@ def _interop_base(args):
 
 def _cmd_export(args) -> int:
     """Write a Hugging Face folder: the base as a GPT-2 model, or an adapter as a peft adapter."""
-    from ..peft import FullFinetuneConfig, PeftModel
-    from .interop import export_peft_adapter, save_hf_gpt2
-
     if not args.base:
         check_adapter_folder("--adapter", args.adapter)
     check_out_folder("--out", args.out)
@@ -666,8 +656,6 @@ def _cmd_export(args) -> int:
 
 def _cmd_import(args) -> int:
     """Convert a Hugging Face peft adapter folder into a minipeft adapter folder for the base."""
-    from .interop import import_peft_adapter
-
     check_adapter_folder("--adapter", args.adapter, made_by="peft's save_pretrained")
     check_out_folder("--out", args.out)
     pm = import_peft_adapter(_interop_base(args), args.adapter)
@@ -713,8 +701,6 @@ _PROFILE_MAX_PARAMS = 20_000_000
 
 
 def _memory_optimizer(name, params):
-    from ..optim import SGD, AdamW
-
     if name == "adamw":
         return AdamW(params, lr=1e-3)
     return SGD(params, lr=1e-3, momentum=0.9 if name == "sgd_momentum" else 0.0)
@@ -722,14 +708,6 @@ def _memory_optimizer(name, params):
 
 def _cmd_memory(args) -> int:
     """Print the three views of one training step for a method (or all), and the estimator's tables."""
-    import numpy as np
-
-    from .. import memory as M
-    from ..nn.gpt import GPT
-    from ..peft import get_peft_model
-    from ..peft.config import METHODS
-    from ..peft.qlora import RECIPES, TRAINS_LINEAR_WEIGHTS, quantize_base, split_method
-
     cfg = M.preset(args.config)
     if args.activations:
         return _memory_activations(args, cfg)
@@ -841,8 +819,6 @@ def _cmd_memory(args) -> int:
 
 def _memory_activations(args, cfg) -> int:
     """``minipeft memory --activations``: the six variants' activations, three views each."""
-    from ..memory.activations import activation_rows, format_activation_rows, long_config
-
     cfg = long_config(cfg, args.seq_len)        # positions for --seq-len (512 needs 512)
     profile = not args.estimate_only and args.dtype == "fp32"
     rows = activation_rows(cfg, args.batch_size, args.seq_len, profile=profile, seed=args.seed)
@@ -852,9 +828,6 @@ def _memory_activations(args, cfg) -> int:
 
 def _add_memory_parser(sub) -> None:
     s = sub.add_parser("memory", help="training memory per category: estimated, accounted, measured")
-    from ..memory import DTYPES, PRESETS
-    from ..peft.config import METHODS
-
     s.add_argument("--method", default="lora",
                    help=f"a method ({', '.join(METHODS)}, or qlora: LoRA on an NF4 base) or all "
                         "of them (default lora)")
@@ -896,8 +869,6 @@ def _add_memory_parser(sub) -> None:
 
 def _cmd_docs(args) -> int:
     """Build the docs site; a broken internal link or a lesson that fails to run is an error."""
-    from .docs import build
-
     check_out_folder("--out", args.out)
     log = None if args.quiet else (lambda line: print(line, flush=True))
     report = build(args.out, executed=args.executed, execute=not args.no_execute,
@@ -944,16 +915,14 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def _parse_methods(text: str) -> tuple[str, ...]:
-    from ..workflows.compare import COMPARE_METHODS as METHODS
-
     if text.strip() == "all":
-        return tuple(METHODS)
+        return tuple(COMPARE_METHODS)
     items = tuple(t.strip() for t in text.split(",") if t.strip())
     if not items:
         raise ValueError(f"no methods in {text!r}: name some, e.g. --methods full,lora,prompt")
     for m in items:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)} (or all)")
+        if m not in COMPARE_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(COMPARE_METHODS)} (or all)")
     return items
 
 
@@ -974,11 +943,6 @@ def _parse_lr_grids(entries) -> dict:
 
 def _cmd_compare(args) -> int:
     """Fine-tune every method on one task, print the trade-off table, write CSV, JSON and PNG."""
-    import dataclasses
-
-    from .. import io
-    from ..workflows.compare import CompareSettings, compare
-
     methods = _parse_methods(args.methods)
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
     check_knobs_apply([_trained_method(m) for m in methods], args)
@@ -1013,8 +977,6 @@ def _cmd_compare(args) -> int:
 
 
 def _add_compare_parser(sub) -> None:
-    from ..workflows.compare import DEFAULT_TIME, QUICK_TIME, TABLE_WIDTH
-
     s = sub.add_parser("compare", help="every method on one task: parameters, memory, speed, "
                                        "quality, inference cost, storage, forgetting")
     s.add_argument("--task", default="sentiment", help="sentiment (default), addition or reverse")
@@ -1057,11 +1019,6 @@ def _add_compare_parser(sub) -> None:
 
 def _cmd_forgetting(args) -> int:
     """Trace learning against forgetting along training; print the reading; write JSON, CSV, PNG."""
-    import dataclasses
-
-    from .. import io
-    from ..workflows.forgetting import ForgettingSettings, forgetting_sweep
-
     _check_nonempty("--out", args.out)
     methods = _parse_methods(args.methods)
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
@@ -1140,10 +1097,6 @@ def build_parser() -> argparse.ArgumentParser:
     job needs is imported inside its ``_cmd_*`` function, when it runs.
     Every option has help text (a test walks the parser to keep it so).
     """
-    from ..data.tasks import DEFAULT_TASK, TASKS
-    from ..peft.config import METHODS
-    from ..peft.qlora import RECIPES
-
     p = _Parser(
         prog="minipeft",
         description="Parameter-efficient fine-tuning, built from scratch to be read.",

@@ -50,6 +50,7 @@ import ast
 import dataclasses
 import html
 import html.parser
+import importlib
 import inspect
 import io as _io
 import json
@@ -58,10 +59,13 @@ import re
 import shutil
 import tokenize
 import urllib.parse
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+from .. import io
 
 #: The package folder, and the checkout that holds it (docs/, lessons/, tests/).
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -96,8 +100,6 @@ LAYER_ORDER = [
 
 def _need(module: str):
     """Import a library of the ``docs`` extra, or say which command installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -179,8 +181,6 @@ def _prepare_tex(tex: str, display: bool) -> str:
 
 @lru_cache(maxsize=4096)
 def _convert(tex: str, display: bool) -> str | None:
-    import xml.etree.ElementTree as ET
-
     converter = _need("latex2mathml.converter")
     try:
         out = converter.convert(_prepare_tex(tex, display), display="block" if display else "inline")
@@ -985,8 +985,6 @@ def save_executed(nb, name: str, folder: str | os.PathLike | None = None) -> Pat
     if folder is None:
         return None
     nbformat = _need("nbformat")
-    from .. import io
-
     _mark_setting(nb, os.environ.get("MINIPEFT_FAST", "").strip() == "1")
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{name}.ipynb"
@@ -1246,8 +1244,6 @@ def build(out: str | os.PathLike = "docs/_build", *, root: str | os.PathLike | N
         _need(name)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
-    from .. import io
-
     io.ensure_writable_dir(str(out))
     MATH_STATS.converted, MATH_STATS.failed = 0, []
     report = BuildReport(out=out)

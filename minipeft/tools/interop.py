@@ -102,6 +102,9 @@ import safetensors.numpy
 
 from .. import backend, io
 from ..nn.gpt import GPT, GPTConfig
+from ..peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from ..peft.model import fingerprint
+from ..peft.tuner import is_linear_like, matches
 
 __all__ = [
     "HFTokenizer", "InteropError", "export_peft_adapter", "import_peft_adapter",
@@ -445,8 +448,6 @@ def save_hf_gpt2(model: GPT, directory) -> Path:
     ``tie_word_embeddings`` tells transformers to tie it (as its own
     ``save_pretrained`` does). Written atomically (see the module docstring).
     """
-    from ..peft.model import PeftModel, fingerprint
-
     if isinstance(model, PeftModel):
         raise TypeError(
             "save_hf_gpt2 saves a plain GPT: for a PeftModel save its base "
@@ -567,8 +568,6 @@ def export_peft_adapter(peft_model, directory, adapter_name: str | None = None,
         InteropError: a method peft does not have, an adapter that is merged,
             or a soft prompt with no virtual tokens.
     """
-    from ..peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
-
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"export_peft_adapter expects a minipeft PeftModel, got {type(peft_model).__name__}")
     name = adapter_name or peft_model.active_adapter
@@ -705,8 +704,6 @@ def _peft_matches(targets, module: str) -> bool:
 
 def _targets(config_targets, modules: list[str], base: GPT) -> list[str]:
     """minipeft target_modules: peft's list when it picks exactly the file's modules, else their names."""
-    from ..peft.tuner import is_linear_like, matches
-
     if isinstance(config_targets, (list, tuple)) and config_targets:
         linear = [n for n, m in base.named_modules() if n and is_linear_like(m)
                   and ".base_layer" not in n]
@@ -727,8 +724,6 @@ def _convert_lora(hf: dict, state: dict, base: GPT, where):
     A is (in, r) and B (r, out), so each is transposed. A setting minipeft's
     LoRA does not have is refused rather than dropped.
     """
-    from ..peft import LoraConfig
-
     for field_name, (unused, what) in _LORA_UNSUPPORTED.items():
         value = hf.get(field_name)
         if value is not None and value != unused and value not in ([], {}, False):
@@ -776,8 +771,6 @@ def _convert_ia3(hf: dict, state: dict, base: GPT, where):
     peft scales the fused ``c_attn`` output as a whole (q included), so the
     config has ``scale_queries=True``.
     """
-    from ..peft import IA3Config
-
     if hf.get("modules_to_save"):
         raise InteropError(f"'{where}' uses modules_to_save, which minipeft's (IA)^3 does not have")
     out, modules, feedforward = {}, [], []
@@ -811,8 +804,6 @@ def _convert_soft_prompt(hf: dict, state: dict, base: GPT, where):
     uses too: (P, C) for prompt tuning, (P, L·2·C) for prefix tuning (the
     prefixes themselves, not the MLP that made them).
     """
-    from ..peft import PrefixTuningConfig, PromptTuningConfig
-
     gc = base.config
     if set(state) != {"prompt_embeddings"}:
         raise InteropError(f"'{where}': a soft prompt file holds one array 'prompt_embeddings', "
@@ -866,8 +857,6 @@ def read_peft_adapter(directory, base: GPT, base_fingerprint: str | None = None)
     ``base_fingerprint``: the base's, when known (a PeftModel keeps it);
     computed from ``base`` otherwise, and only if the adapter records one.
     """
-    from ..peft.model import fingerprint
-
     folder = Path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder not found: '{folder}'")
@@ -905,8 +894,6 @@ def import_peft_adapter(model, directory, adapter_name: str = "default", is_trai
     adapter records one. The adapter is active; it trains only with
     ``is_trainable=True``, as in peft.
     """
-    from ..peft import PeftModel, get_peft_model
-
     base = model.base_model if isinstance(model, PeftModel) else model
     if not isinstance(base, GPT):
         raise TypeError("import_peft_adapter expects a minipeft GPT or PeftModel, "

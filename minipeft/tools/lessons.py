@@ -10,8 +10,9 @@ only the few lines each of them would otherwise copy:
   environment (the test suite sets it) makes the lessons smaller: fewer
   training steps, fewer examples scored. It never changes *what* a lesson
   computes or asserts, only how much of it.
-* :func:`answer_loss`: the quantity fine-tuning minimises, measured on
-  held-out examples (cross-entropy on the answer characters only).
+* :func:`answer_loss` (:func:`minipeft.workflows.evaluation.answer_loss`): the
+  quantity fine-tuning minimises, measured on held-out examples
+  (cross-entropy on the answer characters only).
 * :func:`finetune_and_score`: train a PEFT config on a task the way
   ``minipeft finetune`` does (:func:`minipeft.workflows.finetune.finetune`), keep it in
   memory, and score it: the training history, the held-out answer loss and
@@ -31,10 +32,17 @@ suite never need the ``lessons`` extra.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from .. import __version__, backend, no_grad
+from ..autograd import fast_path_on, profile
+from ..workflows.compare import with_seed
+from ..workflows.evaluation import answer_loss
+from ..workflows.finetune import FinetuneSettings, finetune
 
 #: The command that installs what the notebooks need beyond the package.
 INSTALL_COMMAND = "pip install -e '.[lessons]'"
@@ -74,32 +82,12 @@ def setup():
             f"    {INSTALL_COMMAND}\n\n"
             "in the repository root (it adds Jupyter and matplotlib), then restart the kernel."
         ) from None
-    from .. import __version__
-
     setting = ("fast setting (MINIPEFT_FAST=1): fewer steps and examples, the same claims"
                if FAST else "full setting")
     print(f"minipeft {__version__}, {setting}")
     plt.rcParams.update({"figure.figsize": (6.4, 3.6), "figure.dpi": 90,
                          "axes.grid": True, "grid.alpha": 0.3})
     return plt
-
-
-def answer_loss(model, task, split: str = "val", n_examples: int = 200,
-                batch_size: int = 50) -> float:
-    r"""Mean cross-entropy (nats per character) on the answers of ``split``'s first examples.
-
-    The prompt characters carry the ignore index (see
-    :meth:`~minipeft.data.tasks.Task.batches`), so this is exactly what
-    fine-tuning minimises, on examples it never trained on. No gradients,
-    eval mode; a few forward passes, far cheaper than generating answers.
-    """
-    from ..workflows.train import evaluate_loss
-
-    if n_examples % batch_size:
-        raise ValueError(f"n_examples ({n_examples}) must be a multiple of batch_size "
-                         f"({batch_size}): every batch is weighted alike")
-    batches = task.batches(split, batch_size, shuffle=False)
-    return evaluate_loss(model, batches, n_examples // batch_size)
 
 
 @dataclass
@@ -132,9 +120,6 @@ def finetune_and_score(config, task, lr: float, steps: int, n_test: int,
     (``"nf4"`` with LoRA: QLoRA); ``seed`` orders the batches (and seeds the
     adapter's init).
     """
-    from ..workflows.compare import with_seed
-    from ..workflows.finetune import FinetuneSettings, finetune
-
     settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 warmup=min(20, steps // 5), eval_limit=n_test)
     config = with_seed(config, seed) if seed else config
@@ -182,8 +167,6 @@ def finetune_seeds(config, task, lr: float, steps: int, n_test: int, seeds=(0, 1
     initialisation too, so two seeds differ in everything that is drawn.
     Other keywords (``batch_size``, ``n_val``) go to :func:`finetune_and_score`.
     """
-    import dataclasses
-
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed, e.g. seeds=(0, 1, 2)")
@@ -221,8 +204,6 @@ def count_flops():
             loss.backward()
         backward = flops.total - forward
     """
-    from ..autograd import fast_path_on, profile
-
     if not fast_path_on():
         raise RuntimeError("count_flops counts the products of the fast kernels; the reference "
                            "ops are on (reference_ops() or MINIPEFT_REFERENCE=1): count outside them")
@@ -243,8 +224,6 @@ def forward_flops(model, idx) -> int:
     - forward_flops(base, idx)`` is exactly that times ``idx.size`` for a
     method that adds work to every token, and 0 for a merged one.
     """
-    from .. import backend, no_grad
-
     idx = backend.to_device(np.asarray(idx), model.device)
     with no_grad(), count_flops() as flops:
         model(idx)
@@ -262,8 +241,6 @@ def step_flops(model, batch) -> dict:
     never on the machine or the weights' values. The gradients are cleared
     afterwards and no optimizer step is taken: the model is left as it was.
     """
-    from .. import backend
-
     idx, targets = (backend.to_device(np.asarray(a), model.device) for a in batch)
     try:
         with count_flops() as flops:

@@ -30,7 +30,7 @@ Fairness is the point, so the rules are fixed and printed with the table:
   the same order for a given seed (``Task.batches(seed=...)``), with the
   same schedule (linear warmup, cosine decay to a tenth), clipping and AdamW;
 * **each method's own learning rate**, chosen on the validation split from a
-  small grid (:data:`LR_GRID`, about ten-fold around the rate known to work
+  small grid (:data:`~minipeft.peft.config.LR_GRID`, about ten-fold around the rate known to work
   on this base) with the first seed; the chosen run is kept as that seed's
   run, and the other seeds train at the chosen rate;
 * **the test split is touched once per seed**, at the end of its run.
@@ -82,14 +82,15 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import backend, io
+from ..autograd.parallel import get_num_threads, using_threads
 from ..data.corpus import pretraining_text
 from ..data.tasks import get_task
 from ..data.tokenizer import CharTokenizer
-from ..memory import MiB, profile_step
+from ..memory import CATEGORIES, COLORS, LABELS, MiB, profile_step
 from ..nn.quant import DequantizationWarning
 from ..optim import AdamW, LRSchedule
 from ..peft import LayerSelectConfig, get_peft_model
-from ..peft.config import METHODS, method_config
+from ..peft.config import LR_GRID, METHODS, best_known_lr, method_config
 from ..peft.model import ADAPTER_WEIGHTS
 from ..peft.qlora import RECIPES, quantize_base
 from .base import load_base, validation_loss
@@ -99,42 +100,6 @@ from .train import train
 #: the rows of the table: every method, then the recipes that put one on a quantized base
 #: (``qlora``: LoRA on an NF4 base, see :mod:`minipeft.peft.qlora`)
 COMPARE_METHODS = METHODS + tuple(RECIPES)
-
-# ---------------------------------------------------------------------------
-# The learning-rate grids
-# ---------------------------------------------------------------------------
-#
-# Each method wants its own scale: a soft prompt moves 20 vectors and needs a
-# large step; full fine-tuning moves every weight and needs a small one. Each
-# grid spans about ten-fold around the rate that worked best on this base
-# (sentiment, 150 steps of 16, scored on the validation split); the middle
-# value is that rate, and the ``quick`` settings use it alone. A rate chosen
-# at either end of its grid is flagged in the table: the best one may lie
-# beyond it (BitFit, layer selection and masks first chose the top of grids
-# a step lower than these).
-
-#: method -> learning rates tried on the validation split (middle: the best known).
-#: LoRA-FA's and LST's middles are the best score on the whole validation split
-#: (seed 0, sentiment, 150 steps of 16) of sweeps in steps of about 3x: LoRA-FA
-#: over 3e-3 .. 3e-1 scored 0.70, 0.81, 0.78, 0.89, 0.63; LST over 1e-3 .. 1
-#: scored 0.24, 0.40, 0.65, 0.66, 0.72, 0.79, 0.59. B alone carries LoRA-FA's
-#: update and LST's side network starts from random weights: both want larger
-#: steps than LoRA.
-LR_GRID: dict[str, tuple[float, ...]] = {
-    "full": (1e-4, 3e-4, 1e-3),
-    "bitfit": (1e-2, 3e-2, 1e-1),
-    "layers": (1e-3, 3e-3, 1e-2),
-    "mask": (1e-2, 3e-2, 1e-1),
-    "lora": (3e-3, 1e-2, 3e-2),
-    "adapter": (3e-3, 1e-2, 3e-2),
-    "prompt": (1e-1, 3e-1, 1.0),
-    "prefix": (3e-2, 1e-1, 3e-1),
-    "ia3": (3e-2, 1e-1, 3e-1),
-    "lora_fa": (3e-2, 1e-1, 3e-1),
-    "lst": (1e-1, 3e-1, 1.0),
-    # the same grid as LoRA's: only the base's storage differs
-    "qlora": (3e-3, 1e-2, 3e-2),
-}
 
 #: the output files, in the order they are written
 RESULT_FILES = ("results.csv", "results.json", "results.png")
@@ -149,12 +114,6 @@ QUICK_TIME = "about 20 seconds"
 
 #: columns of a terminal the default table fits in (``wide`` lifts the limit)
 TABLE_WIDTH = 120
-
-
-def best_known_lr(method: str) -> float:
-    """The middle of a method's grid: the rate known to work best on the shipped base."""
-    grid = LR_GRID[method]
-    return grid[len(grid) // 2]
 
 
 def default_configs() -> dict:
@@ -322,7 +281,6 @@ def cpu_threads(n: int | None):
     each other make every product several times slower. One thread also
     makes the timing columns steadier.
     """
-    from ..autograd.parallel import get_num_threads, using_threads  # noqa: PLC0415
     if n is None:
         yield f"{get_num_threads()} (the engine's default)"
         return
@@ -786,8 +744,6 @@ def _render_png(result: CompareResult) -> bytes:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from ..memory import CATEGORIES, COLORS, LABELS
 
     rows, c = result.rows, result.context
     fig = Figure(figsize=(12, 4.8))

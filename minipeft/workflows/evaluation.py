@@ -1,4 +1,5 @@
-r"""Scoring a model on a downstream task: greedy answers, the metric, the baselines.
+r"""Scoring a model on a downstream task: greedy answers, the metric, the baselines,
+and the held-out answer loss (:func:`answer_loss`: what fine-tuning minimises).
 
 A task's score is what the model *writes*: each test prompt is fed to the
 model (a base GPT or a PeftModel with its adapter applied), the answer is
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..autograd import no_grad
 from ..data.tokenizer import CharTokenizer
+from .train import evaluate_loss
 
 _TOKENIZER = CharTokenizer()
 
@@ -65,3 +67,19 @@ def baselines(base_model, task, split: str = "test", batch_size: int = 64,
         else float(np.mean([task.majority_answer == a for a in task.answers(split)[:limit]])),
         "zero_shot": evaluate(base_model, task, split, batch_size, limit),
     }
+
+
+def answer_loss(model, task, split: str = "val", n_examples: int = 200,
+                batch_size: int = 50) -> float:
+    r"""Mean cross-entropy (nats per character) on the answers of ``split``'s first examples.
+
+    The prompt characters carry the ignore index (see
+    :meth:`~minipeft.data.tasks.Task.batches`), so this is exactly what
+    fine-tuning minimises, on examples it never trained on. No gradients,
+    eval mode; a few forward passes, far cheaper than generating answers.
+    """
+    if n_examples % batch_size:
+        raise ValueError(f"n_examples ({n_examples}) must be a multiple of batch_size "
+                         f"({batch_size}): every batch is weighted alike")
+    batches = task.batches(split, batch_size, shuffle=False)
+    return evaluate_loss(model, batches, n_examples // batch_size)

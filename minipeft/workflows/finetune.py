@@ -32,12 +32,11 @@ from .. import io
 from ..data.tasks import get_task
 from ..optim import AdamW, LRSchedule
 from ..peft import PeftModel, get_peft_model
-from ..peft.config import PeftConfig
+from ..peft.config import LR_GRID, PeftConfig, best_known_lr
 from ..peft.model import RUN_RECORD, read_adapter_files
 from ..peft.qlora import check_quantize, quantize_base, recipe_name
 from ..validate import Float, Int, check_fields, knob
 from .base import load_base
-from .compare import LR_GRID, best_known_lr
 from .evaluation import evaluate
 from .train import train
 
@@ -49,7 +48,7 @@ class FinetuneSettings:
     """The training budget and optimiser settings of one fine-tuning run.
 
     ``lr=None`` (the default) means the method's best known rate on the
-    shipped base (:func:`minipeft.workflows.compare.best_known_lr`: a soft prompt wants
+    shipped base (:func:`minipeft.peft.config.best_known_lr`: a soft prompt wants
     a far larger step than full fine-tuning); :func:`finetune` resolves it
     from the config and records the rate it used. ``eval_limit`` scores only
     the first N test examples; ``None`` scores the whole test split.

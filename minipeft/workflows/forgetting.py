@@ -21,8 +21,8 @@ they have learned the task *equally well*:
   method traced here is the identity at initialisation) and after every
   ``every`` updates, through :func:`minipeft.workflows.train.train`'s evaluation hook;
 * every method trains at each of its three learning rates
-  (:data:`minipeft.workflows.compare.LR_GRID`, centred on
-  :func:`~minipeft.workflows.compare.best_known_lr`) and each seed, on the same
+  (:data:`minipeft.peft.config.LR_GRID`, centred on
+  :func:`~minipeft.peft.config.best_known_lr`) and each seed, on the same
   batches, schedule, clipping and AdamW as ``minipeft compare``.
 
 :func:`matched_quality` reads every curve at a common answer loss (linear
@@ -59,13 +59,17 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from .. import backend, io
 from ..data.corpus import pretraining_text
 from ..data.tasks import get_task
 from ..data.tokenizer import CharTokenizer
 from ..optim import AdamW, LRSchedule
+from ..peft.config import LR_GRID
 from .base import load_base, validation_loss
-from .compare import LR_GRID, build_method, cpu_threads, default_configs
+from .compare import build_method, cpu_threads, default_configs
+from .evaluation import answer_loss as _answer_loss
 from .evaluation import evaluate
 from .train import train
 
@@ -177,9 +181,7 @@ class ForgettingSettings:
 
 
 def answer_loss(model, task, n_examples: int) -> float:
-    """Held-out answer loss: :func:`minipeft.tools.lessons.answer_loss` on the validation split."""
-    from ..tools.lessons import answer_loss as _answer_loss
-
+    """Held-out answer loss: :func:`minipeft.workflows.evaluation.answer_loss` on the validation split."""
     return _answer_loss(model, task, "val", n_examples=n_examples)
 
 
@@ -454,8 +456,6 @@ def forgetting_sweep(settings: ForgettingSettings | None = None, configs: dict |
     finetune``'s, :func:`minipeft.workflows.compare.default_configs`); each run's
     initialisation seed is the run's seed.
     """
-    from tqdm import tqdm
-
     st = settings or ForgettingSettings()
     st.validate()
     if st.device == "gpu":
