@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd.function import LEDGER
+from ..nn.quant import QuantLinear
 from .presets import CATEGORIES
 
 # ---------------------------------------------------------------------------
@@ -63,8 +64,6 @@ def _method_arrays(model):
 
 def _quantized_arrays(model):
     """The arrays a quantized Linear stores (codes, constants, second-level constants)."""
-    from ..nn.quant import QuantLinear  # noqa: PLC0415
-
     return [a for m in model.modules() if isinstance(m, QuantLinear)
             for a in m._buffers.values() if a is not None]
 

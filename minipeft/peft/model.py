@@ -30,8 +30,9 @@ import numpy as np
 
 from .. import backend, io
 from ..autograd import LEDGER
-from ..nn.module import Module, base_parameters, digest, parameters_digest
-from ..nn.quant import quantization_config, quantize_model
+from ..nn.module import Module, base_parameters, parameters_digest
+from ..nn.module import digest as _digest
+from ..nn.quant import QuantLinear, quantization_config, quantize_model
 from .config import FullFinetuneConfig, PeftConfig, config_from_dict
 from .tuner import Method
 
@@ -257,8 +258,6 @@ class PeftModel(Module):
         stands for, ``in x out``, as peft counts a 4-bit weight: the model has
         as many parameters quantized as float, only stored in fewer bits.
         """
-        from ..nn.quant import QuantLinear  # noqa: PLC0415 - nn.quant imports this module
-
         trainable = 0
         for p in self.parameters():
             if p.requires_grad:
@@ -360,7 +359,7 @@ class PeftModel(Module):
         method = self.adapters[name]
         state = {k: np.ascontiguousarray(backend.asnumpy(v))
                  for k, v in method.state_dict(self).items()}
-        weights_digest = digest(state.items())
+        weights_digest = _digest(state.items())
         config = {
             "config": self.peft_config[name].to_dict(),
             "base_fingerprint": self.base_fingerprint,
@@ -684,7 +683,7 @@ def read_adapter_files(directory) -> AdapterFiles:
                   if os.path.isfile(record_path) else None)
         return AdapterFiles(meta, state, record, directory)
     digest = w_meta.get(WEIGHTS_DIGEST)
-    if digest is None or digest(state.items()) != digest:
+    if digest is None or _digest(state.items()) != digest:
         raise ValueError(
             f"{w_path} is damaged: its arrays no longer give the digest recorded when they "
             f"were saved ({str(digest)[:12]}...). Save the adapter again from the model.")
@@ -723,7 +722,7 @@ def _read_pair(directory: str, state: dict, w_meta: dict) -> tuple[dict, dict]:
     if w_digest is not None:
         if meta.get(WEIGHTS_DIGEST) != w_digest:
             raise ValueError(_mismatch_message(directory, meta.get(WEIGHTS_DIGEST), w_digest))
-        if digest(state.items()) != w_digest:
+        if _digest(state.items()) != w_digest:
             raise ValueError(
                 f"{w_path} is damaged: its arrays no longer give the digest recorded when they "
                 f"were saved ({w_digest[:12]}...). Save the adapter again from the model, or, "

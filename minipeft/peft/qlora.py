@@ -23,7 +23,7 @@ it quantizes the float base the same way
 
 from __future__ import annotations
 
-from ..nn.quant import FORMATS, QuantizationConfig, quantize_model
+from ..nn.quant import FORMATS, QuantizationConfig, quantization_config, quantize_model
 
 #: recipe name -> (the method it trains, the storage format of the frozen base)
 RECIPES = {"qlora": ("lora", "nf4")}
@@ -82,7 +82,5 @@ def quantize_base(model, fmt: str, blocksize: int = 64, double_quant: bool = Tru
     :class:`~minipeft.nn.quant.QuantLinear`, and Linears that train (layer
     selection's blocks) stay float (the record's ``kept_float``).
     """
-    from ..nn.quant import quantization_config  # noqa: PLC0415
-
     quantize_model(model, fmt, blocksize, double_quant)
     return quantization_config(model)

@@ -47,6 +47,7 @@ from ..data.tokenizer import CharTokenizer
 from ..memory import DTYPES, PRESETS
 from ..memory.activations import activation_rows, format_activation_rows, long_config
 from ..nn.gpt import GPT
+from ..nn.quant import FORMATS
 from ..optim import SGD, AdamW
 from ..peft import FullFinetuneConfig, PeftModel, get_peft_model
 from ..peft.config import LR_GRID, METHODS, best_known_lr, config_class, method_config
@@ -345,14 +346,10 @@ def build_config(method: str, args) -> object:
 
 def _trained_method(name: str) -> str:
     """The method a recipe trains (``qlora``: ``lora``); a method name is itself."""
-    from ..peft.qlora import RECIPES
-
     return RECIPES[name][0] if name in RECIPES else name
 
 
 def _add_quantize_option(s: argparse.ArgumentParser) -> None:
-    from ..nn.quant import FORMATS
-
     s.add_argument("--quantize", default=None, choices=FORMATS,
                    help="store the frozen Linears of the base in this format (blocks of 64, "
                         "double quantization for the 4-bit ones) under any method that keeps "
