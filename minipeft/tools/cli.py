@@ -978,8 +978,8 @@ def _add_compare_parser(sub) -> None:
                                        "quality, inference cost, storage, forgetting")
     s.add_argument("--task", default="sentiment", help="sentiment (default), addition or reverse")
     s.add_argument("--methods", default="all",
-                   help="comma-separated subset of full,bitfit,layers,mask,lora,adapter,prompt,"
-                        "prefix,ia3,qlora (default all; qlora is LoRA on an NF4 base)")
+                   help=f"comma-separated subset of {','.join(COMPARE_METHODS)} (default all; "
+                        "qlora is LoRA on an NF4 base)")
     s.add_argument("--seeds", default=None,
                    help="comma-separated seeds (default 0,1,2; --quick: 0); the first picks the lr")
     s.add_argument("--quick", action="store_true",
