@@ -41,7 +41,8 @@ import statistics
 
 import numpy as np
 
-from minipeft import lessons, memory
+from minipeft import memory
+from minipeft.tools import lessons
 from minipeft.workflows.base import load_base
 from minipeft.workflows.compare import warm_step
 from minipeft.data import get_task
@@ -56,8 +57,8 @@ plt = lessons.setup()
 # %% [markdown]
 # ## 1. The weights are nearly normal
 #
-# Take every Linear weight of the shipped base (16 matrices, 786,432
-# entries), standardise each matrix, and hold its sorted entries against the
+# Take every Linear weight of the shipped base (the run counts them below),
+# standardise each matrix, and hold its sorted entries against the
 # quantiles of a standard normal (a Q-Q plot in numbers: their correlation
 # is 1 for a perfectly normal sample).
 
@@ -66,6 +67,7 @@ base = load_base()
 linears = {n: m.weight.numpy() for n, m in base.named_modules()
            if type(m).__name__ == "Linear"}
 w_all = np.concatenate([w.ravel() for w in linears.values()])
+print(f"{len(linears)} Linear weights, {w_all.size:,d} entries")
 inv = statistics.NormalDist().inv_cdf
 qq = {}
 for name, w in linears.items():
@@ -87,7 +89,8 @@ assert min(qq.values()) > 0.98          # every matrix: a straight Q-Q line
 # quantiles instead, so each code gets about the same share. The appendix of
 # the QLoRA paper: 8 positive quantiles, 7 negative, an exact zero, all
 # divided by the largest. The outermost quantile would be infinite, so the
-# probabilities start at an offset of about 0.9677.
+# probabilities start at an offset, the average of $1 - 1/(2 \cdot 15)$ and
+# $1 - 1/(2 \cdot 16)$.
 
 # %%
 offset = 0.5 * ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16)))
@@ -99,7 +102,7 @@ print("NF4 codes:", np.round(ours, 4))
 assert np.array_equal(ours, Q.nf4_codebook())       # the package derives the same 16 values
 
 # %% [markdown]
-# Each entry is divided by its block's absolute maximum (64 entries a block)
+# Each entry is divided by its block's absolute maximum (`blocksize=64` entries a block)
 # and rounded to the nearest code; the bucket of a code runs from the
 # midpoint with its lower neighbour to the midpoint with its upper one. The
 # plot puts the buckets over the histogram of the real, block-scaled weights
@@ -182,7 +185,7 @@ assert by["int8"]["mse"] < by["nf4+dq"]["mse"] / 10
 # %% [markdown]
 # ## 4. Double quantization
 #
-# A float32 constant for every 64 weights is 32/64 = 0.5 bits a weight on
+# A float32 constant for every `blocksize=64` weights is $32/64 = 0.5$ bits a weight on
 # top of the 4. Double quantization stores those constants, less their mean,
 # as 8-bit codes in blocks of 256, with one float32 scale per block:
 # $8/64 + 32/(64 \cdot 256) \approx 0.127$ bits a weight (plus the mean's 32
@@ -318,7 +321,7 @@ print(f"the same on a 16-bit base: {fp16.peak / memory.GiB:.1f} GiB")
 # What the estimate leaves out: paged optimizers (QLoRA moves Adam's state
 # to CPU memory when a long sequence spikes the GPU's; counted here as
 # resident), bf16 compute (NumPy has no bfloat16; bf16 and fp16 take the
-# same 2 bytes, which is what is counted), LLaMA's three-matrix SwiGLU MLP,
+# same 2 bytes a number, which is what is counted), LLaMA's three-matrix SwiGLU MLP,
 # and the framework's own memory (CUDA context, allocator fragmentation).
 
 # %%
@@ -332,6 +335,6 @@ assert fits[512].fits(48) and fits[2048].fits(48) and not fp16.fits(80)
 # 2. Quantize the base with blocks of 32, 64 and 256 (`quantization_table(blocksize=...)`).
 #    How do the error and the bits per weight move?
 # 3. At what sequence length does the 65B QLoRA estimate of section 7 stop
-#    fitting 48 GiB? And with LoRA on `c_attn` only?
+#    fitting a 48 GB card? And with LoRA on `c_attn` only?
 # 4. Merge the QLoRA adapter of section 6 (`merge_and_unload()`). What does
 #    the warning say, and what does `requantize` report?

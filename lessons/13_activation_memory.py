@@ -370,9 +370,9 @@ assert price["lst"]["infer"] > 0 and price["full"]["infer"] == 0
 # The five categories of training memory, and the lever for each. The
 # ratios below are the estimator's, against full fine-tuning at the
 # reference batch; a lever "shrinks" a category when it at least halves it.
-# The "int4" recipe stores the frozen weights in 4 bits (QLoRA's) and
-# computes in 16 bits, which also halves the activations; its dequantized
-# weight is a temporary of one layer's size, made per product.
+# QLoRA stores the frozen Linears in NF4 with double quantization (lesson
+# 12) and computes in float32 here; its dequantized weight is a temporary of
+# one layer's size, made per product (the estimator's `temporaries`).
 
 # %%
 def cats(e):
@@ -384,26 +384,26 @@ def cats(e):
 levers = {
     "full fine-tuning": memory.estimate("reference", "full", batch_size=B, seq_len=T),
     "LoRA (PEFT)": memory.estimate("reference", "lora", batch_size=B, seq_len=T),
-    "LoRA, int4 base": memory.estimate("reference", "lora", batch_size=B, seq_len=T, dtype="int4"),
+    "QLoRA (NF4 base)": memory.estimate("reference", "lora", batch_size=B, seq_len=T, quantize="nf4"),
     "LoRA-FA": memory.estimate("reference", "lora_fa", batch_size=B, seq_len=T),
     "LST": memory.estimate("reference", "lst", batch_size=B, seq_len=T),
     "checkpointing": memory.estimate("reference", "full", batch_size=B, seq_len=T,
                                      gradient_checkpointing=True),
 }
 ref = cats(levers["full fine-tuning"])
-largest_weight = max(p for n, p in memory.base_parameters("reference").items() if n.startswith("h."))
 print(f"{'lever':<18}" + "".join(f"{c:>13}" for c in ref) + f"{'temporaries':>13}")
 table = {}
 for name, e in levers.items():
     c = cats(e)
     table[name] = {k: c[k] / ref[k] for k in ref}
-    temp = f"+{largest_weight * 4 / 1024:.0f} KiB" if e.precision.name == "int4" else "-"
+    temp = f"+{e.bytes['temporaries'] / 1024:.0f} KiB" if e.bytes.get("temporaries") else "-"
     print(f"{name:<18}" + "".join(f"{table[name][k]:>13.3f}" for k in ref) + f"{temp:>13}")
 
 # %%
 shrinks = {name: {k for k, v in row.items() if v < 0.5} for name, row in table.items()}  # halved
 print(shrinks)
-assert shrinks["LoRA, int4 base"] >= {"weights", "gradients", "optimizer"}
+assert shrinks["QLoRA (NF4 base)"] >= {"weights", "gradients", "optimizer"}
+assert levers["QLoRA (NF4 base)"].bytes["temporaries"] > 0 == levers["LoRA (PEFT)"].bytes["temporaries"]
 assert "weights" not in shrinks["LoRA (PEFT)"] and {"gradients", "optimizer"} <= shrinks["LoRA (PEFT)"]
 assert "activations" in shrinks["checkpointing"] and "gradients" not in shrinks["checkpointing"]
 assert "activations" in shrinks["LST"] and "activations" not in shrinks["LoRA (PEFT)"]
