@@ -446,7 +446,7 @@ def test_readme_and_the_run_say_the_same_of_the_cpu(capsys):
     # the default run is on one thread: the settings, the help and the README agree
     assert C.CompareSettings().threads == 1
     assert "default 1" in _help_text(capsys)
-    assert "about 18 minutes on one CPU thread (the default)" in readme
+    assert f"{C.DEFAULT_TIME} on one CPU thread (the default)" in readme
     # the header the README quotes is the header a run prints
     quoted = C.threads_line("1", 2)
     assert quoted == "CPU threads: 1 (of 2 cores)" and f'"{quoted}"' in readme

@@ -106,9 +106,11 @@ RESULT_FILES = ("results.csv", "results.json", "results.png")
 
 # How long a run takes on one CPU thread (the default), as ``compare --help``
 # and the README say it: the default settings on a 2-core machine (about 18
-# minutes), and ``minipeft compare --quick`` (18 s on that machine, shared).
+# minutes for the nine methods of the README's table, timed before the qlora,
+# lora_fa and lst rows joined; the twelve rows together are untimed), and
+# ``minipeft compare --quick``.
 #: the default settings' run time, in words
-DEFAULT_TIME = "about 18 minutes"
+DEFAULT_TIME = "about 18 minutes for the nine course methods (the three newer rows untimed)"
 #: the ``quick`` settings' run time, in words
 QUICK_TIME = "about 20 seconds"
 
