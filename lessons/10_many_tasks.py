@@ -425,8 +425,8 @@ def est(config, method, dtype="mixed", **knobs):
 
 full175, lora175 = est(gpt3, "full"), est(gpt3, "lora", r=4)
 full7, lora7 = est(cfg7b, "full"), est(cfg7b, "lora")
-qlora65 = est("65b", "lora", dtype="int4", gradient_checkpointing=True)
-qlora7 = est(cfg7b, "lora", dtype="int4", gradient_checkpointing=True)
+qlora65 = est("65b", "lora", quantize="nf4", gradient_checkpointing=True)
+qlora7 = est(cfg7b, "lora", quantize="nf4", gradient_checkpointing=True)
 block_share7 = {k: est(cfg7b, "layers", layers=list(range(-k, 0))) for k in (5, 6)}
 share7 = {k: e.n_trained / e.n_params for k, e in block_share7.items()}
 
