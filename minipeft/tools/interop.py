@@ -589,7 +589,7 @@ def export_peft_adapter(peft_model, directory, adapter_name: str | None = None,
     state = {k: backend.asnumpy(v) for k, v in method.state_dict(peft_model).items()}
     out = {}
     if isinstance(config, LoraConfig):
-        for key, arr in state.items():
+        for key, arr in sorted(state.items()):         # in name order: errors name the same entry first
             module, _, part = key.rpartition(".")
             stem = _peft_module_key(module)
             if part == "lora_A":
@@ -733,7 +733,7 @@ def _convert_lora(hf: dict, state: dict, base: GPT, where):
                            "minipeft the modules by name instead")
     r = int(hf["r"])
     out, modules, dora = {}, [], False
-    for key, arr in state.items():
+    for key, arr in sorted(state.items()):         # in name order: errors name the same entry first
         module, part = _module_of(key, where)
         if part == "ia3_l":
             raise InteropError(f"'{where}': {key!r} is an (IA)^3 vector in a LoRA adapter")
@@ -774,7 +774,7 @@ def _convert_ia3(hf: dict, state: dict, base: GPT, where):
     if hf.get("modules_to_save"):
         raise InteropError(f"'{where}' uses modules_to_save, which minipeft's (IA)^3 does not have")
     out, modules, feedforward = {}, [], []
-    for key, arr in state.items():
+    for key, arr in sorted(state.items()):         # in name order: errors name the same entry first
         module, part = _module_of(key, where)
         if part != "ia3_l":
             raise InteropError(f"'{where}': {key!r} is a LoRA weight in an (IA)^3 adapter")
